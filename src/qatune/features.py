@@ -1,0 +1,197 @@
+"""Features: SQuAD examples -> overlapping token windows with span labels and context offsets.
+
+A question and its context are tokenised as one pair (question first, only the context truncated);
+a long context becomes several windows that overlap by ``doc_stride`` tokens (``stride`` as the fast
+tokenizers define it). Every window keeps its example index and the character offsets of its context
+tokens (``-1`` elsewhere), so decoding can map token spans back to exact context substrings, and
+carries start/end token labels (the CLS index, 0, when the first answer is not wholly inside it).
+Windows are stored unpadded; :func:`collate` pads a batch to its own longest window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qatune.data import QAExample
+
+PAD_MULTIPLE = 8
+
+
+class FeatureError(ValueError):
+    """A window setting that cannot work with the data; the message says which record and what to change."""
+
+
+@dataclass
+class Features:
+    """Unpadded windows of a list of examples (one row per window)."""
+
+    input_ids: list[np.ndarray]
+    token_type_ids: list[np.ndarray] | None
+    offsets: list[np.ndarray]  # (len, 2) char offsets into the context, -1 for question/special tokens
+    example_index: np.ndarray  # window -> position of its example in the input list
+    start_positions: np.ndarray  # label token indices; 0 (CLS) when the answer is not inside the window
+    end_positions: np.ndarray
+    max_seq_length: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+    def padded_offsets(self) -> np.ndarray:
+        """Offsets as one (windows, max_len, 2) array, padded with -1 (what vectorised decoding wants)."""
+        out = np.full((len(self), int(self.lengths.max()), 2), -1, dtype=np.int32)
+        for i, off in enumerate(self.offsets):
+            out[i, : len(off)] = off
+        return out
+
+
+def check_window_settings(max_seq_length: int, doc_stride: int) -> None:
+    if max_seq_length < 16:
+        raise FeatureError(f"max_seq_length={max_seq_length} is too small for question + context windows (use >= 64)")
+    if not 0 <= doc_stride < max_seq_length:
+        raise FeatureError(f"doc_stride={doc_stride} must be >= 0 and smaller than max_seq_length={max_seq_length}")
+
+
+def build_features(
+    examples: Sequence[QAExample],
+    tokenizer,
+    max_seq_length: int = 384,
+    doc_stride: int = 128,
+    batch_size: int = 1000,
+) -> Features:
+    """Tokenise examples into windows with labels and context-only offsets.
+
+    Labels use the first answer, as SQuAD training does; unanswerable questions get CLS in every window.
+    """
+    check_window_settings(max_seq_length, doc_stride)
+    if not getattr(tokenizer, "is_fast", False):
+        raise FeatureError(f"{type(tokenizer).__name__} is not a fast tokenizer; offsets need a tokenizers-backed one")
+    if tokenizer.padding_side != "right":
+        raise FeatureError("only right-padding tokenizers are supported (the question must come first)")
+    use_types = "token_type_ids" in tokenizer.model_input_names
+    ids, types, offs, ex_idx, starts, ends = [], [], [], [], [], []
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo : lo + batch_size]
+        enc = _encode(tokenizer, chunk, max_seq_length, doc_stride)
+        for w, encoding in enumerate(enc.encodings):
+            e = lo + enc["overflow_to_sample_mapping"][w]
+            ex = examples[e]
+            off = np.asarray(encoding.offsets, dtype=np.int32)
+            cs, ce = _context_range(np.asarray(encoding.special_tokens_mask, dtype=np.int8))
+            off[:cs] = -1
+            off[ce + 1 :] = -1
+            s, t = (label_span(off, cs, ce, ex.answers[0].start, ex.answers[0].end) if ex.answers and not
+                    ex.is_impossible else (0, 0))
+            ids.append(np.asarray(encoding.ids, dtype=np.int32))
+            if use_types:
+                types.append(np.asarray(encoding.type_ids, dtype=np.int8))
+            offs.append(off)
+            ex_idx.append(e)
+            starts.append(s)
+            ends.append(t)
+    return Features(
+        input_ids=ids,
+        token_type_ids=types if use_types else None,
+        offsets=offs,
+        example_index=np.asarray(ex_idx, dtype=np.int64),
+        start_positions=np.asarray(starts, dtype=np.int64),
+        end_positions=np.asarray(ends, dtype=np.int64),
+        max_seq_length=max_seq_length,
+    )
+
+
+def _encode(tokenizer, chunk: Sequence[QAExample], max_seq_length: int, doc_stride: int):
+    questions = [ex.question.lstrip() for ex in chunk]
+    try:
+        return tokenizer(
+            questions,
+            [ex.context for ex in chunk],
+            truncation="only_second",
+            max_length=max_seq_length,
+            stride=doc_stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            padding=False,
+        )
+    except BaseException as err:  # the Rust side panics (PanicException is a BaseException) on bad strides
+        if isinstance(err, KeyboardInterrupt | SystemExit):
+            raise
+        _explain_window_failure(tokenizer, chunk, max_seq_length, doc_stride, err)
+        raise
+
+
+def _explain_window_failure(tokenizer, chunk, max_seq_length: int, doc_stride: int, err: BaseException) -> None:
+    """Turn the tokenizer's failure into a message naming the question that does not fit."""
+    n_special = tokenizer.num_special_tokens_to_add(pair=True)
+    q_lens = [len(x) for x in tokenizer([ex.question.lstrip() for ex in chunk], add_special_tokens=False)["input_ids"]]
+    worst = int(np.argmax(q_lens))
+    room = max_seq_length - q_lens[worst] - n_special
+    ex = chunk[worst]
+    if room <= doc_stride:
+        raise FeatureError(
+            f"question {ex.id!r} has {q_lens[worst]} tokens, leaving {max(room, 0)} context tokens per window "
+            f"(max_seq_length={max_seq_length} minus question and {n_special} special tokens), which must be more "
+            f"than doc_stride={doc_stride}. Raise --max-seq-length, lower --doc-stride, or drop/shorten that question."
+        ) from err
+    raise FeatureError(f"tokenising windows failed (max_seq_length={max_seq_length}, doc_stride={doc_stride}): {err}") from err
+
+
+def _context_range(special_mask: np.ndarray) -> tuple[int, int]:
+    """First and last token index of the context: the second run of non-special tokens."""
+    normal = special_mask == 0
+    starts = np.flatnonzero(normal & ~np.concatenate(([False], normal[:-1])))
+    if len(starts) < 2:
+        raise FeatureError("a window has no context tokens: is the context empty or the question too long?")
+    cs = int(starts[1])
+    rest = np.flatnonzero(~normal[cs:])
+    ce = cs + int(rest[0]) - 1 if len(rest) else len(normal) - 1
+    return cs, ce
+
+
+def label_span(offsets: np.ndarray, cs: int, ce: int, start_char: int, end_char: int) -> tuple[int, int]:
+    """Token indices of the answer ``[start_char, end_char)`` in one window, or (0, 0) if not wholly inside.
+
+    ``offsets`` holds context-token character offsets for tokens ``cs..ce``; they are non-decreasing,
+    so the start token is the last one beginning at or before ``start_char`` and the end token the first
+    one ending at or after ``end_char``.
+    """
+    ctx = offsets[cs : ce + 1]
+    if ctx[0, 0] > start_char or ctx[-1, 1] < end_char:
+        return 0, 0
+    s = cs + int(np.searchsorted(ctx[:, 0], start_char, side="right")) - 1
+    t = cs + int(np.searchsorted(ctx[:, 1], end_char, side="left"))
+    return s, t
+
+
+def collate(features: Features, rows: Sequence[int], pad_token_id: int, pad_to_max_length: bool = False,
+            with_labels: bool = True) -> dict[str, torch.Tensor]:
+    """Pad the given windows to the batch's longest (rounded up to a multiple of 8) or to max_seq_length."""
+    lengths = [len(features.input_ids[r]) for r in rows]
+    if pad_to_max_length:
+        width = features.max_seq_length
+    else:
+        width = min(-(-max(lengths) // PAD_MULTIPLE) * PAD_MULTIPLE, max(features.max_seq_length, max(lengths)))
+    input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    types = np.zeros((len(rows), width), dtype=np.int64) if features.token_type_ids is not None else None
+    for i, (r, n) in enumerate(zip(rows, lengths)):
+        input_ids[i, :n] = features.input_ids[r]
+        mask[i, :n] = 1
+        if types is not None:
+            types[i, :n] = features.token_type_ids[r]
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+    if types is not None:
+        batch["token_type_ids"] = torch.from_numpy(types)
+    if with_labels:
+        idx = np.asarray(rows)
+        batch["start_positions"] = torch.from_numpy(features.start_positions[idx])
+        batch["end_positions"] = torch.from_numpy(features.end_positions[idx])
+    return batch
