@@ -64,3 +64,50 @@ def shared_file(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"real SQuAD data not present at {path}")
     return path
+
+
+def save_tiny_model(path: Path, kind: str, dropout: float = 0.1) -> Path:
+    """A small random-weight MobileBERT or DistilBERT QA model with the real uncased vocab, saved like a hub model."""
+    import torch
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForQuestionAnswering,
+        DistilBertTokenizerFast,
+        MobileBertConfig,
+        MobileBertForQuestionAnswering,
+    )
+
+    from qatune.models import resolve_model
+
+    torch.manual_seed(0)
+    vocab = Path(resolve_model("minilm-l6")) / "vocab.txt"
+    if kind == "mobilebert":
+        cfg = MobileBertConfig(num_hidden_layers=2, hidden_size=64, embedding_size=32, intra_bottleneck_size=32,
+                               true_hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                               num_feedforward_networks=2, hidden_dropout_prob=dropout,
+                               attention_probs_dropout_prob=dropout)
+        model = MobileBertForQuestionAnswering(cfg)
+        from transformers import BertTokenizerFast as Tok
+    elif kind == "distilbert":
+        cfg = DistilBertConfig(n_layers=2, dim=64, hidden_dim=128, n_heads=2, dropout=dropout,
+                               attention_dropout=dropout)
+        model = DistilBertForQuestionAnswering(cfg)
+        Tok = DistilBertTokenizerFast
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(path)
+    Tok(vocab_file=str(vocab), do_lower_case=True).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {k: save_tiny_model(root / k, k) for k in ("mobilebert", "distilbert")}
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train-v1.1.json"
+    write_squad_json(make_examples(n_articles=4, per_article=6), path)
+    return path

@@ -299,6 +299,27 @@ def test_v2_high_threshold_keeps_raw_and_negative_threshold_abstains_everywhere(
     assert out["NoAns_f1"] == 100.0
 
 
+def test_v2_threshold_is_strict() -> None:
+    # Abstain only when na_prob > thresh: h2 has na_prob exactly 0.4, so at thresh 0.4 it
+    # keeps its raw (0, 4/5); just below, it abstains and (being answerable) scores (0, 0).
+    at = squad_v2_scores(V2_REFS, V2_PREDS, na_probs=V2_NA, na_prob_thresh=0.4)
+    assert at["h2"] == (0.0, pytest.approx(0.8, abs=1e-15))
+    below = squad_v2_scores(V2_REFS, V2_PREDS, na_probs=V2_NA, na_prob_thresh=0.39)
+    assert below["h2"] == (0.0, 0.0)
+    # default na_probs are 0.0: a threshold of exactly 0.0 must not trigger abstention
+    assert squad_v2_scores(V2_REFS, V2_PREDS, na_prob_thresh=0.0)["h1"] == (1.0, 1.0)
+
+
+def test_v2_drops_gold_answers_that_normalise_to_empty() -> None:
+    # Gold "." normalises to "" and is discarded, so an empty prediction does NOT match
+    # it: only "Paris" remains -> EM 0, F1 0 (v2: pred empty, gold not). Keeping "."
+    # would wrongly give (1, 1).
+    assert squad_v2_scores({"q": ["Paris", "."]}, {"q": ""}) == {"q": (0.0, 0.0)}
+    assert squad_v2_scores({"q": ["Paris", "."]}, {"q": "paris"}) == {"q": (1.0, 1.0)}
+    # when every gold normalises to "", the fallback gold is "" -> empty prediction is right
+    assert squad_v2_scores({"q": [".", "The"]}, {"q": ""}) == {"q": (1.0, 1.0)}
+
+
 def test_v2_per_question_scores_apply_threshold() -> None:
     per = squad_v2_scores(V2_REFS, V2_PREDS, na_probs=V2_NA, na_prob_thresh=0.35)
     assert per == {
@@ -339,6 +360,14 @@ def test_v2_errors() -> None:
         squad_v2({"q": ["x"]}, {})
     with pytest.raises(KeyError):
         squad_v2({"q": ["x"], "r": []}, {"q": "x", "r": ""}, na_probs={"q": 0.5})
+
+
+def test_reference_must_be_a_list_not_a_string() -> None:
+    # "Paris" as a bare string would otherwise mean golds ["P", "a", "r", "i", "s"]
+    with pytest.raises(TypeError):
+        squad_v1({"q": "Paris"}, {"q": "P"})  # type: ignore[dict-item]
+    with pytest.raises(TypeError):
+        squad_v2({"q": "Paris"}, {"q": "P"})  # type: ignore[dict-item]
 
 
 def test_squad_references_parses_both_layouts() -> None:

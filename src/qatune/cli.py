@@ -82,6 +82,142 @@ def cmd_data_check(args: argparse.Namespace) -> None:
     _emit(r, args.json, lines)
 
 
+def count_or_fraction(text: str) -> int | float:
+    """'500' -> 500 questions, '0.25' -> a quarter of them."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected a question count or a fraction, got {text!r}") from e
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per config field (help from the field), defaulting to "not given" so --config can fill in."""
+    import typing
+    from dataclasses import MISSING, fields
+
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        t = hints[f.name]
+        default = f.default if f.default is not MISSING else None
+        kw: dict = {"default": argparse.SUPPRESS, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+        if t is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif t == (list[str] | None):
+            parser.add_argument(flag, nargs="+", **kw)
+        elif t == (int | float | None):
+            parser.add_argument(flag, type=count_or_fraction, **kw)
+        else:
+            base = next((a for a in typing.get_args(t) if a is not type(None)), t)
+            parser.add_argument(flag, type=base, **kw)
+
+
+def load_toml(path: str) -> dict:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise CliError(f"{path}: config file not found") from e
+    except tomllib.TOMLDecodeError as e:
+        raise CliError(f"{path}: not valid TOML: {e}") from e
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from qatune.train import TrainConfig, train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "json")}
+    values = {**(load_toml(args.config) if args.config else {}), **given}
+    try:
+        cfg = TrainConfig.from_dict(values)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    if not cfg.train_data:
+        raise CliError("--train-data is required (a SQuAD JSON file or a datasets id[:split])")
+    r = train(cfg)
+    m, p, t = r["metrics"], r["params"], r["timing"]
+    lines = [f"{cfg.output_dir}: {cfg.strategy} fine-tuning of {cfg.model}, {r['data']['train_questions']} questions "
+             f"({r['data']['train_windows']} windows), {t['steps_run']} steps",
+             f"  parameters: {p['trainable_params']:,} trainable of {p['total_params']:,} "
+             f"({p['trainable_percent']:.2f}%)",
+             f"  train {t['train_s']:.1f}s ({(t['train_windows_per_s'] or 0):.1f} windows/s), eval {t['eval_s']:.1f}s, "
+             f"peak RSS {r['memory']['peak_rss_mb']:.0f} MB"]
+    if m:
+        key = "exact_match" if "exact_match" in m else "exact"
+        lines.append(f"  eval: EM {m[key]:.2f}, F1 {m['f1']:.2f} on {m['questions']} questions")
+    _emit({"output_dir": cfg.output_dir, **m, **p, **t}, args.json, lines)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from qatune.inference import Reader, evaluate
+    from qatune.train import load_split, resolve_precision, write_json_atomic
+
+    reader = Reader.load(args.model, **{k: v for k, v in (("max_seq_length", args.max_seq_length),
+                                                         ("doc_stride", args.doc_stride)) if v})
+    data = load_split(args.data, args.split, args.articles, args.questions, args.seed, args.repair_answers)
+    device = next(reader.model.parameters()).device
+    precision = resolve_precision(args.precision, device, reader.model.config.model_type)
+    metrics, decoded = evaluate(reader.model, reader.tokenizer, data, reader.max_seq_length, reader.doc_stride,
+                                args.batch_size, precision, null_threshold=args.null_threshold, progress=True)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "predictions.json", decoded.predictions)
+    write_json_atomic(out / "nbest.json", decoded.nbest)
+    if data.version.startswith("2"):
+        write_json_atomic(out / "null_odds.json", decoded.null_odds)
+    write_json_atomic(out / "metrics.json", metrics)
+    key = "exact_match" if "exact_match" in metrics else "exact"
+    _emit(metrics, args.json, [f"{args.model} on {data.source} ({len(data)} questions): "
+                               f"EM {metrics[key]:.2f}, F1 {metrics['f1']:.2f} -> {out}"])
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from qatune.inference import Reader
+
+    reader = Reader.load(args.model)
+    if args.input:
+        items, ids = [], []
+        for n, line in enumerate(Path(args.input).read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                items.append((rec["question"], rec["context"]))
+                ids.append(rec.get("id", str(n)))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CliError(f"{args.input}, line {n}: expected a JSON object with 'question' and 'context' "
+                               f"({e})") from e
+        answers = reader.answer_many(items, args.top_k)
+        lines = [json.dumps({"id": i, "answers": a}, ensure_ascii=False) for i, a in zip(ids, answers)]
+        if args.output:
+            Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+            print(f"{len(lines)} answers -> {args.output}")
+        else:
+            print("\n".join(lines))
+        return
+    if not args.question or (args.context is None) == (args.context_file is None):
+        raise CliError("give --question and exactly one of --context / --context-file (or --input FILE.jsonl)")
+    context = args.context if args.context is not None else Path(args.context_file).read_text(encoding="utf-8")
+    if not context.strip():
+        raise CliError("the context is empty")
+    answers = reader.answer(args.question, context, args.top_k)
+    lines = [f"{k + 1}. {a['text']!r}  (p={a['probability']:.3f}, chars {a['start']}-{a['end']})"
+             for k, a in enumerate(answers)] or ["(no answer)"]
+    _emit({"question": args.question, "answers": answers}, args.json, lines)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from qatune.models import export_merged
+
+    diff = export_merged(args.model, args.output_dir)
+    _emit({"output_dir": args.output_dir, "max_abs_logit_diff": diff}, args.json,
+          [f"merged {args.model} -> {args.output_dir} (max |logit difference| on a probe: {diff:.2e})"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qatune", description="Fine-tune and compare extractive QA models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,6 +241,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move answers whose text is not at answer_start to the nearest occurrence")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_data_check)
+
+    from qatune.train import TrainConfig
+
+    t = sub.add_parser("train", help="fine-tune a model (full or LoRA) and evaluate it",
+                       description="Every option can also come from a TOML file (--config); flags override it.")
+    t.add_argument("--config", help="TOML file with training options (keys as the flags, with underscores)")
+    add_dataclass_args(t, TrainConfig)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a saved model or LoRA adapter on SQuAD data")
+    e.add_argument("--model", required=True, help="a run's model directory")
+    e.add_argument("--data", required=True, help="SQuAD JSON file or datasets id[:split]")
+    e.add_argument("--split", default="validation")
+    e.add_argument("--articles", help="1-based article ranges, e.g. 37-48")
+    e.add_argument("--questions", type=count_or_fraction, help="question count or fraction")
+    e.add_argument("--seed", type=int, default=42)
+    e.add_argument("--repair-answers", action="store_true")
+    e.add_argument("--output-dir", required=True)
+    e.add_argument("--max-seq-length", type=int, help="default: as trained")
+    e.add_argument("--doc-stride", type=int, help="default: as trained")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--precision", default="auto")
+    e.add_argument("--null-threshold", type=float, default=0.0)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("predict", help="answer a question about a text with a trained model")
+    r.add_argument("--model", required=True)
+    r.add_argument("--question")
+    r.add_argument("--context")
+    r.add_argument("--context-file")
+    r.add_argument("--input", help="JSONL file of {id?, question, context} records (batch form)")
+    r.add_argument("--output", help="batch form: write JSONL answers here instead of printing")
+    r.add_argument("--top-k", type=int, default=1)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export", help="fold a LoRA adapter into its base model and save a standalone model")
+    x.add_argument("--model", required=True, help="a LoRA run's model directory")
+    x.add_argument("--merge", action="store_true", required=True, help="merge the adapter weights (required)")
+    x.add_argument("--output-dir", required=True)
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_export)
     return p
 
 
@@ -112,10 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qatune.features import FeatureError
     from qatune.models import ModelError
+    from qatune.train import TrainingError
 
     try:
         args.func(args)
-    except (CliError, SquadDataError, FeatureError, ModelError) as e:
+    except (CliError, SquadDataError, FeatureError, ModelError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

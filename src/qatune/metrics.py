@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -96,11 +96,35 @@ def token_f1_v2(prediction: str, gold: str) -> float:
     to no tokens the score is 1 if both are empty (correct abstention) and 0
     otherwise.  Everything else is identical to :func:`token_f1`.
     """
-    pred_tokens = normalize_answer(prediction).split()
-    gold_tokens = normalize_answer(gold).split()
+    return _overlap_f1_v2(normalize_answer(prediction).split(), normalize_answer(gold).split())
+
+
+def _overlap_f1_v2(pred_tokens: Sequence[str], gold_tokens: Sequence[str]) -> float:
+    """:func:`_overlap_f1` plus the v2.0 rule that two empty answers agree."""
     if not pred_tokens or not gold_tokens:
-        return float(pred_tokens == gold_tokens)
+        return float(list(pred_tokens) == list(gold_tokens))
     return _overlap_f1(pred_tokens, gold_tokens)
+
+
+def _max_over_golds(
+    prediction: str, gold_norms: Sequence[str], f1_fn: Callable[[Sequence[str], Sequence[str]], float]
+) -> tuple[float, float]:
+    """Best EM and best F1 over already-normalised gold answers (maximised separately).
+
+    Normalising each string once instead of once per comparison is only a speed-up:
+    normalisation is deterministic, so the numbers are those of the official scripts.
+    """
+    pred_norm = normalize_answer(prediction)
+    pred_tokens = pred_norm.split()
+    em = max(float(pred_norm == gold) for gold in gold_norms)
+    f1 = max(f1_fn(pred_tokens, gold.split()) for gold in gold_norms)
+    return em, f1
+
+
+def _check_golds(qid: str, golds: Sequence[str]) -> None:
+    """Reject a bare string, which would otherwise be iterated as one gold per character."""
+    if isinstance(golds, str):
+        raise TypeError(f"references[{qid!r}] must be a list of answer texts, not a single string")
 
 
 def _mean_percent(values: Iterable[float], total: int) -> float:
@@ -124,6 +148,7 @@ def squad_v1_scores(
     """
     scores: dict[str, tuple[float, float]] = {}
     for qid, golds in references.items():
+        _check_golds(qid, golds)
         if len(golds) == 0:
             raise ValueError(
                 f"question {qid!r} has no gold answer; SQuAD v1.1 needs at least one "
@@ -132,10 +157,7 @@ def squad_v1_scores(
         if qid not in predictions:
             scores[qid] = (0.0, 0.0)
             continue
-        prediction = predictions[qid]
-        em = max(exact_match(prediction, gold) for gold in golds)
-        f1 = max(token_f1(prediction, gold) for gold in golds)
-        scores[qid] = (em, f1)
+        scores[qid] = _max_over_golds(predictions[qid], [normalize_answer(g) for g in golds], _overlap_f1)
     return scores
 
 
@@ -174,13 +196,11 @@ def _v2_raw_scores(
     """
     raw: dict[str, tuple[float, float]] = {}
     for qid, golds in references.items():
+        _check_golds(qid, golds)
         if qid not in predictions:
             continue
-        usable = [gold for gold in golds if normalize_answer(gold)] or [""]
-        prediction = predictions[qid]
-        em = max(exact_match(prediction, gold) for gold in usable)
-        f1 = max(token_f1_v2(prediction, gold) for gold in usable)
-        raw[qid] = (em, f1)
+        usable = [norm for norm in map(normalize_answer, golds) if norm] or [""]
+        raw[qid] = _max_over_golds(predictions[qid], usable, _overlap_f1_v2)
     return raw
 
 

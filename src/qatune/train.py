@@ -1,0 +1,468 @@
+"""Training: one run, top to bottom — data, features, model + strategy, AdamW loop, checkpoints, evaluation.
+
+Why a hand-written loop on `accelerate` rather than `transformers.Trainer`: the data order here is a
+pure function of (seed, step) — length-grouped, dynamically padded batches built from the unpadded
+windows — so ``--resume`` needs only the weights, optimizer, scheduler and RNG states to continue
+exactly where an interrupted run stopped; a NaN/inf loss is caught before it reaches the weights; and
+the whole path stays readable in one file. `accelerate` provides device placement and data-parallel
+wrapping, so the same code runs under ``accelerate launch`` or ``torchrun`` (each rank takes its slice
+of every global batch; only rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qatune.data import SquadData, load_squad, select_articles, subsample
+from qatune.features import build_features, collate
+from qatune.models import (
+    LoraSettings,
+    ModelError,
+    apply_strategy,
+    load_qa_model,
+    load_tokenizer,
+    parameter_counts,
+)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says at which step and what was kept."""
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (what `run.json` records and a study varies)."""
+
+    model: str = _f("minilm-l6", "hub id, local directory or alias (minilm-l6)")
+    strategy: str = _f("full", "full | lora")
+    lora_rank: int = _f(32, "LoRA rank r")
+    lora_alpha: float = _f(32.0, "LoRA alpha (ignored by the proportional policy, which uses 2r)")
+    alpha_policy: str = _f("fixed", "fixed (alpha/r) | proportional (alpha=2r) | rslora (alpha/sqrt(r))")
+    lora_dropout: float = _f(0.1, "dropout on the LoRA input")
+    lora_targets: list[str] | None = _f(None, "module-name suffixes to adapt (default: per architecture)")
+    train_data: str = _f("", "SQuAD JSON file or datasets id[:split]")
+    train_split: str = _f("train", "split when train_data is a datasets id")
+    train_articles: str | None = _f(None, "1-based article ranges in file order, e.g. 1-36")
+    train_questions: int | float | None = _f(None, "question count (int) or fraction (float) drawn with the seed")
+    eval_data: str | None = _f(None, "SQuAD JSON file or datasets id[:split]; none skips evaluation")
+    eval_split: str = _f("validation", "split when eval_data is a datasets id")
+    eval_articles: str | None = _f(None, "1-based article ranges, e.g. 37-48")
+    eval_questions: int | float | None = _f(None, "question count or fraction drawn with the seed")
+    repair_answers: bool = _f(False, "move answers not found at answer_start to the nearest occurrence")
+    output_dir: str = _f("runs/qatune", "where checkpoints, the model and results go")
+    max_seq_length: int = _f(384, "tokens per window")
+    doc_stride: int = _f(128, "overlap between windows, in tokens")
+    epochs: float = _f(2.0, "passes over the training windows (ignored when max_steps > 0)")
+    max_steps: int = _f(0, "optimizer steps; 0 means use epochs")
+    learning_rate: float | None = _f(None, "peak learning rate (default 1e-4 full, 5e-4 lora)")
+    warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not on biases and LayerNorm)")
+    batch_size: int = _f(32, "windows per batch per process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    eval_batch_size: int = _f(64, "windows per evaluation batch")
+    seed: int = _f(42, "seed for data subsets, order, initialisation and dropout")
+    precision: str = _f("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware has it)")
+    pad_to_max_length: bool = _f(False, "pad every batch to max_seq_length (for comparisons)")
+    group_by_length: bool = _f(True, "batch windows of similar length together")
+    save_steps: int = _f(200, "checkpoint every N optimizer steps (and at the end)")
+    keep_checkpoints: int = _f(1, "how many recent checkpoints to keep")
+    logging_steps: int = _f(10, "log loss every N steps")
+    n_best: int = _f(20, "start/end candidates per window when decoding")
+    max_answer_length: int = _f(30, "longest answer in tokens")
+    null_threshold: float = _f(0.0, "SQuAD v2: answer '' when null score - best span > this")
+    resume: bool = _f(False, "continue from the last checkpoint in output_dir")
+    report_to: str = _f("none", "none | tensorboard")
+
+    def resolved_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.strategy == "full" else 5e-4
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_split(source: str, split: str, articles: str | None, questions, seed: int, repair: bool) -> SquadData:
+    data = select_articles(load_squad(source, split=split, repair=repair), articles)
+    return data.with_examples(subsample(data.examples, questions, seed))
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[np.ndarray]:
+    """The batches of one epoch, a pure function of (seed, epoch): shuffled, and when grouping by length,
+    sorted within chunks of 50 batches so each batch needs little padding, then the batches shuffled."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if group_by_length:
+        mega = batch_size * 50
+        order = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
+                                for chunk in np.array_split(order, max(1, math.ceil(len(order) / mega)))])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------- env
+def resolve_precision(requested: str, device: torch.device, model_type: str) -> str:
+    if requested not in PRECISIONS:
+        raise ModelError(f"unknown precision {requested!r}; choose from {PRECISIONS}")
+    if requested == "fp16":
+        if model_type == "mobilebert":
+            raise ModelError("MobileBERT gives NaN losses in fp16 (its activations overflow); "
+                             "use --precision bf16 or fp32")
+        if device.type != "cuda":
+            raise ModelError("fp16 needs a CUDA GPU; on the CPU use --precision bf16 or fp32")
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelError("this GPU has no bf16; use --precision fp32 (or fp16 for non-MobileBERT models)")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def environment(device: torch.device) -> dict:
+    import accelerate
+    import datasets
+    import peft
+    import tokenizers
+    import transformers
+
+    import qatune
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "qatune": qatune.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "tokenizers": tokenizers.__version__,
+        "datasets": datasets.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+    }
+
+
+def peak_memory(device: torch.device) -> dict:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write to a temporary file, fsync, then rename: readers see the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
+    """Atomically write checkpoint-<step>: trainable weights (safetensors), optimizer/scheduler/RNG state."""
+    from safetensors.torch import save_file
+
+    final = ckpt_dir / f"checkpoint-{step}"
+    tmp = ckpt_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }, tmp / "state.pt")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(list_checkpoints(ckpt_dir))[:-keep]:
+        shutil.rmtree(old[1], ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    if not ckpt_dir.is_dir():
+        return []
+    out = []
+    for p in ckpt_dir.glob("checkpoint-*"):
+        if (p / "state.pt").exists() and (p / "trainable.safetensors").exists():
+            out.append((int(p.name.split("-")[1]), p))
+    return sorted(out)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise TrainingError(f"{path}: checkpoint does not fit this model (unknown weights {missing[:3]}); "
+                            f"was output_dir used for another configuration?")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    state = torch.load(path / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Train, save and evaluate one run; returns the run record (also written as run.json)."""
+    from accelerate import Accelerator, PartialState
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup, set_seed
+
+    state = PartialState()  # knows the device and the data-parallel ranks (torchrun / accelerate launch)
+    out = Path(cfg.output_dir)
+    main = state.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and (out / "run.json").exists() and (out / "metrics.json").exists():
+        return json.loads((out / "run.json").read_text())
+    ckpts = list_checkpoints(out / "checkpoints")
+    if ckpts and not cfg.resume:
+        raise TrainingError(f"{out} already holds checkpoints of a run; pass --resume to continue it, "
+                            f"or choose another --output-dir")
+
+    set_seed(cfg.seed)
+    t_setup = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model)
+    train_data = load_split(cfg.train_data, cfg.train_split, cfg.train_articles, cfg.train_questions, cfg.seed,
+                            cfg.repair_answers)
+    eval_data = (load_split(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions, cfg.seed,
+                            cfg.repair_answers) if cfg.eval_data else None)
+    feats = build_features(train_data.examples, tokenizer, cfg.max_seq_length, cfg.doc_stride)
+
+    model = load_qa_model(cfg.model)
+    model_type = model.config.model_type
+    precision = resolve_precision(cfg.precision, state.device, model_type)
+    # Accelerate runs the forward pass under autocast for bf16/fp16 and scales fp16 losses.
+    acc = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+    lora = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.alpha_policy, cfg.lora_targets)
+    model = apply_strategy(model, cfg.strategy, lora)
+    counts = parameter_counts(model)
+
+    world, rank = acc.num_processes, acc.process_index
+    global_batch = cfg.batch_size * world
+    n_batches = math.ceil(len(feats) / global_batch)
+    steps_per_epoch = max(1, n_batches // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.resolved_learning_rate())
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    model.to(acc.device)
+    start_step = 0
+    if ckpts:
+        start_step = load_checkpoint(ckpts[-1][1], model, optimizer, scheduler)
+    model, optimizer = acc.prepare(model, optimizer)
+    setup_s = time.perf_counter() - t_setup
+
+    writer = _tensorboard(cfg, out) if main else None
+    ckpt_dir = out / "checkpoints"
+    last_ckpt = ckpts[-1][1] if ckpts else None
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {cfg.strategy}", unit="step",
+               disable=not (progress and main), dynamic_ncols=True)
+    windows_seen = tokens_seen = 0
+    epoch_cache: dict[int, list[np.ndarray]] = {}
+    lengths = feats.lengths
+    model.train()
+    t0 = time.perf_counter()
+    loss_ema = None
+    for step in range(start_step, total_steps):
+        for micro in range(cfg.grad_accum):
+            m = step * cfg.grad_accum + micro
+            epoch, index = divmod(m, n_batches)
+            if epoch not in epoch_cache:
+                epoch_cache = {epoch: epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.group_by_length)}
+            rows = epoch_cache[epoch][index][rank::world]
+            if len(rows) == 0:  # a short last global batch: reuse rows so every rank steps together
+                rows = epoch_cache[epoch][index][:1]
+            batch = {k: v.to(acc.device) for k, v in collate(feats, rows, tokenizer.pad_token_id,
+                                                             cfg.pad_to_max_length).items()}
+            sync = acc.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                loss = model(**batch).loss
+                bad = _nonfinite(acc, loss)
+                if bad:
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) at step {step + 1} (micro-batch {micro + 1}); the weights "
+                        f"were not updated. Last good checkpoint: {last_ckpt or 'none (the run had not saved yet)'}. "
+                        f"Lower --learning-rate, use --precision fp32, or check the data.")
+                acc.backward(loss / cfg.grad_accum)
+            windows_seen += len(rows)
+            tokens_seen += int(batch["attention_mask"].sum())
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
+        elapsed = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_ema:.3f}", win_s=f"{windows_seen * world / elapsed:.1f}")
+        if writer and (step + 1) % cfg.logging_steps == 0:
+            writer.add_scalar("train/loss", loss_value, step + 1)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step + 1)
+        if (step + 1) % cfg.save_steps == 0 or step + 1 == total_steps:
+            acc.wait_for_everyone()
+            if main:
+                last_ckpt = save_checkpoint(ckpt_dir, step + 1, acc.unwrap_model(model), optimizer, scheduler,
+                                            cfg.keep_checkpoints)
+    bar.close()
+    train_s = time.perf_counter() - t0
+    steps_run = total_steps - start_step
+
+    record: dict = {}
+    if main:
+        model_dir = out / "model"
+        save_trained(acc.unwrap_model(model), tokenizer, model_dir, cfg)
+        eval_s, metrics = 0.0, {}
+        if eval_data is not None:
+            from qatune.inference import evaluate
+
+            t1 = time.perf_counter()
+            metrics, decoded = evaluate(acc.unwrap_model(model), tokenizer, eval_data, cfg.max_seq_length,
+                                        cfg.doc_stride, cfg.eval_batch_size, precision, cfg.n_best,
+                                        cfg.max_answer_length, cfg.null_threshold, progress=progress)
+            eval_s = time.perf_counter() - t1
+            write_json_atomic(out / "predictions.json", decoded.predictions)
+            write_json_atomic(out / "nbest.json", decoded.nbest)
+            if eval_data.version.startswith("2"):
+                write_json_atomic(out / "null_odds.json", decoded.null_odds)
+        record = {
+            "config": asdict(cfg),
+            "resolved": {"learning_rate": cfg.resolved_learning_rate(), "precision": precision,
+                         "model_type": model_type, "world_size": world, "total_steps": total_steps,
+                         "steps_per_epoch": steps_per_epoch, "train_windows": len(feats),
+                         "lora_alpha_effective": (2.0 * cfg.lora_rank if cfg.alpha_policy == "proportional"
+                                                  else cfg.lora_alpha) if cfg.strategy == "lora" else None},
+            "seed": cfg.seed,
+            "data": {"train_source": train_data.source, "train_questions": len(train_data),
+                     "train_windows": len(feats), "eval_source": eval_data.source if eval_data else None,
+                     "eval_questions": len(eval_data) if eval_data else 0},
+            "params": counts,
+            "metrics": metrics,
+            "timing": {"setup_s": setup_s, "train_s": train_s, "eval_s": eval_s, "steps_run": steps_run,
+                       "resumed_from_step": start_step,
+                       "train_windows_per_s": windows_seen * world / train_s if train_s else None,
+                       "train_tokens_per_s": tokens_seen * world / train_s if train_s else None},
+            "memory": peak_memory(acc.device),
+            "environment": environment(acc.device),
+        }
+        write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(out / "run.json", record)
+        if writer:
+            for k, v in metrics.items():
+                if isinstance(v, float):
+                    writer.add_scalar(f"eval/{k}", v, total_steps)
+            writer.close()
+    acc.wait_for_everyone()
+    return record
+
+
+def save_trained(model, tokenizer, model_dir: Path, cfg: TrainConfig) -> None:
+    """Save a full model or a LoRA adapter (plus tokenizer and window settings), atomically."""
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    adapter_cfg = tmp / "adapter_config.json"
+    if adapter_cfg.exists():  # record the base by the name the user gave (an alias stays portable)
+        c = json.loads(adapter_cfg.read_text())
+        c["base_model_name_or_path"] = cfg.model
+        adapter_cfg.write_text(json.dumps(c, indent=2))
+    write_json_atomic(tmp / "qatune.json", {"max_seq_length": cfg.max_seq_length, "doc_stride": cfg.doc_stride,
+                                            "max_answer_length": cfg.max_answer_length, "strategy": cfg.strategy,
+                                            "base_model": cfg.model})
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+
+
+def _no_decay(name: str) -> bool:
+    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or "layernorm" in name.lower()
+
+
+def _nonfinite(acc, loss: torch.Tensor) -> bool:
+    flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if acc.num_processes > 1:
+        flag = acc.reduce(flag, reduction="sum")
+    return bool(flag.item() > 0)
+
+
+def _tensorboard(cfg: TrainConfig, out: Path):
+    if cfg.report_to == "none":
+        return None
+    if cfg.report_to != "tensorboard":
+        raise ModelError(f"unknown report_to {cfg.report_to!r}; choose none or tensorboard")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ModelError("report_to=tensorboard needs: pip install tensorboard") from e
+    return SummaryWriter(str(out / "tensorboard"))

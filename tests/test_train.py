@@ -1,0 +1,197 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qatune.cli import main
+from qatune.data import SquadDataError
+from qatune.features import build_features
+from qatune.inference import Reader, window_logits
+from qatune.models import LoraSettings, ModelError, apply_strategy, load_qa_model
+from qatune.train import TrainConfig, TrainingError, train
+
+
+def cfg(model, data, out, **kw):
+    base = dict(model=str(model), train_data=str(data), eval_data=str(data), eval_articles="3-4",
+                output_dir=str(out), max_seq_length=96, doc_stride=32, batch_size=4, max_steps=4, save_steps=2,
+                precision="fp32", learning_rate=1e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(model_dir):
+    return load_file(str(next(model_dir.glob("*.safetensors"))))
+
+
+@pytest.mark.parametrize("kind", ["mobilebert", "distilbert"])
+def test_full_finetune_writes_everything(tmp_path, tiny_models, train_file, kind):
+    out = tmp_path / "run"
+    r = train(cfg(tiny_models[kind], train_file, out), progress=False)
+    for name in ["predictions.json", "nbest.json", "metrics.json", "run.json", "model/qatune.json"]:
+        assert (out / name).exists(), name
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["strategy"] == "full" and run["seed"] == 42
+    assert run["params"]["trainable_params"] == run["params"]["total_params"] > 0
+    assert run["environment"]["torch"] == torch.__version__ and "transformers" in run["environment"]
+    assert run["timing"]["train_s"] > 0 and run["timing"]["train_windows_per_s"] > 0
+    assert run["memory"]["peak_rss_mb"] > 0
+    assert run["resolved"]["total_steps"] == 4
+    preds = json.loads((out / "predictions.json").read_text())
+    assert len(preds) == r["metrics"]["total"] == 12  # articles 3-4 of the training file
+    before, after = weights(tiny_models[kind]), weights(out / "model")
+    changed = [k for k in before if k in after and not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2  # every weight trains in full fine-tuning
+
+
+def test_lora_keeps_base_and_trains_head(tmp_path, tiny_models, train_file):
+    out = tmp_path / "lora"
+    r = train(cfg(tiny_models["distilbert"], train_file, out, strategy="lora", lora_rank=4, lora_alpha=8,
+                  alpha_policy="fixed"), progress=False)
+    assert 0 < r["params"]["trainable_percent"] < 100
+    adapter = weights(out / "model")
+    assert any("lora_A" in k for k in adapter) and any("qa_outputs" in k for k in adapter)
+    assert not any("q_lin.weight" in k and "lora" not in k and "base_layer" not in k for k in adapter)
+    base = weights(tiny_models["distilbert"])
+    trained = Reader.load(out / "model").model
+    state = {k.replace("base_model.model.", "").replace(".base_layer", "").replace(".modules_to_save.default", ""): v
+             for k, v in trained.state_dict().items() if "original_module" not in k}
+    for k, v in base.items():
+        if k.startswith("qa_outputs"):
+            assert not torch.equal(state[k], v), "the span head must train"
+        else:
+            assert torch.equal(state[k], v), f"base weight {k} changed"
+
+
+@pytest.mark.parametrize("policy,expected", [("fixed", 8 / 4), ("proportional", 2.0), ("rslora", 8 / 2)])
+def test_alpha_policies(tiny_models, policy, expected):
+    model = apply_strategy(load_qa_model(str(tiny_models["distilbert"])), "lora",
+                           LoraSettings(rank=4, alpha=8, alpha_policy=policy))
+    layer = next(m for n, m in model.named_modules() if n.endswith("q_lin") and hasattr(m, "scaling"))
+    assert layer.scaling["default"] == pytest.approx(expected)
+
+
+def test_bad_lora_targets_list_real_modules(tiny_models):
+    model = load_qa_model(str(tiny_models["distilbert"]))
+    with pytest.raises(ModelError, match=r"\['query'\] match no linear layer.*q_lin"):
+        apply_strategy(model, "lora", LoraSettings(targets=["query"]))
+
+
+def test_fp16_mobilebert_refused(tmp_path, tiny_models, train_file):
+    with pytest.raises(ModelError, match="MobileBERT gives NaN losses in fp16"):
+        train(cfg(tiny_models["mobilebert"], train_file, tmp_path / "x", precision="fp16"), progress=False)
+
+
+def test_bad_paths_are_clear(tmp_path, tiny_models, train_file):
+    with pytest.raises(SquadDataError, match="no such SQuAD JSON file"):
+        train(cfg(tiny_models["distilbert"], tmp_path / "missing.json", tmp_path / "x"), progress=False)
+    with pytest.raises(ModelError, match="cannot load"):
+        train(cfg(tmp_path / "no-model", train_file, tmp_path / "y"), progress=False)
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_models, train_file, monkeypatch):
+    import qatune.train as t
+
+    full = cfg(tiny_models["mobilebert"], train_file, tmp_path / "a", max_steps=6, save_steps=3)
+    train(full, progress=False)
+
+    original = t.save_checkpoint
+
+    def crash_after_first(*args, **kw):
+        original(*args, **kw)
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(t, "save_checkpoint", crash_after_first)
+    part = cfg(tiny_models["mobilebert"], train_file, tmp_path / "b", max_steps=6, save_steps=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(part, progress=False)
+    assert (tmp_path / "b" / "checkpoints" / "checkpoint-3").exists()
+    with pytest.raises(TrainingError, match="--resume"):
+        train(part, progress=False)
+    monkeypatch.setattr(t, "save_checkpoint", original)
+    part.resume = True
+    r = train(part, progress=False)
+    assert r["timing"]["resumed_from_step"] == 3 and r["timing"]["steps_run"] == 3
+    wa, wb = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+    assert json.loads((tmp_path / "a" / "predictions.json").read_text()) == \
+        json.loads((tmp_path / "b" / "predictions.json").read_text())
+
+
+def test_nan_loss_stops_with_step(tmp_path, tiny_models, train_file, monkeypatch):
+    import qatune.train as t
+
+    real = t.load_qa_model
+    calls = {"n": 0}
+
+    def poisoned(name):
+        model = real(name)
+
+        def hook(module, inputs, output):
+            calls["n"] += 1
+            return output * float("nan") if calls["n"] == 3 else output
+
+        model.qa_outputs.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(t, "load_qa_model", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 3.*checkpoint-2"):
+        train(cfg(tiny_models["distilbert"], train_file, tmp_path / "nan", save_steps=2), progress=False)
+    assert (tmp_path / "nan" / "checkpoints" / "checkpoint-2").exists()
+
+
+def test_export_merge_matches_adapter(tmp_path, tiny_models, train_file, capsys):
+    out = tmp_path / "lora"
+    train(cfg(tiny_models["distilbert"], train_file, out, strategy="lora", lora_rank=8, alpha_policy="rslora"),
+          progress=False)
+    assert main(["export", "--model", str(out / "model"), "--merge", "--output-dir", str(tmp_path / "merged"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["max_abs_logit_diff"] < 1e-4
+    adapter, merged = Reader.load(out / "model"), Reader.load(tmp_path / "merged")
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    from qatune.data import load_squad
+
+    feats = build_features(load_squad(train_file).examples, adapter.tokenizer, 96, 32)
+    sa, ea = window_logits(adapter.model, feats, adapter.tokenizer.pad_token_id)
+    sm, em = window_logits(merged.model, feats, merged.tokenizer.pad_token_id)
+    finite = torch.isfinite(torch.from_numpy(sa))
+    assert float((torch.from_numpy(sa - sm)[finite]).abs().max()) < 1e-4
+    assert float((torch.from_numpy(ea - em)[finite]).abs().max()) < 1e-4
+
+
+def test_cli_train_evaluate_predict(tmp_path, tiny_models, train_file, capsys):
+    out = tmp_path / "cli"
+    conf = tmp_path / "run.toml"
+    conf.write_text(f'model = "{tiny_models["distilbert"]}"\nmax_seq_length = 96\ndoc_stride = 32\nmax_steps = 2\n'
+                    f'batch_size = 4\nprecision = "fp32"\n')
+    assert main(["train", "--config", str(conf), "--strategy", "lora", "--lora-rank", "4", "--train-data",
+                 str(train_file), "--train-questions", "10", "--eval-data", str(train_file), "--eval-questions",
+                 "0.5", "--output-dir", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["max_steps"] == 2 and run["config"]["lora_rank"] == 4
+    assert run["data"]["train_questions"] == 10 and run["data"]["eval_questions"] == 12
+    assert r["trainable_params"] < r["total_params"]
+    assert main(["evaluate", "--model", str(out / "model"), "--data", str(train_file), "--output-dir",
+                 str(tmp_path / "ev"), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["total"] == 24 and (tmp_path / "ev" / "predictions.json").exists()
+    ctx = "The bridge of Marlow is called Kestrel7. Visitors often walk near the river in spring."
+    assert main(["predict", "--model", str(out / "model"), "--question", "What is the bridge of Marlow called?",
+                 "--context", ctx, "--top-k", "3", "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["answers"]
+    assert len(answers) == 3
+    for a in answers:
+        assert ctx[a["start"] : a["end"]] == a["text"]
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text(json.dumps({"id": "a", "question": "What?", "context": ctx}) + "\n" + "not json\n")
+    assert main(["predict", "--model", str(out / "model"), "--input", str(jsonl)]) == 2
+    assert "q.jsonl, line 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_minilm_learns_a_few_dozen_questions(tmp_path, train_file):
+    r = train(TrainConfig(model="minilm-l6", train_data=str(train_file), eval_data=str(train_file),
+                          output_dir=str(tmp_path / "minilm"), max_seq_length=128, doc_stride=32, batch_size=8,
+                          max_steps=60, learning_rate=2e-4, warmup_ratio=0.1, save_steps=1000), progress=False)
+    assert r["metrics"]["total"] == 24
+    assert r["metrics"]["exact_match"] >= 90.0
