@@ -89,7 +89,7 @@ def save_tiny_model(path: Path, kind: str, dropout: float = 0.1) -> Path:
         model = MobileBertForQuestionAnswering(cfg)
         from transformers import BertTokenizerFast as Tok
     elif kind == "distilbert":
-        cfg = DistilBertConfig(n_layers=2, dim=64, hidden_dim=128, n_heads=2, dropout=dropout,
+        cfg = DistilBertConfig(n_layers=2, dim=64, hidden_dim=128, n_heads=2, dropout=dropout, qa_dropout=dropout,
                                attention_dropout=dropout)
         model = DistilBertForQuestionAnswering(cfg)
         Tok = DistilBertTokenizerFast

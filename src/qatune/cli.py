@@ -139,6 +139,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not cfg.train_data:
         raise CliError("--train-data is required (a SQuAD JSON file or a datasets id[:split])")
     r = train(cfg)
+    if not r:  # a non-zero rank of a data-parallel run: rank 0 reports
+        return
     m, p, t = r["metrics"], r["params"], r["timing"]
     lines = [f"{cfg.output_dir}: {cfg.strategy} fine-tuning of {cfg.model}, {r['data']['train_questions']} questions "
              f"({r['data']['train_windows']} windows), {t['steps_run']} steps",

@@ -272,12 +272,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
 
 # ---------------------------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
-    """Train, save and evaluate one run; returns the run record (also written as run.json)."""
+    """Train, save and evaluate one run; returns the run record (also written as run.json), or {} on ranks > 0."""
     from accelerate import Accelerator, PartialState
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup, set_seed
 
-    state = PartialState()  # knows the device and the data-parallel ranks (torchrun / accelerate launch)
+    cpu = not torch.cuda.is_available()  # accelerate only starts gloo data parallelism on CPUs when told
+    state = PartialState(cpu=cpu)  # knows the device and the data-parallel ranks (torchrun / accelerate launch)
     out = Path(cfg.output_dir)
     main = state.is_main_process
     if main:
@@ -302,7 +303,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     model_type = model.config.model_type
     precision = resolve_precision(cfg.precision, state.device, model_type)
     # Accelerate runs the forward pass under autocast for bf16/fp16 and scales fp16 losses.
-    acc = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+    acc = Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision))
     lora = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.alpha_policy, cfg.lora_targets)
     model = apply_strategy(model, cfg.strategy, lora)
     counts = parameter_counts(model)
