@@ -220,6 +220,72 @@ def cmd_export(args: argparse.Namespace) -> None:
           [f"merged {args.model} -> {args.output_dir} (max |logit difference| on a probe: {diff:.2e})"])
 
 
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*map(str, r)) for r in body]
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from qatune.study import StudyError, connect, estimate, load_study, rows, run_study
+
+    try:
+        study = load_study(args.file, args.set or [], args.dir)
+    except StudyError as e:
+        raise CliError(str(e)) from e
+    if args.dry_run:
+        body, total = [], 0.0
+        for k, r in enumerate(study.runs, 1):
+            est = estimate(r)
+            total += est["train_pflop"]
+            point = ", ".join(f"{key}={v}" for key, v in r.point.items())
+            body.append([k, r.id, r.arm, r.config.model, r.config.strategy, point,
+                         f"{est['trainable_params']:,}", f"{est['total_params']:,}", f"{est['trainable_percent']:.2f}",
+                         f"{est['train_windows']:,.0f}", f"{est['train_pflop']:.2f}"])
+        lines = [f"study {study.name}: {len(study.runs)} runs -> {study.directory}"]
+        lines += _table(["#", "run", "arm", "model", "strategy", "grid point", "trainable", "total", "%",
+                         "train windows", "train PFLOP"], body)
+        lines.append(f"total training compute: {total:.2f} PFLOP (6 x dense params x tokens for full fine-tuning, "
+                     f"4 x for LoRA; windows estimated from question counts)")
+        _emit({"runs": len(study.runs), "total_pflop": total}, args.json, lines)
+        return
+    if args.status:
+        db = connect(study.directory)
+        by_id = {r["id"]: r for r in rows(db)}
+        db.close()
+        body = []
+        for k, r in enumerate(study.runs, 1):
+            row = by_id.get(r.id, {})
+            m = row.get("metrics") or {}
+            em = m.get("exact_match", m.get("exact"))
+            point = ", ".join(f"{key}={v}" for key, v in r.point.items())
+            body.append([k, r.id, r.arm, point, row.get("status", "not started"),
+                         f"{em:.2f}" if em is not None else "", f"{m['f1']:.2f}" if "f1" in m else "",
+                         f"{(row.get('costs') or {}).get('train_s', 0):.0f}" if row.get("costs") else ""])
+        counts: dict[str, int] = {}
+        for b in body:
+            counts[b[4]] = counts.get(b[4], 0) + 1
+        _emit({"runs": len(body), **counts}, args.json,
+              _table(["#", "run", "arm", "grid point", "status", "EM", "F1", "train s"], body)
+              + [", ".join(f"{v} {k}" for k, v in counts.items())])
+        return
+    counts = run_study(study)
+    _emit({"directory": str(study.directory), **counts}, args.json,
+          [f"study {study.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+           + f" -> {study.directory} (qatune report {study.directory})"])
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from qatune.report import write_report
+
+    try:
+        out = write_report(args.study_dir)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from e
+    figures = sorted(p.name for p in out.parent.glob("*.png"))
+    _emit({"report": str(out), "figures": figures}, args.json, [f"wrote {out}", *[f"  {f}" for f in figures]])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qatune", description="Fine-tune and compare extractive QA models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -287,6 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output-dir", required=True)
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
+
+    st = sub.add_parser("study", help="run a declarative study (TOML): a grid of training runs, resumable")
+    st.add_argument("file", help="study file, e.g. studies/offline.toml")
+    st.add_argument("--dry-run", action="store_true", help="list the runs with cost estimates; train nothing")
+    st.add_argument("--status", action="store_true", help="show each run's status and scores")
+    st.add_argument("--set", action="append", metavar="[ARM.]KEY=VALUE",
+                    help="override an option for all arms (or one arm), e.g. --set train_data=/data/train.json")
+    st.add_argument("--dir", help="study directory (default: from the file, else studies-out/NAME)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_study)
+
+    rp = sub.add_parser("report", help="write report.md and figures for a study directory")
+    rp.add_argument("study_dir")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

@@ -10,10 +10,12 @@ SQuAD v2: the null score of a question is its smallest CLS score over windows; i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from qatune.data import QAExample
 
@@ -45,74 +47,70 @@ def decode(
     scores and softmax probabilities (the null answer included for v2).
     """
     n_win, width = offsets.shape[:2]
-    start = np.asarray(start_logits, dtype=np.float64)[:, :width]
-    end = np.asarray(end_logits, dtype=np.float64)[:, :width]
-    valid = offsets[:, :, 0] >= 0
-    s = np.where(valid, start, -np.inf)
-    e = np.where(valid, end, -np.inf)
+    n_ex = len(examples)
+    example_index = np.asarray(example_index)
+    valid = torch.from_numpy(offsets[:, :, 0] >= 0)
+    start = torch.as_tensor(np.asarray(start_logits, dtype=np.float32)[:, :width])
+    end = torch.as_tensor(np.asarray(end_logits, dtype=np.float32)[:, :width])
     k = min(n_best, width)
-    s_idx = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < width else np.tile(np.arange(width), (n_win, 1))
-    e_idx = np.argpartition(-e, k - 1, axis=1)[:, :k] if k < width else np.tile(np.arange(width), (n_win, 1))
-    s_val = np.take_along_axis(s, s_idx, 1)
-    e_val = np.take_along_axis(e, e_idx, 1)
+    # Top-k in float32 over the big arrays; candidate sums in float64, where adding two float32 values is exact.
+    s_val, s_idx = torch.topk(start.masked_fill(~valid, -math.inf), k, dim=1)
+    e_val, e_idx = torch.topk(end.masked_fill(~valid, -math.inf), k, dim=1)
     length = e_idx[:, None, :] - s_idx[:, :, None]
-    score = s_val[:, :, None] + e_val[:, None, :]
-    score = np.where((length >= 0) & (length < max_answer_length), score, -np.inf).reshape(n_win, k * k)
-
-    # Each window's candidates (enough for the n-best), then one grouped sort over all of them.
-    keep = max(1, nbest_size)
-    if keep < k * k:
-        top = np.argpartition(-score, keep - 1, axis=1)[:, :keep]
-    else:
-        top = np.tile(np.arange(k * k), (n_win, 1))
-    c_score = np.take_along_axis(score, top, 1).ravel()
+    ok = (length >= 0) & (length < max_answer_length)
+    score = torch.where(ok, s_val.double()[:, :, None] + e_val.double()[:, None, :], -math.inf).reshape(n_win, k * k)
+    # Each window's best candidates (enough for the n-best), then one grouped sort over all of them.
+    c_score, top = torch.topk(score, min(max(1, nbest_size), k * k), dim=1)
     c_win = np.repeat(np.arange(n_win), top.shape[1])
-    c_s = s_idx[c_win, top.ravel() // k]
-    c_e = e_idx[c_win, top.ravel() % k]
+    top = top.numpy().ravel()
+    c_s = s_idx.numpy()[c_win, top // k]
+    c_e = e_idx.numpy()[c_win, top % k]
+    c_score = c_score.numpy().ravel()
     c_ex = example_index[c_win]
+    null = np.full(n_ex, np.inf)
+    np.minimum.at(null, example_index, start[:, 0].double().numpy() + end[:, 0].double().numpy())
+    if version_2 and nbest_size > 0:  # the null answer competes in the n-best list as the empty span
+        has = np.isfinite(null)
+        c_ex = np.concatenate([c_ex, np.flatnonzero(has)])
+        c_win = np.concatenate([c_win, np.full(has.sum(), -1)])
+        c_s = np.concatenate([c_s, np.full(has.sum(), -1)])
+        c_e = np.concatenate([c_e, np.full(has.sum(), -1)])
+        c_score = np.concatenate([c_score, null[has]])
     order = np.lexsort((c_win, -c_score, c_ex))  # by example, best score first, earlier window on ties
     c_score, c_win, c_s, c_e, c_ex = c_score[order], c_win[order], c_s[order], c_e[order], c_ex[order]
     first = np.flatnonzero(np.r_[True, c_ex[1:] != c_ex[:-1]])
     rank = np.arange(len(c_ex)) - np.repeat(first, np.diff(np.r_[first, len(c_ex)]))
+    # character spans of every candidate (the null answer has none)
+    span = c_win >= 0
+    a = np.where(span, offsets[np.maximum(c_win, 0), np.maximum(c_s, 0), 0], -1)
+    b = np.where(span, offsets[np.maximum(c_win, 0), np.maximum(c_e, 0), 1], -1)
 
-    null = np.full(len(examples), np.inf)
-    np.minimum.at(null, example_index, start[:, 0] + end[:, 0])
-
-    predictions: dict[str, str] = {ex.id: "" for ex in examples}
-    null_odds: dict[str, float] = {}
-    best = np.flatnonzero(rank == 0)
-    best_score = np.full(len(examples), -np.inf)
-    best_score[c_ex[best]] = c_score[best]
-    for i in best:
-        if np.isfinite(c_score[i]):
-            ex = examples[c_ex[i]]
-            w = c_win[i]
-            predictions[ex.id] = ex.context[offsets[w, c_s[i], 0] : offsets[w, c_e[i], 1]]
-    for j, ex in enumerate(examples):
-        diff = float(null[j] - best_score[j]) if np.isfinite(best_score[j]) else float("inf")
-        null_odds[ex.id] = diff
-        if version_2 and diff > null_threshold:
-            predictions[ex.id] = ""
+    # each example's best real span: its first finite, non-null candidate in sorted order
+    cand = np.flatnonzero(span & np.isfinite(c_score))
+    _, first_span = np.unique(c_ex[cand], return_index=True)
+    best_pos = np.full(n_ex, -1)
+    best_pos[c_ex[cand[first_span]]] = cand[first_span]
+    best_score = np.where(best_pos >= 0, c_score[np.maximum(best_pos, 0)], -np.inf)
+    diff = np.where(np.isfinite(best_score), null - best_score, np.inf)
+    answered = (best_pos >= 0) & ~(version_2 & (diff > null_threshold))
+    ids = [ex.id for ex in examples]
+    a_l, b_l = a.tolist(), b.tolist()
+    predictions = {i: "" for i in ids}
+    for j in np.flatnonzero(answered).tolist():
+        p = int(best_pos[j])
+        predictions[ids[j]] = examples[j].context[a_l[p] : b_l[p]]
+    null_odds = dict(zip(ids, diff.tolist()))
 
     nbest: dict[str, list[dict]] = {}
     if nbest_size > 0:
         sel = np.flatnonzero((rank < nbest_size) & np.isfinite(c_score))
-        for i in sel:
-            ex = examples[c_ex[i]]
-            w = c_win[i]
-            a, b = int(offsets[w, c_s[i], 0]), int(offsets[w, c_e[i], 1])
-            nbest.setdefault(ex.id, []).append(
-                {"text": ex.context[a:b], "start": a, "end": b, "score": float(c_score[i])})
-        for j, ex in enumerate(examples):
-            cands = nbest.setdefault(ex.id, [])
-            if version_2 and np.isfinite(null[j]):
-                cands.append({"text": "", "start": -1, "end": -1, "score": float(null[j])})
-                cands.sort(key=lambda c: -c["score"])
-                del cands[nbest_size:]
-            if cands:
-                sc = np.array([c["score"] for c in cands])
-                p = np.exp(sc - sc.max())
-                p /= p.sum()
-                for c, pr in zip(cands, p):
-                    c["probability"] = float(pr)
+        ex_sel, sc_sel = c_ex[sel], c_score[sel]
+        groups = np.flatnonzero(np.r_[True, ex_sel[1:] != ex_sel[:-1]])
+        shifted = np.exp(sc_sel - np.repeat(np.maximum.reduceat(sc_sel, groups), np.diff(np.r_[groups, len(sel)])))
+        prob = shifted / np.repeat(np.add.reduceat(shifted, groups), np.diff(np.r_[groups, len(sel)]))
+        nbest = {i: [] for i in ids}
+        for j, x, y, sc, pr in zip(ex_sel.tolist(), a[sel].tolist(), b[sel].tolist(), sc_sel.tolist(),
+                                   prob.tolist()):
+            nbest[ids[j]].append({"text": examples[j].context[x:y] if x >= 0 else "", "start": x, "end": y,
+                                  "score": sc, "probability": pr})
     return Decoded(predictions, null_odds, nbest)

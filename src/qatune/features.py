@@ -10,8 +10,12 @@ Windows are stored unpadded; :func:`collate` pads a batch to its own longest win
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -105,6 +109,30 @@ def build_features(
         end_positions=np.asarray(ends, dtype=np.int64),
         max_seq_length=max_seq_length,
     )
+
+
+def cached_features(examples: Sequence[QAExample], tokenizer, max_seq_length: int, doc_stride: int,
+                    cache_dir: str | Path | None) -> Features:
+    """``build_features`` through an on-disk cache keyed by tokenizer, window settings and the examples' content,
+    so the runs of a study that share them tokenise once."""
+    if not cache_dir:
+        return build_features(examples, tokenizer, max_seq_length, doc_stride)
+    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(f"{max_seq_length}/{doc_stride}".encode())
+    for ex in examples:
+        h.update("\x1f".join([ex.id, ex.question, ex.context, *(f"{a.start}:{a.text}" for a in ex.answers),
+                              str(ex.is_impossible)]).encode())
+    path = Path(cache_dir) / f"features-{h.hexdigest()[:20]}.pkl"
+    if path.exists():
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    feats = build_features(examples, tokenizer, max_seq_length, doc_stride)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(feats, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return feats
 
 
 def _encode(tokenizer, chunk: Sequence[QAExample], max_seq_length: int, doc_stride: int):

@@ -66,9 +66,15 @@ def window_logits(model: torch.nn.Module, features: Features, pad_token_id: int,
 
 def evaluate(model: torch.nn.Module, tokenizer, data: SquadData, max_seq_length: int = 384, doc_stride: int = 128,
              batch_size: int = 64, precision: str = "fp32", n_best: int = 20, max_answer_length: int = 30,
-             null_threshold: float = 0.0, nbest_size: int = 20, progress: bool = False) -> tuple[dict, Decoded]:
+             null_threshold: float = 0.0, nbest_size: int = 20, progress: bool = False,
+             cache_dir: str | None = None) -> tuple[dict, Decoded]:
     """Predict every question of ``data`` and score it with the official metric of its SQuAD version."""
-    feats = build_features(data.examples, tokenizer, max_seq_length, doc_stride)
+    if cache_dir:
+        from qatune.features import cached_features
+
+        feats = cached_features(data.examples, tokenizer, max_seq_length, doc_stride, cache_dir)
+    else:
+        feats = build_features(data.examples, tokenizer, max_seq_length, doc_stride)
     start, end = window_logits(model, feats, tokenizer.pad_token_id, batch_size, precision, progress)
     v2 = data.version.startswith("2")
     decoded = decode(data.examples, feats.example_index, feats.padded_offsets(), start, end, n_best=n_best,

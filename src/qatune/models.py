@@ -28,6 +28,14 @@ DEFAULT_LORA_TARGETS = {
 }
 
 
+def _known_configs():
+    from transformers import DistilBertConfig, MobileBertConfig
+
+    # The library defaults equal these hub checkpoints, so dry runs can count their parameters offline.
+    return {"google/mobilebert-uncased": MobileBertConfig, "distilbert-base-uncased": DistilBertConfig,
+            "distilbert/distilbert-base-uncased": DistilBertConfig}
+
+
 class ModelError(ValueError):
     """A model name, path or option that cannot be used; the message says what to do."""
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from qatune.data import SquadData, load_squad, select_articles, subsample
-from qatune.features import build_features, collate
+from qatune.features import cached_features, collate
 from qatune.models import (
     LoraSettings,
     ModelError,
@@ -91,6 +91,7 @@ class TrainConfig:
     null_threshold: float = _f(0.0, "SQuAD v2: answer '' when null score - best span > this")
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
     report_to: str = _f("none", "none | tensorboard")
+    feature_cache_dir: str | None = _f(None, "reuse tokenised windows across runs from this directory")
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
@@ -297,7 +298,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                             cfg.repair_answers)
     eval_data = (load_split(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions, cfg.seed,
                             cfg.repair_answers) if cfg.eval_data else None)
-    feats = build_features(train_data.examples, tokenizer, cfg.max_seq_length, cfg.doc_stride)
+    feats = cached_features(train_data.examples, tokenizer, cfg.max_seq_length, cfg.doc_stride, cfg.feature_cache_dir)
 
     model = load_qa_model(cfg.model)
     model_type = model.config.model_type
@@ -391,7 +392,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             t1 = time.perf_counter()
             metrics, decoded = evaluate(acc.unwrap_model(model), tokenizer, eval_data, cfg.max_seq_length,
                                         cfg.doc_stride, cfg.eval_batch_size, precision, cfg.n_best,
-                                        cfg.max_answer_length, cfg.null_threshold, progress=progress)
+                                        cfg.max_answer_length, cfg.null_threshold, progress=progress,
+                                        cache_dir=cfg.feature_cache_dir)
             eval_s = time.perf_counter() - t1
             write_json_atomic(out / "predictions.json", decoded.predictions)
             write_json_atomic(out / "nbest.json", decoded.nbest)

@@ -1,0 +1,188 @@
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from qatune.cli import main
+from qatune.report import mean_ci, paired_bootstrap, rank_permutation_test, write_report
+from qatune.study import StudyError, load_study, run_study
+from tests.conftest import save_tiny_model
+
+STUDY = """
+[study]
+name = "tiny"
+
+[defaults]
+train_data = "{data}"
+train_articles = "1-3"
+eval_data = "{data}"
+eval_articles = "4"
+max_seq_length = 96
+doc_stride = 32
+batch_size = 4
+precision = "fp32"
+save_steps = {save_steps}
+max_steps = {steps}
+
+[[arms]]
+name = "full"
+model = "{model}"
+strategy = "full"
+learning_rate = 1e-3
+
+[[arms]]
+name = "lora"
+model = "{model}"
+strategy = "lora"
+learning_rate = 1e-3
+
+[grid]
+lora_rank = [2, 4]
+alpha_policy = ["fixed", "rslora"]
+train_questions = [6, 12]
+seed = [1]
+"""
+
+
+def write_study(tmp_path, model, data, steps=4, save_steps=2):
+    path = tmp_path / "tiny.toml"
+    path.write_text(STUDY.format(data=data, model=model, steps=steps, save_steps=save_steps))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_distilbert(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "distilbert", "distilbert")
+
+
+def test_expansion_ids_and_overrides(tmp_path, tiny_distilbert, train_file):
+    study = load_study(write_study(tmp_path, tiny_distilbert, train_file), directory=tmp_path / "s")
+    # full: 2 volumes x 1 seed; lora: 2 ranks x 2 policies x 2 volumes
+    assert len(study.runs) == 2 + 8
+    assert len({r.id for r in study.runs}) == len(study.runs)
+    full = [r for r in study.runs if r.arm == "full"]
+    assert all("lora_rank" not in r.point for r in full)
+    again = load_study(write_study(tmp_path, tiny_distilbert, train_file), directory=tmp_path / "s")
+    assert [r.id for r in again.runs] == [r.id for r in study.runs]  # ids are stable
+    moved = load_study(tmp_path / "tiny.toml", ["eval_questions=3", "lora.learning_rate=2e-3"],
+                       directory=tmp_path / "s")
+    assert all(r.config.eval_questions == 3 for r in moved.runs)
+    assert {r.config.learning_rate for r in moved.runs if r.arm == "lora"} == {2e-3}
+    assert {r.config.learning_rate for r in moved.runs if r.arm == "full"} == {1e-3}
+    assert not set(r.id for r in moved.runs) & set(r.id for r in study.runs)  # a changed setting is a new run
+    with pytest.raises(StudyError, match="no arm named 'nope'"):
+        load_study(tmp_path / "tiny.toml", ["nope.seed=3"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text(STUDY.format(data=train_file, model=tiny_distilbert, steps=2, save_steps=2)
+                   .replace("doc_stride = 32", "doc_strid = 32"))
+    with pytest.raises(StudyError, match=r"\[defaults\] has unknown option\(s\) \['doc_strid'\]"):
+        load_study(bad)
+
+
+def test_dry_run_lists_costs(tmp_path, tiny_distilbert, train_file, capsys):
+    path = write_study(tmp_path, tiny_distilbert, train_file)
+    assert main(["study", str(path), "--dir", str(tmp_path / "s"), "--dry-run", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1])["runs"] == 10
+    assert not (tmp_path / "s" / "study.sqlite").exists()  # a dry run trains and records nothing
+
+
+def test_seed_preset_dry_run_offline(capsys):
+    assert main(["study", "studies/seed.toml", "--dry-run", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    # 2 arms: mobilebert full (4 volumes x 3 seeds) + distilbert lora (6 ranks x 3 policies x 4 volumes x 3 seeds)
+    assert json.loads(out[-1])["runs"] == 12 + 216
+    row = next(line for line in out if "mobilebert-full" in line and "google/mobilebert-uncased" in line)
+    assert "24,582,914" in row  # MobileBERT QA parameters, counted offline from its config
+
+
+def test_run_skip_fail_and_report(tmp_path, tiny_distilbert, train_file, capsys):
+    path = write_study(tmp_path, tiny_distilbert, train_file)
+    study = load_study(path, ["lora.lora_targets=['no_such_module']"], directory=tmp_path / "s")
+    counts = run_study(study, progress=False)
+    assert counts == {"finished": 2, "failed": 8}  # failures are recorded and the study goes on
+    db = sqlite3.connect(tmp_path / "s" / "study.sqlite")
+    err = db.execute("SELECT error FROM runs WHERE status='failed'").fetchone()[0]
+    assert "no_such_module" in err
+    study = load_study(path, directory=tmp_path / "s")
+    counts = run_study(study, progress=False)
+    assert counts["finished"] == 10
+    attempts = dict(db.execute("SELECT id, attempts FROM runs").fetchall())
+    assert all(attempts[r.id] == 1 for r in study.runs if r.arm == "full")  # finished runs are skipped
+    assert len(list((tmp_path / "s" / "cache").glob("features-*.pkl"))) >= 2  # tokenised once, reused
+    assert main(["study", str(path), "--dir", str(tmp_path / "s"), "--status"]) == 0
+    assert "finished" in capsys.readouterr().out
+    report = write_report(tmp_path / "s")
+    text = report.read_text()
+    assert "## Headline table (12 training questions)" in text
+    assert "Paired bootstrap" in text and "permutation test" in text
+    for fig in ["rank_sweep.png", "data_volume.png", "pareto.png"]:
+        assert (tmp_path / "s" / fig).stat().st_size > 1000
+        assert f"]({fig})" in text
+    assert "Incomplete study" in text  # the 8 runs failed earlier in the other directory are not here
+
+
+def test_report_on_partial_study_says_what_is_missing(tmp_path, tiny_distilbert, train_file):
+    path = write_study(tmp_path, tiny_distilbert, train_file)
+    study = load_study(path, directory=tmp_path / "s")
+    study.runs = study.runs[:1]
+    run_study(study, progress=False)
+    full = load_study(path, directory=tmp_path / "s")
+    from qatune.study import connect, register
+
+    register(connect(full.directory), full)
+    text = write_report(tmp_path / "s").read_text()
+    assert "Incomplete study" in text and text.count(": pending") == 9
+
+
+def test_sigkill_mid_run_then_resume(tmp_path, tiny_distilbert, train_file):
+    """Kill -9 while a run trains; the restart finishes every run exactly once, resuming the killed one."""
+    path = write_study(tmp_path, tiny_distilbert, train_file, steps=40, save_steps=5)
+    cmd = [sys.executable, "-m", "qatune.cli", "study", str(path), "--dir", str(tmp_path / "s"),
+           "--set", "alpha_policy=['fixed']", "--set", "lora_rank=[2]", "--set", "train_questions=[12]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_ckpt = None
+    deadline = time.time() + 300
+    while time.time() < deadline and first_ckpt is None:
+        found = list((tmp_path / "s" / "runs").glob("*/checkpoints/checkpoint-*")) if (tmp_path / "s").exists() else []
+        first_ckpt = found[0] if found else None
+        time.sleep(0.2)
+    assert first_ckpt is not None, "no checkpoint appeared"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    db = sqlite3.connect(tmp_path / "s" / "study.sqlite")
+    statuses = dict(db.execute("SELECT id, status FROM runs").fetchall())
+    assert "running" in statuses.values() and "finished" not in statuses.values()
+    killed = next(i for i, s in statuses.items() if s == "running")
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    rows = db.execute("SELECT id, status, attempts FROM runs").fetchall()
+    assert len(rows) == len(statuses) == 2 and all(s == "finished" for _, s, _ in rows)
+    run = json.loads((tmp_path / "s" / "runs" / killed / "run.json").read_text())
+    assert run["timing"]["resumed_from_step"] >= 5  # continued from its checkpoint, not from scratch
+    others = [i for i in statuses if i != killed]
+    assert all(json.loads((tmp_path / "s" / "runs" / i / "run.json").read_text())["timing"]["resumed_from_step"]
+               == 0 for i in others)
+
+
+def test_statistics_helpers():
+    m, ci = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and ci == pytest.approx(4.303 * 1.0 / np.sqrt(3), rel=1e-3)
+    assert np.isnan(mean_ci([5.0])[1])
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=400)
+    same = paired_bootstrap(a, a + rng.normal(scale=0.01, size=400))
+    assert same["lo"] < 0 < same["hi"] or abs(same["diff"]) < 0.01
+    shifted = paired_bootstrap(a + 1.0, a)
+    assert shifted["diff"] == pytest.approx(1.0) and shifted["lo"] > 0.9 and shifted["p"] < 0.001
+    flat = rng.normal(size=(300, 3))
+    assert rank_permutation_test(flat, n=300) > 0.05
+    flat[:, 2] += 0.5
+    assert rank_permutation_test(flat, n=300) < 0.01
