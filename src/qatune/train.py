@@ -275,6 +275,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train, save and evaluate one run; returns the run record (also written as run.json), or {} on ranks > 0."""
     from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup, set_seed
 
@@ -303,7 +304,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     model = load_qa_model(cfg.model)
     model_type = model.config.model_type
     precision = resolve_precision(cfg.precision, state.device, model_type)
-    # Accelerate runs the forward pass under autocast for bf16/fp16 and scales fp16 losses.
+    # Accelerate runs the forward pass under autocast for bf16/fp16 and scales fp16 losses. Its state is a
+    # process-wide singleton: reset it so runs of one study (one process) may use different precisions.
+    AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision))
     lora = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.alpha_policy, cfg.lora_targets)
     model = apply_strategy(model, cfg.strategy, lora)
