@@ -88,7 +88,7 @@ def build_features(
             e = lo + enc["overflow_to_sample_mapping"][w]
             ex = examples[e]
             off = np.asarray(encoding.offsets, dtype=np.int32)
-            cs, ce = _context_range(np.asarray(encoding.special_tokens_mask, dtype=np.int8))
+            cs, ce = _context_range(np.asarray(encoding.special_tokens_mask, dtype=np.int8), encoding)
             off[:cs] = -1
             off[ce + 1 :] = -1
             s, t = (label_span(off, cs, ce, ex.answers[0].start, ex.answers[0].end) if ex.answers and not
@@ -172,12 +172,16 @@ def _explain_window_failure(tokenizer, chunk, max_seq_length: int, doc_stride: i
     raise FeatureError(f"tokenising windows failed (max_seq_length={max_seq_length}, doc_stride={doc_stride}): {err}") from err
 
 
-def _context_range(special_mask: np.ndarray) -> tuple[int, int]:
-    """First and last token index of the context: the second run of non-special tokens."""
+def _context_range(special_mask: np.ndarray, encoding) -> tuple[int, int]:
+    """First and last token index of the context: the second run of non-special tokens (fast), or from
+    ``sequence_ids`` when the question has no tokens at all (e.g. only characters the normaliser drops)."""
     normal = special_mask == 0
     starts = np.flatnonzero(normal & ~np.concatenate(([False], normal[:-1])))
     if len(starts) < 2:
-        raise FeatureError("a window has no context tokens: is the context empty or the question too long?")
+        ctx = [i for i, sid in enumerate(encoding.sequence_ids) if sid == 1]
+        if not ctx:
+            raise FeatureError("a window has no context tokens: is the context empty or the question too long?")
+        return ctx[0], ctx[-1]
     cs = int(starts[1])
     rest = np.flatnonzero(~normal[cs:])
     ce = cs + int(rest[0]) - 1 if len(rest) else len(normal) - 1
