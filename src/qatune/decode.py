@@ -49,18 +49,30 @@ def decode(
     n_win, width = offsets.shape[:2]
     n_ex = len(examples)
     example_index = np.asarray(example_index)
-    valid = torch.from_numpy(offsets[:, :, 0] >= 0)
-    start = torch.as_tensor(np.asarray(start_logits, dtype=np.float32)[:, :width])
-    end = torch.as_tensor(np.asarray(end_logits, dtype=np.float32)[:, :width])
+    valid_np = offsets[:, :, 0] >= 0
+    both = torch.stack([torch.as_tensor(np.asarray(x, dtype=np.float32)[:, :width]) for x in (start_logits, end_logits)])
     k = min(n_best, width)
-    # Top-k in float32 over the big arrays; candidate sums in float64, where adding two float32 values is exact.
-    s_val, s_idx = torch.topk(start.masked_fill(~valid, -math.inf), k, dim=1)
-    e_val, e_idx = torch.topk(end.masked_fill(~valid, -math.inf), k, dim=1)
-    length = e_idx[:, None, :] - s_idx[:, :, None]
+    # Top-k in float32 over the logits; candidate sums in float64, where adding two float32 values is exact.
+    # Windows are bucketed by their last context token, so the search skips most of the padding.
+    last = width - np.argmax(valid_np[:, ::-1], axis=1)
+    bucket = np.minimum(width, np.maximum(k, -(-last // 64) * 64))
+    val = torch.empty((2, n_win, k), dtype=torch.float32)
+    idx = torch.empty((2, n_win, k), dtype=torch.int64)
+    for w in np.unique(bucket).tolist():
+        rows = torch.from_numpy(np.flatnonzero(bucket == w))
+        sub = both[:, rows, :w].masked_fill(~torch.from_numpy(valid_np[rows.numpy(), :w]), -math.inf)
+        val[:, rows], idx[:, rows] = torch.topk(sub, k, dim=2, sorted=False)
+    s_idx, e_idx = idx[0], idx[1]
+    small = idx.to(torch.int16)
+    length = small[1][:, None, :] - small[0][:, :, None]
     ok = (length >= 0) & (length < max_answer_length)
-    score = torch.where(ok, s_val.double()[:, :, None] + e_val.double()[:, None, :], -math.inf).reshape(n_win, k * k)
+    val = val.double()
+    score = (val[0][:, :, None] + val[1][:, None, :]).masked_fill_(~ok, -math.inf).reshape(n_win, k * k)
     # Each window's best candidates (enough for the n-best), then one grouped sort over all of them.
-    c_score, top = torch.topk(score, min(max(1, nbest_size), k * k), dim=1)
+    if nbest_size > 1:
+        c_score, top = torch.topk(score, min(nbest_size, k * k), dim=1)
+    else:
+        c_score, top = score.max(dim=1, keepdim=True)
     c_win = np.repeat(np.arange(n_win), top.shape[1])
     top = top.numpy().ravel()
     c_s = s_idx.numpy()[c_win, top // k]
@@ -68,7 +80,9 @@ def decode(
     c_score = c_score.numpy().ravel()
     c_ex = example_index[c_win]
     null = np.full(n_ex, np.inf)
-    np.minimum.at(null, example_index, start[:, 0].double().numpy() + end[:, 0].double().numpy())
+    cls = np.asarray(start_logits, dtype=np.float32)[:, 0].astype(np.float64) + \
+        np.asarray(end_logits, dtype=np.float32)[:, 0].astype(np.float64)
+    np.minimum.at(null, example_index, cls)
     if version_2 and nbest_size > 0:  # the null answer competes in the n-best list as the empty span
         has = np.isfinite(null)
         c_ex = np.concatenate([c_ex, np.flatnonzero(has)])

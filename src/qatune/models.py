@@ -84,12 +84,14 @@ def load_qa_model(name: str) -> torch.nn.Module:
     path = resolve_model(name)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialised qa_outputs" is expected here, not a warning
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every load is noise
     try:
         return AutoModelForQuestionAnswering.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a question-answering model from {_describe(name, path)}: {e}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 @dataclass
