@@ -190,8 +190,25 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-RSS window (Linux clear_refs), so each run of a multi-run process reports its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory(device: torch.device) -> dict:
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:  # VmHWM honours clear_refs; ru_maxrss is the whole process's lifetime peak
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                rss = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    out = {"peak_rss_mb": rss}
     if device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -293,6 +310,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                             f"or choose another --output-dir")
 
     set_seed(cfg.seed)
+    reset_peak_memory(state.device)
     t_setup = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model)
     train_data = load_split(cfg.train_data, cfg.train_split, cfg.train_articles, cfg.train_questions, cfg.seed,
