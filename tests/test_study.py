@@ -125,7 +125,8 @@ def test_run_skip_fail_and_report(tmp_path, tiny_distilbert, train_file, capsys)
     for fig in ["rank_sweep.png", "data_volume.png", "pareto.png"]:
         assert (tmp_path / "s" / fig).stat().st_size > 1000
         assert f"]({fig})" in text
-    assert "Incomplete study" in text  # the 8 runs failed earlier in the other directory are not here
+    assert "Incomplete study" in text  # the 8 failed runs of the first (differently configured) study remain
+    assert "One training seed per configuration" in text
 
 
 def test_report_on_partial_study_says_what_is_missing(tmp_path, tiny_distilbert, train_file):

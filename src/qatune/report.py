@@ -221,6 +221,9 @@ def write_report(study_dir: str | Path, expected: int | None = None) -> Path:
         lines += ["", "## Statistics", ""] + stats_lines
     lines += ["", "## Findings", ""]
     lines += [f"- {f}" for f in findings] or ["- Not enough finished runs for a comparison yet."]
+    if max(len(s["runs"]) for s in summary.values()) < 2:
+        lines += ["- One training seed per configuration: the bootstrap and permutation tests cover the sampling of "
+                  "evaluation questions only, not run-to-run variation; add seeds to the grid for that."]
     if missing:
         lines += [f"- Based on {len(done)} of {len(all_rows)} runs; the missing ones may change these numbers."]
     out = study_dir / "report.md"
