@@ -31,6 +31,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+from _table import markdown_table  # sibling module: scripts run as python benchmarks/x.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "squad" / "dev-v1.1.json"
@@ -285,12 +286,7 @@ def print_table(title: str, rows: list[dict], n_win: int, n_q: int) -> None:
         ]
         for r in rows
     ]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for line in lines:
-        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]
-        print("| " + " | ".join(cells) + " |")
+    markdown_table(header, lines, left=1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from _table import markdown_table  # sibling module: scripts run as python benchmarks/x.py
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "squad" / "dev-v1.1.json"
 TARGET_RATIO = 1.0
@@ -180,14 +182,7 @@ def print_table(title: str, rows: list[dict]) -> None:
         ]
         for r in rows
     ]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for line in lines:
-        cells = [c.ljust(w) for c, w in zip(line[:2], widths[:2])] + [
-            c.rjust(w) for c, w in zip(line[2:], widths[2:])
-        ]
-        print("| " + " | ".join(cells) + " |")
+    markdown_table(header, lines, left=2)
 
 
 def main(argv=None) -> int:
