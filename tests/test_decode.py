@@ -72,14 +72,41 @@ def test_nbest_sorted_with_probabilities():
         assert c["text"] == (CTX[c["start"] : c["end"]] if c["start"] >= 0 else "")
 
 
+@pytest.mark.parametrize("better", ["aa", "aa bb"])
+def test_float32_ties_resolved_in_float64(better):
+    # 1 + 2**-24 rounds to 1.0 in float32: the two spans tie there and only float64 tells them apart.
+    tiny = np.float32(2.0**-24)
+    s = _logits({(0, 3): 1.0})
+    e = _logits({(0, 3): tiny if better == "aa" else 0.0, (0, 4): 0.0 if better == "aa" else tiny})
+    assert np.float32(s[0, 3] + e[0, 3]) == np.float32(s[0, 3] + e[0, 4])
+    for nbest_size in (0, 5):
+        d = decode(EX, np.array([0, 0]), OFF, s, e, nbest_size=nbest_size)
+        assert d.predictions["e"] == better
+        if nbest_size:
+            assert d.nbest["e"][0]["text"] == better and d.nbest["e"][0]["score"] == 1.0 + 2.0**-24
+
+
+def test_nbest_is_a_mapping_of_lists():
+    rng = np.random.default_rng(1)
+    s, e = rng.normal(size=(2, 8)), rng.normal(size=(2, 8))
+    ex2 = [*EX, QAExample("f", "T", CTX, "q?", ())]
+    d = decode(ex2, np.array([0, 1]), OFF, s, e, nbest_size=3)
+    assert list(d.nbest) == ["e", "f"] and len(d.nbest) == 2
+    full = dict(d.nbest)
+    assert full["f"] == d.nbest["f"] and len(full["e"]) == 3
+    assert {c["text"] for c in full["f"]} <= {CTX[a:b] for a in range(len(CTX)) for b in range(a, len(CTX) + 1)}
+    assert full["f"][0]["text"] == d.predictions["f"]
+    assert "missing" not in d.nbest and d.nbest.get("missing") is None
+
+
 def brute_force(examples, example_index, offsets, start, end, n_best, max_len):
     """Oracle: enumerate every start x end among each window's top-n context tokens."""
     best = {}
     for w in range(len(offsets)):
         ex = examples[example_index[w]]
         ctx = offsets[w, :, 0] >= 0
-        s = np.where(ctx, start[w], -np.inf)
-        e = np.where(ctx, end[w], -np.inf)
+        s = np.where(ctx, start[w], -np.inf).astype(np.float64)  # scores are exact float64 sums
+        e = np.where(ctx, end[w], -np.inf).astype(np.float64)
         top_s = np.argsort(-s, kind="stable")[:n_best]
         top_e = np.argsort(-e, kind="stable")[:n_best]
         for i in top_s:
@@ -116,10 +143,17 @@ def test_matches_brute_force_and_stays_in_context(seed, n_best, max_len):
             idx.append(k)
             if lo + room >= len(spans):
                 break
-    offsets = np.stack(offs)
+    order = rng.permutation(len(offs)) if seed % 2 else np.arange(len(offs))  # windows need not be grouped
+    offsets, idx = np.stack(offs)[order], np.array(idx)[order]
     start = rng.normal(size=(len(offs), width)).astype(np.float32)
     end = rng.normal(size=(len(offs), width)).astype(np.float32)
-    d = decode(examples, np.array(idx), offsets, start, end, n_best=n_best, max_answer_length=max_len)
-    assert d.predictions == brute_force(examples, np.array(idx), offsets, start, end, n_best, max_len)
-    for ex in examples:
-        assert d.predictions[ex.id] in ex.context
+    expected = brute_force(examples, idx, offsets, start, end, n_best, max_len)
+    for nbest_size in (0, 20):
+        d = decode(examples, idx, offsets, start, end, n_best=n_best, max_answer_length=max_len, nbest_size=nbest_size)
+        assert d.predictions == expected
+        for ex in examples:
+            assert d.predictions[ex.id] in ex.context
+            if nbest_size:
+                scores = [c["score"] for c in d.nbest[ex.id]]
+                assert scores == sorted(scores, reverse=True) and len(scores) <= nbest_size
+                assert [c["text"] for c in d.nbest[ex.id][:1]] == ([expected[ex.id]] if scores else [])

@@ -168,7 +168,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "predictions.json", decoded.predictions)
-    write_json_atomic(out / "nbest.json", decoded.nbest)
+    write_json_atomic(out / "nbest.json", dict(decoded.nbest))
     if data.version.startswith("2"):
         write_json_atomic(out / "null_odds.json", decoded.null_odds)
     write_json_atomic(out / "metrics.json", metrics)

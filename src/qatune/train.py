@@ -417,7 +417,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                                         cache_dir=cfg.feature_cache_dir)
             eval_s = time.perf_counter() - t1
             write_json_atomic(out / "predictions.json", decoded.predictions)
-            write_json_atomic(out / "nbest.json", decoded.nbest)
+            write_json_atomic(out / "nbest.json", dict(decoded.nbest))
             if eval_data.version.startswith("2"):
                 write_json_atomic(out / "null_odds.json", decoded.null_odds)
         record = {
