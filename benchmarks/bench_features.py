@@ -7,7 +7,8 @@ Tokenises every SQuAD dev-v1.1 question into windows at max_seq_length=384 / doc
   ``truncation="only_second"``, ``stride``, ``return_overflowing_tokens``, ``return_offsets_mapping``
   and ``padding=False``, then per-window Python loops over ``sequence_ids`` to find the context, token
   walks to label the answer's start/end, and non-context offsets set to None;
-* ``qatune.features.build_features`` (same batch size, also unpadded: qatune pads per batch later).
+* ``qatune.features.build_features`` (same batch size, also unpadded: qatune pads per batch later), which
+  calls the Rust tokenizers backend directly with the same settings.
 
 Both must give the same windows: input_ids, token_type_ids, start/end labels and context offsets
 (qatune's -1 where run_qa has None). The script exits non-zero on any mismatch. Target: qatune's

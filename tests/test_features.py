@@ -110,11 +110,18 @@ def test_collate_dynamic_padding(tokenizer):
 
 def test_features_match_plain_tokenizer_call(tokenizer):
     exs = make_examples(filler=30)
-    f = build_features(exs, tokenizer, 96, 24)
+    backend = tokenizer.backend_tokenizer
+    backend.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, length=300)
+    backend.no_truncation()
+    before = (backend.truncation, backend.padding)
+    f = build_features(exs, tokenizer, 96, 24)  # calls the Rust backend directly, then restores its settings
+    assert (backend.truncation, backend.padding) == before
+    backend.no_padding()
     enc = tokenizer([e.question for e in exs], [e.context for e in exs], truncation="only_second", max_length=96,
                     stride=24, return_overflowing_tokens=True)
     assert len(f) == len(enc["input_ids"]) > len(exs)
     assert [x.tolist() for x in f.input_ids] == enc["input_ids"]
+    assert [x.tolist() for x in f.token_type_ids] == enc["token_type_ids"]
     assert f.example_index.tolist() == enc["overflow_to_sample_mapping"]
 
 

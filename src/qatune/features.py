@@ -14,7 +14,9 @@ import hashlib
 import os
 import pickle
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -81,25 +83,24 @@ def build_features(
         raise FeatureError("only right-padding tokenizers are supported (the question must come first)")
     use_types = "token_type_ids" in tokenizer.model_input_names
     ids, types, offs, ex_idx, starts, ends = [], [], [], [], [], []
-    for lo in range(0, len(examples), batch_size):
-        chunk = examples[lo : lo + batch_size]
-        enc = _encode(tokenizer, chunk, max_seq_length, doc_stride)
-        for w, encoding in enumerate(enc.encodings):
-            e = lo + enc["overflow_to_sample_mapping"][w]
-            ex = examples[e]
-            off = np.asarray(encoding.offsets, dtype=np.int32)
-            cs, ce = _context_range(np.asarray(encoding.special_tokens_mask, dtype=np.int8), encoding)
-            off[:cs] = -1
-            off[ce + 1 :] = -1
-            s, t = (label_span(off, cs, ce, ex.answers[0].start, ex.answers[0].end) if ex.answers and not
-                    ex.is_impossible else (0, 0))
-            ids.append(np.asarray(encoding.ids, dtype=np.int32))
-            if use_types:
-                types.append(np.asarray(encoding.type_ids, dtype=np.int8))
-            offs.append(off)
-            ex_idx.append(e)
-            starts.append(s)
-            ends.append(t)
+    with _window_backend(tokenizer, max_seq_length, doc_stride) as backend:
+        for lo in range(0, len(examples), batch_size):
+            chunk = examples[lo : lo + batch_size]
+            for e, encoding in _encode(backend, tokenizer, chunk, lo, max_seq_length, doc_stride):
+                ex = examples[e]
+                off = np.fromiter(chain.from_iterable(encoding.offsets), np.int32, 2 * len(encoding)).reshape(-1, 2)
+                cs, ce = _context_range(encoding.sequence_ids)
+                off[:cs] = -1
+                off[ce + 1 :] = -1
+                s, t = (label_span(off, cs, ce, ex.answers[0].start, ex.answers[0].end) if ex.answers and not
+                        ex.is_impossible else (0, 0))
+                ids.append(np.array(encoding.ids, dtype=np.int32))
+                if use_types:
+                    types.append(np.array(encoding.type_ids, dtype=np.int8))
+                offs.append(off)
+                ex_idx.append(e)
+                starts.append(s)
+                ends.append(t)
     return Features(
         input_ids=ids,
         token_type_ids=types if use_types else None,
@@ -135,25 +136,43 @@ def cached_features(examples: Sequence[QAExample], tokenizer, max_seq_length: in
     return feats
 
 
-def _encode(tokenizer, chunk: Sequence[QAExample], max_seq_length: int, doc_stride: int):
-    questions = [ex.question.lstrip() for ex in chunk]
+@contextmanager
+def _window_backend(tokenizer, max_seq_length: int, doc_stride: int):
+    """The tokenizer's Rust backend set to question/context windows (truncate only the context, keep
+    ``doc_stride`` tokens of overlap, no padding), restored afterwards. Calling the backend directly gives the
+    same windows as ``tokenizer(..., truncation="only_second", stride=..., return_overflowing_tokens=True)``
+    without transformers converting every window into Python lists first."""
+    backend = tokenizer.backend_tokenizer
+    truncation, padding, split = backend.truncation, backend.padding, backend.encode_special_tokens
+    backend.enable_truncation(max_seq_length, stride=doc_stride, strategy="only_second",
+                              direction=tokenizer.truncation_side)
+    backend.no_padding()
+    backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
     try:
-        return tokenizer(
-            questions,
-            [ex.context for ex in chunk],
-            truncation="only_second",
-            max_length=max_seq_length,
-            stride=doc_stride,
-            return_overflowing_tokens=True,
-            return_offsets_mapping=True,
-            return_special_tokens_mask=True,
-            padding=False,
-        )
+        yield backend
+    finally:
+        if truncation is None:
+            backend.no_truncation()
+        else:
+            backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**padding)
+        backend.encode_special_tokens = split
+
+
+def _encode(backend, tokenizer, chunk: Sequence[QAExample], lo: int, max_seq_length: int, doc_stride: int):
+    """(example index, window encoding) for every window of the chunk, in order."""
+    try:
+        encodings = backend.encode_batch([(ex.question.lstrip(), ex.context) for ex in chunk], add_special_tokens=True)
     except BaseException as err:  # the Rust side panics (PanicException is a BaseException) on bad strides
         if isinstance(err, KeyboardInterrupt | SystemExit):
             raise
         _explain_window_failure(tokenizer, chunk, max_seq_length, doc_stride, err)
         raise
+    for e, encoding in enumerate(encodings, start=lo):
+        yield e, encoding
+        for window in encoding.overflowing:
+            yield e, window
 
 
 def _explain_window_failure(tokenizer, chunk, max_seq_length: int, doc_stride: int, err: BaseException) -> None:
@@ -172,20 +191,12 @@ def _explain_window_failure(tokenizer, chunk, max_seq_length: int, doc_stride: i
     raise FeatureError(f"tokenising windows failed (max_seq_length={max_seq_length}, doc_stride={doc_stride}): {err}") from err
 
 
-def _context_range(special_mask: np.ndarray, encoding) -> tuple[int, int]:
-    """First and last token index of the context: the second run of non-special tokens (fast), or from
-    ``sequence_ids`` when the question has no tokens at all (e.g. only characters the normaliser drops)."""
-    normal = special_mask == 0
-    starts = np.flatnonzero(normal & ~np.concatenate(([False], normal[:-1])))
-    if len(starts) < 2:
-        ctx = [i for i, sid in enumerate(encoding.sequence_ids) if sid == 1]
-        if not ctx:
-            raise FeatureError("a window has no context tokens: is the context empty or the question too long?")
-        return ctx[0], ctx[-1]
-    cs = int(starts[1])
-    rest = np.flatnonzero(~normal[cs:])
-    ce = cs + int(rest[0]) - 1 if len(rest) else len(normal) - 1
-    return cs, ce
+def _context_range(sequence_ids: list[int | None]) -> tuple[int, int]:
+    """First and last token index of the context (sequence 1) in a window."""
+    try:
+        return sequence_ids.index(1), len(sequence_ids) - 1 - sequence_ids[::-1].index(1)
+    except ValueError:
+        raise FeatureError("a window has no context tokens: is the context empty or the question too long?") from None
 
 
 def label_span(offsets: np.ndarray, cs: int, ce: int, start_char: int, end_char: int) -> tuple[int, int]:
