@@ -12,6 +12,7 @@ of every global batch; only rank 0 writes).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import math
 import os
@@ -154,13 +155,14 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def environment(device: torch.device) -> dict:
-    import accelerate
-    import datasets
-    import peft
-    import tokenizers
-    import transformers
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
+
+def environment(device: torch.device) -> dict:
     import qatune
 
     cpu = platform.processor() or platform.machine()
@@ -175,11 +177,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "qatune": qatune.__version__,
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "accelerate": accelerate.__version__,
-        "tokenizers": tokenizers.__version__,
-        "datasets": datasets.__version__,
+        **{name: _version(name) for name in ("transformers", "peft", "accelerate", "tokenizers", "datasets")},
         "numpy": np.__version__,
         "platform": platform.platform(),
         "device": str(device),
