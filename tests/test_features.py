@@ -131,3 +131,22 @@ def test_question_without_tokens(tokenizer):
     f = build_features([ex], tokenizer, 64, 16)
     s, e = f.start_positions[0], f.end_positions[0]
     assert ctx[f.offsets[0][s, 0] : f.offsets[0][e, 1]] == "Paris"
+
+
+def test_windows_that_lose_the_end_of_a_context_are_refused(tokenizer, monkeypatch):
+    # tokenizers 0.23.1-0.23.2 drop the last overflowing window(s); simulate that and expect a clear error.
+    import qatune.features as features
+
+    exs = make_examples(n_articles=1, per_article=2, filler=30)
+    full = build_features(exs, tokenizer, 64, 16)
+    assert np.bincount(full.example_index).min() > 1
+    encode = features._encode
+
+    def lossy(*args):
+        windows = list(encode(*args))
+        last = max(i for i, (e, _) in enumerate(windows) if e == windows[-1][0])
+        return windows[:last]
+
+    monkeypatch.setattr(features, "_encode", lossy)
+    with pytest.raises(FeatureError, match=r"question 'q0_1'.*huggingface/tokenizers#2091"):
+        build_features(exs, tokenizer, 64, 16)

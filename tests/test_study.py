@@ -144,10 +144,11 @@ def test_report_on_partial_study_says_what_is_missing(tmp_path, tiny_distilbert,
 
 def test_sigkill_mid_run_then_resume(tmp_path, tiny_distilbert, train_file):
     """Kill -9 while a run trains; the restart finishes every run exactly once, resuming the killed one."""
-    path = write_study(tmp_path, tiny_distilbert, train_file, steps=40, save_steps=5)
+    path = write_study(tmp_path, tiny_distilbert, train_file, steps=120, save_steps=5)
     cmd = [sys.executable, "-m", "qatune.cli", "study", str(path), "--dir", str(tmp_path / "s"),
            "--set", "alpha_policy=['fixed']", "--set", "lora_rank=[2]", "--set", "train_questions=[12]"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # On the CPU, one thread: slow enough that the kill lands mid-run (a GPU finishes the run first).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_ckpt = None
     deadline = time.time() + 300
@@ -156,7 +157,6 @@ def test_sigkill_mid_run_then_resume(tmp_path, tiny_distilbert, train_file):
         first_ckpt = found[0] if found else None
         time.sleep(0.2)
     assert first_ckpt is not None, "no checkpoint appeared"
-    time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     db = sqlite3.connect(tmp_path / "s" / "study.sqlite")

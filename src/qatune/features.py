@@ -83,6 +83,7 @@ def build_features(
         raise FeatureError("only right-padding tokenizers are supported (the question must come first)")
     use_types = "token_type_ids" in tokenizer.model_input_names
     ids, types, offs, ex_idx, starts, ends = [], [], [], [], [], []
+    covered = np.zeros(len(examples), dtype=np.int64)  # end of the last window's context, per example
     with _window_backend(tokenizer, max_seq_length, doc_stride) as backend:
         for lo in range(0, len(examples), batch_size):
             chunk = examples[lo : lo + batch_size]
@@ -101,6 +102,8 @@ def build_features(
                 ex_idx.append(e)
                 starts.append(s)
                 ends.append(t)
+                covered[e] = off[ce, 1]
+        _check_coverage(examples, covered, backend)
     return Features(
         input_ids=ids,
         token_type_ids=types if use_types else None,
@@ -189,6 +192,22 @@ def _explain_window_failure(tokenizer, chunk, max_seq_length: int, doc_stride: i
             f"than doc_stride={doc_stride}. Raise --max-seq-length, lower --doc-stride, or drop/shorten that question."
         ) from err
     raise FeatureError(f"tokenising windows failed (max_seq_length={max_seq_length}, doc_stride={doc_stride}): {err}") from err
+
+
+def _check_coverage(examples: Sequence[QAExample], covered: np.ndarray, backend) -> None:
+    """Refuse windows that stop before the end of a context: tokenizers 0.23.1 and 0.23.2 cut tokenisation
+    short when truncating and lose the tail of long contexts (huggingface/tokenizers#2091)."""
+    for e in np.flatnonzero(covered < np.array([len(ex.context.rstrip()) for ex in examples])).tolist():
+        tail = examples[e].context[covered[e]:]
+        if backend.encode(tail, add_special_tokens=False).ids:  # not just characters the normaliser drops
+            import tokenizers
+
+            raise FeatureError(
+                f"the windows of question {examples[e].id!r} stop at character {covered[e]} of its "
+                f"{len(examples[e].context)}-character context: the tokenizer lost the rest. This is a known bug of "
+                f"tokenizers {tokenizers.__version__} (0.23.1 and 0.23.2 drop overflowing tokens, "
+                f"huggingface/tokenizers#2091); install another version, e.g. pip install 'tokenizers>=0.23.3'."
+            )
 
 
 def _context_range(sequence_ids: list[int | None]) -> tuple[int, int]:
