@@ -105,13 +105,13 @@ def test_seed_preset_dry_run_offline(capsys):
 def test_run_skip_fail_and_report(tmp_path, tiny_distilbert, train_file, capsys):
     path = write_study(tmp_path, tiny_distilbert, train_file)
     study = load_study(path, ["lora.lora_targets=['no_such_module']"], directory=tmp_path / "s")
-    counts = run_study(study, progress=False)
+    counts = run_study(study, max_attempts=1, poll_s=0.1, progress=False)
     assert counts == {"finished": 2, "failed": 8}  # failures are recorded and the study goes on
     db = sqlite3.connect(tmp_path / "s" / "study.sqlite")
     err = db.execute("SELECT error FROM runs WHERE status='failed'").fetchone()[0]
     assert "no_such_module" in err
     study = load_study(path, directory=tmp_path / "s")
-    counts = run_study(study, progress=False)
+    counts = run_study(study, poll_s=0.1, progress=False)
     assert counts["finished"] == 10
     attempts = dict(db.execute("SELECT id, attempts FROM runs").fetchall())
     assert all(attempts[r.id] == 1 for r in study.runs if r.arm == "full")  # finished runs are skipped
@@ -133,11 +133,11 @@ def test_report_on_partial_study_says_what_is_missing(tmp_path, tiny_distilbert,
     path = write_study(tmp_path, tiny_distilbert, train_file)
     study = load_study(path, directory=tmp_path / "s")
     study.runs = study.runs[:1]
-    run_study(study, progress=False)
+    run_study(study, poll_s=0.1, progress=False)
     full = load_study(path, directory=tmp_path / "s")
-    from qatune.study import connect, register
+    from qatune.store import connect, register
 
-    register(connect(full.directory), full)
+    register(connect(full.directory), full.runs)
     text = write_report(tmp_path / "s").read_text()
     assert "Incomplete study" in text and text.count(": pending") == 9
 

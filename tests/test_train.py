@@ -37,7 +37,7 @@ def test_full_finetune_writes_everything(tmp_path, tiny_models, train_file, kind
     assert run["memory"]["peak_rss_mb"] > 0
     assert run["resolved"]["total_steps"] == 4
     preds = json.loads((out / "predictions.json").read_text())
-    assert len(preds) == r["metrics"]["total"] == 12  # articles 3-4 of the training file
+    assert len(preds) == r.metrics["total"] == 12  # articles 3-4 of the training file
     before, after = weights(tiny_models[kind]), weights(out / "model")
     changed = [k for k in before if k in after and not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2  # every weight trains in full fine-tuning
@@ -47,7 +47,7 @@ def test_lora_keeps_base_and_trains_head(tmp_path, tiny_models, train_file):
     out = tmp_path / "lora"
     r = train(cfg(tiny_models["distilbert"], train_file, out, strategy="lora", lora_rank=4, lora_alpha=8,
                   alpha_policy="fixed"), progress=False)
-    assert 0 < r["params"]["trainable_percent"] < 100
+    assert 0 < r.params["trainable_percent"] < 100
     adapter = weights(out / "model")
     assert any("lora_A" in k for k in adapter) and any("qa_outputs" in k for k in adapter)
     assert not any("q_lin.weight" in k and "lora" not in k and "base_layer" not in k for k in adapter)
@@ -110,7 +110,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_models, train_file, monkeypa
     monkeypatch.setattr(t, "save_checkpoint", original)
     part.resume = True
     r = train(part, progress=False)
-    assert r["timing"]["resumed_from_step"] == 3 and r["timing"]["steps_run"] == 3
+    assert r.timing["resumed_from_step"] == 3 and r.timing["steps_run"] == 3
     wa, wb = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
     assert json.loads((tmp_path / "a" / "predictions.json").read_text()) == \
@@ -193,5 +193,5 @@ def test_real_minilm_learns_a_few_dozen_questions(tmp_path, train_file):
     r = train(TrainConfig(model="minilm-l6", train_data=str(train_file), eval_data=str(train_file),
                           output_dir=str(tmp_path / "minilm"), max_seq_length=128, doc_stride=32, batch_size=8,
                           max_steps=60, learning_rate=2e-4, warmup_ratio=0.1, save_steps=1000), progress=False)
-    assert r["metrics"]["total"] == 24
-    assert r["metrics"]["exact_match"] >= 90.0
+    assert r.metrics["total"] == 24
+    assert r.metrics["exact_match"] >= 90.0

@@ -128,7 +128,7 @@ def load_toml(path: str) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from qatune.train import TrainConfig, train
+    from qatune.train import TrainConfig, stop_on_signals, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "json")}
     values = {**(load_toml(args.config) if args.config else {}), **given}
@@ -138,16 +138,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise CliError(str(e)) from e
     if not cfg.train_data:
         raise CliError("--train-data is required (a SQuAD JSON file or a datasets id[:split])")
-    r = train(cfg)
-    if not r:  # a non-zero rank of a data-parallel run: rank 0 reports
+    with stop_on_signals():
+        r = train(cfg)
+    if r is None:  # a non-zero rank of a data-parallel run: rank 0 reports
         return
-    m, p, t = r["metrics"], r["params"], r["timing"]
-    lines = [f"{cfg.output_dir}: {cfg.strategy} fine-tuning of {cfg.model}, {r['data']['train_questions']} questions "
-             f"({r['data']['train_windows']} windows), {t['steps_run']} steps",
+    m, p, t = r.metrics, r.params, r.timing
+    lines = [f"{cfg.output_dir}: {cfg.strategy} fine-tuning of {cfg.model}, {r.data['train_questions']} questions "
+             f"({r.data['train_windows']} windows), {t['steps_run']} steps",
              f"  parameters: {p['trainable_params']:,} trainable of {p['total_params']:,} "
              f"({p['trainable_percent']:.2f}%)",
              f"  train {t['train_s']:.1f}s ({(t['train_windows_per_s'] or 0):.1f} windows/s), eval {t['eval_s']:.1f}s, "
-             f"peak RSS {r['memory']['peak_rss_mb']:.0f} MB"]
+             f"peak RSS {r.memory['peak_rss_mb']:.0f} MB"]
     if m:
         key = "exact_match" if "exact_match" in m else "exact"
         lines.append(f"  eval: EM {m[key]:.2f}, F1 {m['f1']:.2f} on {m['questions']} questions")
@@ -156,7 +157,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from qatune.inference import Reader, evaluate
-    from qatune.train import load_split, resolve_precision, write_json_atomic
+    from qatune.record import write_json_atomic
+    from qatune.train import load_split, resolve_precision
 
     reader = Reader.load(args.model, **{k: v for k, v in (("max_seq_length", args.max_seq_length),
                                                          ("doc_stride", args.doc_stride)) if v})
@@ -227,7 +229,7 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from qatune.study import StudyError, connect, estimate, load_study, rows, run_study
+    from qatune.study import StudyError, estimate, load_study, run_study
 
     try:
         study = load_study(args.file, args.set or [], args.dir)
@@ -250,29 +252,58 @@ def cmd_study(args: argparse.Namespace) -> None:
         _emit({"runs": len(study.runs), "total_pflop": total}, args.json, lines)
         return
     if args.status:
-        db = connect(study.directory)
-        by_id = {r["id"]: r for r in rows(db)}
-        db.close()
-        body = []
-        for k, r in enumerate(study.runs, 1):
-            row = by_id.get(r.id, {})
-            m = row.get("metrics") or {}
-            em = m.get("exact_match", m.get("exact"))
-            point = ", ".join(f"{key}={v}" for key, v in r.point.items())
-            body.append([k, r.id, r.arm, point, row.get("status", "not started"),
-                         f"{em:.2f}" if em is not None else "", f"{m['f1']:.2f}" if "f1" in m else "",
-                         f"{(row.get('costs') or {}).get('train_s', 0):.0f}" if row.get("costs") else ""])
-        counts: dict[str, int] = {}
-        for b in body:
-            counts[b[4]] = counts.get(b[4], 0) + 1
-        _emit({"runs": len(body), **counts}, args.json,
-              _table(["#", "run", "arm", "grid point", "status", "EM", "F1", "train s"], body)
-              + [", ".join(f"{v} {k}" for k, v in counts.items())])
+        _study_status(study, args.json)
         return
-    counts = run_study(study)
-    _emit({"directory": str(study.directory), **counts}, args.json,
-          [f"study {study.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
-           + f" -> {study.directory} (qatune report {study.directory})"])
+    from qatune.launch import LaunchError, make_launcher
+
+    if args.max_attempts < 1:
+        raise CliError(f"--max-attempts must be >= 1, got {args.max_attempts}")
+    try:
+        launcher = make_launcher(args.launcher, args.workers, args.runs_per_gpu, args.threads, args.ray_address)
+    except LaunchError as e:
+        raise CliError(str(e)) from e
+    print(f"study {study.name}: {len(study.runs)} runs -> {study.directory}; {launcher.name} launcher, "
+          f"{len(launcher.slots)} at a time ({launcher.slots[0].describe()}{', ...' if len(launcher.slots) > 1 else ''})",
+          flush=True)
+    counts = run_study(study, launcher, max_attempts=args.max_attempts, retry_failed=args.retry_failed)
+    lines = [f"study {study.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+             + f" -> {study.directory} (qatune report {study.directory})"]
+    _emit({"directory": str(study.directory), **counts}, args.json, lines)
+    if counts.get("failed"):
+        raise CliError(f"{counts['failed']} run(s) failed after {args.max_attempts} attempt(s); their errors: "
+                       f"qatune study {args.file} --status. Fix the cause, then rerun with --retry-failed")
+
+
+def _study_status(study, as_json: bool) -> None:
+    from qatune.store import connect, rows
+
+    db = connect(study.directory)
+    by_id = {r["id"]: r for r in rows(db)}
+    db.close()
+    body, runs = [], []
+    for k, r in enumerate(study.runs, 1):
+        row = by_id.get(r.id, {})
+        m = row.get("metrics") or {}
+        em = m.get("exact_match", m.get("exact"))
+        status = row.get("status", "not started")
+        where = ""
+        if status == "running":
+            step = f"step {row.get('step') or 0}/{row.get('total_steps') or '?'}"
+            where = f"{step} on {row.get('worker') or '?'} [{row.get('owner') or ''}]"
+        elif status in ("failed", "pending") and row.get("error"):
+            where = row["error"].strip().splitlines()[0][:100]
+        point = ", ".join(f"{key}={v}" for key, v in r.point.items())
+        body.append([k, r.id, r.arm, point, status, row.get("attempts", 0), f"{em:.2f}" if em is not None else "",
+                     f"{m['f1']:.2f}" if "f1" in m else "",
+                     f"{(row.get('costs') or {}).get('train_s', 0):.0f}" if row.get("costs") else "", where])
+        runs.append({"id": r.id, "arm": r.arm, "status": status, "attempts": row.get("attempts", 0),
+                     "step": row.get("step"), "total_steps": row.get("total_steps"), "worker": row.get("worker")})
+    counts: dict[str, int] = {}
+    for b in body:
+        counts[b[4]] = counts.get(b[4], 0) + 1
+    _emit({"runs": len(body), **counts, "per_run": runs}, as_json,
+          _table(["#", "run", "arm", "grid point", "status", "tries", "EM", "F1", "train s", "progress / error"],
+                 body) + [", ".join(f"{v} {k}" for k, v in counts.items())])
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -361,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--set", action="append", metavar="[ARM.]KEY=VALUE",
                     help="override an option for all arms (or one arm), e.g. --set train_data=/data/train.json")
     st.add_argument("--dir", help="study directory (default: from the file, else studies-out/NAME)")
+    st.add_argument("--launcher", choices=["local", "ray"], default="local",
+                    help="local: worker processes on this machine; ray: Ray tasks on a local instance or a cluster")
+    st.add_argument("--workers", type=int, help="runs at once (default: 1 on a CPU; GPUs x --runs-per-gpu)")
+    st.add_argument("--runs-per-gpu", type=int, default=1, help="runs sharing each GPU (default 1)")
+    st.add_argument("--threads", type=int,
+                    help="CPU threads per run (default: cores / workers locally, 1 per Ray task)")
+    st.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray instance)")
+    st.add_argument("--max-attempts", type=int, default=3, help="tries per run before it counts as failed")
+    st.add_argument("--retry-failed", action="store_true", help="give failed runs a fresh set of attempts")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_study)
 
@@ -375,11 +415,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qatune.features import FeatureError
     from qatune.models import ModelError
-    from qatune.train import TrainingError
+    from qatune.study import StudyError, StudyInterrupted
+    from qatune.train import Interrupted, TrainingError
 
     try:
         args.func(args)
-    except (CliError, SquadDataError, FeatureError, ModelError, TrainingError) as e:
+    except (Interrupted, StudyInterrupted) as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
+    except (CliError, SquadDataError, FeatureError, ModelError, TrainingError, StudyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -234,13 +234,13 @@ def label_span(offsets: np.ndarray, cs: int, ce: int, start_char: int, end_char:
 
 
 def collate(features: Features, rows: Sequence[int], pad_token_id: int, pad_to_max_length: bool = False,
-            with_labels: bool = True) -> dict[str, torch.Tensor]:
-    """Pad the given windows to the batch's longest (rounded up to a multiple of 8) or to max_seq_length."""
+            pad_multiple: int = PAD_MULTIPLE, with_labels: bool = True) -> dict[str, torch.Tensor]:
+    """Pad the given windows to the batch's longest (rounded up to ``pad_multiple``) or to max_seq_length."""
     lengths = [len(features.input_ids[r]) for r in rows]
     if pad_to_max_length:
         width = features.max_seq_length
     else:
-        width = min(-(-max(lengths) // PAD_MULTIPLE) * PAD_MULTIPLE, max(features.max_seq_length, max(lengths)))
+        width = min(-(-max(lengths) // pad_multiple) * pad_multiple, max(features.max_seq_length, max(lengths)))
     input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     types = np.zeros((len(rows), width), dtype=np.int64) if features.token_type_ids is not None else None

@@ -48,18 +48,26 @@ def window_logits(model: torch.nn.Module, features: Features, pad_token_id: int,
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="evaluate", unit="batch", leave=False)
-    for rows in batches:
-        batch = collate(features, rows, pad_token_id, with_labels=False)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast_context(device, precision):
-            out = model(**batch)
-        n = batch["input_ids"].shape[1]
-        s = out.start_logits.float().cpu().numpy()
-        e = out.end_logits.float().cpu().numpy()
+
+    def store(rows, s, e, n):  # copy one batch's logits to the host (the only device sync per batch)
+        s, e = s.cpu().numpy(), e.cpu().numpy()
         for j, r in enumerate(rows):
             k = min(int(lengths[r]), n)
             start[r, :k] = s[j, :k]
             end[r, :k] = e[j, :k]
+
+    pending = None
+    for rows in batches:
+        batch = collate(features, rows, pad_token_id, with_labels=False)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast_context(device, precision):
+            out = model(**batch)
+        # Read the previous batch back while the device computes this one.
+        if pending is not None:
+            store(*pending)
+        pending = (rows, out.start_logits.float(), out.end_logits.float(), batch["input_ids"].shape[1])
+    if pending is not None:
+        store(*pending)
     model.train(was_training)
     return start, end
 

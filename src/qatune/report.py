@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from qatune.metrics import squad_v1_scores
-from qatune.study import connect, rows
+from qatune.store import connect, rows
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         15: 2.131, 20: 2.086, 30: 2.042}

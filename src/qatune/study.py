@@ -5,7 +5,10 @@ pair with its own options) and a ``[grid]`` whose lists multiply the runs: ``lor
 (LoRA arms only), ``train_questions`` (data volumes) and ``seed`` (all arms), or any other option.
 Each run is named by a hash of its resolved configuration, so re-running the study skips finished runs,
 resumes an interrupted one from its checkpoint, and a changed setting is a new run rather than a stale one.
-The database is only written in short transactions (WAL), so a kill at any moment leaves it consistent.
+
+The *driver* (:func:`run_study`) expands the grid, claims runs in the results store (`qatune.store`) and
+hands them to a *launcher* (`qatune.launch`: worker processes here, or Ray tasks); each run trains in a
+process of its own and its outcome comes back to the driver, the only writer of the store.
 """
 
 from __future__ import annotations
@@ -14,17 +17,16 @@ import functools
 import hashlib
 import itertools
 import json
-import sqlite3
 import time
 import tomllib
-import traceback
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from qatune import store
 from qatune.train import TrainConfig
 
 LORA_ONLY = ("lora_rank", "alpha_policy", "lora_alpha", "lora_dropout", "lora_targets")
-NOT_IN_ID = ("output_dir", "resume", "report_to", "feature_cache_dir")  # where/how a run goes, not what it is
+NOT_IN_ID = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile")  # where/how a run goes, not what it is
 
 # Question counts of hub data sets, for dry-run estimates when the data is not at hand (offline).
 KNOWN_SIZES = {("rajpurkar/squad", "train"): 87599, ("rajpurkar/squad", "validation"): 10570,
@@ -141,104 +143,110 @@ def load_study(path: str | Path, overrides: list[str] = (), directory: str | Pat
     return Study(name, path, base_dir, runs, headline)
 
 
-# ---------------------------------------------------------------------------------------------- results store
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY,
-    arm TEXT NOT NULL,
-    point TEXT NOT NULL,
-    config TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'finished', 'failed')),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    error TEXT,
-    metrics TEXT,
-    costs TEXT,
-    output_dir TEXT NOT NULL
-);
-"""
+# ---------------------------------------------------------------------------------------------- the driver
+LEASE_S = 120.0  # a run whose driver stopped renewing its lease this long ago is claimed again
+STATUS_EVERY_S = 30.0
 
 
-def connect(directory: Path) -> sqlite3.Connection:
-    directory.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(directory / "study.sqlite", timeout=30, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.executescript(SCHEMA)
-    db.row_factory = sqlite3.Row
-    return db
+class StudyInterrupted(RuntimeError):
+    """The driver was stopped (Ctrl-C); its runs were handed back with their checkpoints."""
 
 
-def register(db: sqlite3.Connection, study: Study) -> None:
-    with db:
-        for r in study.runs:
-            db.execute("INSERT OR IGNORE INTO runs (id, arm, point, config, status, created_at, output_dir) "
-                       "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-                       (r.id, r.arm, json.dumps(r.point), json.dumps(asdict(r.config)), time.time(),
-                        r.config.output_dir))
+def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: bool = False,
+              lease_s: float = LEASE_S, poll_s: float = 1.0, progress: bool = True) -> dict[str, int]:
+    """Drive the study to its end: claim runs, start them on the launcher's slots, record every outcome.
 
+    This process is the only writer of ``study.sqlite`` for its claims; several drivers (on one machine or
+    many) may work on one study at once. A failed or lost attempt is retried up to ``max_attempts`` (the
+    run resumes from its checkpoint); a failure is recorded with its error. Returns run counts by status.
+    """
+    from qatune.launch import LocalLauncher, read_progress
 
-def rows(db: sqlite3.Connection, ids: list[str] | None = None) -> list[dict]:
-    out = []
-    for row in db.execute("SELECT * FROM runs ORDER BY created_at, id"):
-        d = dict(row)
-        if ids is not None and d["id"] not in ids:
-            continue
-        for k in ("point", "config", "metrics", "costs"):
-            d[k] = json.loads(d[k]) if d[k] else None
-        out.append(d)
-    return out
+    launcher = launcher or LocalLauncher(workers=1)
+    say = (lambda text: print(text, flush=True)) if progress else (lambda text: None)
+    db = store.connect(study.directory)
+    store.register(db, study.runs)
+    ids = [r.id for r in study.runs]
+    by_id = {r.id: r for r in study.runs}
+    if retry_failed:
+        n = store.retry_failed(db, ids)
+        if n:
+            say(f"retrying {n} failed run(s)")
+    owner = store.Owner.new()
+    free = list(launcher.slots)
+    active: dict[str, object] = {}
+    waiting = False
+    last_status = time.time()
 
+    def record(o) -> None:
+        slot = active.pop(o.run_id)
+        free.append(slot)
+        free.sort(key=lambda s: s.index)
+        if o.status == "finished":
+            store.finish(db, o.run_id, owner, o.record.metrics, o.record.costs())
+            m = o.record.metrics
+            score = f"EM {m.get('exact_match', m.get('exact', float('nan'))):.2f}, F1 {m['f1']:.2f}, " if m else ""
+            say(f"  finished {o.run_id} ({by_id[o.run_id].arm}): {score}train {o.record.timing['train_s']:.0f}s")
+        elif o.status == "interrupted":
+            store.release(db, o.run_id, owner)
+        else:
+            final = store.fail(db, o.run_id, owner, o.error or o.status, max_attempts)
+            first = (o.error or o.status).strip().splitlines()[0]
+            say(f"  {'failed' if final else 'attempt failed (will retry)'}: {o.run_id}: {first}")
 
-def costs_of(record: dict) -> dict:
-    t, m = record["timing"], record["memory"]
-    return {**record["params"], "train_s": t["train_s"], "eval_s": t["eval_s"],
-            "train_windows_per_s": t["train_windows_per_s"], "train_tokens_per_s": t["train_tokens_per_s"],
-            "peak_rss_mb": m["peak_rss_mb"], "cuda_peak_mb": m.get("cuda_peak_mb"),
-            "resumed_from_step": t["resumed_from_step"], "train_questions": record["data"]["train_questions"],
-            "train_windows": record["data"]["train_windows"], "precision": record["resolved"]["precision"]}
-
-
-def run_study(study: Study, progress: bool = True) -> dict[str, int]:
-    """Run every unfinished run of the study in order; failures are recorded and the study goes on."""
-    from qatune.train import train
-
-    db = connect(study.directory)
-    register(db, study)
-    todo = [r for r in study.runs if _status(db, r.id) != "finished"]
-    n_total = len(study.runs)
-    done_before = n_total - len(todo)
-    for k, r in enumerate(todo, 1):
-        label = ", ".join(f"{key}={v}" for key, v in r.point.items())
-        if progress:
-            print(f"[{done_before + k}/{n_total}] run {r.id}: {r.arm} ({label or 'no grid'})", flush=True)
-        with db:
-            db.execute("UPDATE runs SET status='running', attempts=attempts+1, started_at=?, error=NULL WHERE id=?",
-                       (time.time(), r.id))
-        try:
-            record = train(r.config, progress=progress)
-        except Exception as e:  # noqa: BLE001 - a failed run is data; the study goes on
-            with db:
-                db.execute("UPDATE runs SET status='failed', finished_at=?, error=? WHERE id=?",
-                           (time.time(), f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}", r.id))
-            if progress:
-                print(f"  failed: {type(e).__name__}: {e}", flush=True)
-            continue
-        with db:
-            db.execute("UPDATE runs SET status='finished', finished_at=?, metrics=?, costs=? WHERE id=?",
-                       (time.time(), json.dumps(record["metrics"]), json.dumps(costs_of(record)), r.id))
+    try:
+        while True:
+            for o in launcher.poll():
+                record(o)
+            while free:
+                slot = free[0]
+                rid = store.claim(db, ids, owner, lease_s, max_attempts, slot.describe())
+                if rid is None:
+                    break
+                free.pop(0)
+                run = by_id[rid]
+                launcher.submit(run, slot)
+                active[rid] = slot
+                waiting = False
+                done = sum(s == "finished" for s in store.statuses(db, ids).values())
+                label = ", ".join(f"{k}={v}" for k, v in run.point.items()) or "no grid"
+                say(f"[{done}/{len(ids)} done] start {rid}: {run.arm} ({label}) on {slot.describe()}")
+            reports = {rid: read_progress(Path(by_id[rid].config.output_dir)) for rid in active}
+            store.renew(db, owner, lease_s, {rid: {"step": p.get("step"), "total_steps": p.get("total_steps"),
+                                                   "worker": _where(active[rid], p)}
+                                             for rid, p in reports.items()})
+            if not active:
+                states = store.statuses(db, ids).values()
+                if not any(s in ("pending", "running") for s in states):
+                    break
+                if not waiting:
+                    say("waiting: the remaining runs are held by another driver (they are claimed here if it stops)")
+                    waiting = True
+            elif time.time() - last_status > STATUS_EVERY_S:
+                last_status = time.time()
+                say("  running: " + "; ".join(f"{rid} step {p.get('step', 0)}/{p.get('total_steps', '?')}"
+                                              for rid, p in reports.items()))
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        say(f"stopping {len(active)} run(s): each saves a checkpoint first ...")
+        for o in launcher.stop():
+            record(o)
+        for rid in list(active):
+            store.release(db, rid, owner)
+        raise StudyInterrupted(f"stopped; {len(active) or 'no'} run(s) were running and keep their checkpoints. "
+                               f"Run the same command again to continue.") from None
+    finally:
+        launcher.close()
     counts: dict[str, int] = {}
-    for row in rows(db, [r.id for r in study.runs]):
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    for status in store.statuses(db, ids).values():
+        counts[status] = counts.get(status, 0) + 1
     db.close()
     return counts
 
 
-def _status(db: sqlite3.Connection, rid: str) -> str | None:
-    row = db.execute("SELECT status FROM runs WHERE id=?", (rid,)).fetchone()
-    return row["status"] if row else None
+def _where(slot, progress: dict) -> str:
+    host = progress.get("host")
+    return f"{host}: {slot.describe()}" if host else slot.describe()
 
 
 # ---------------------------------------------------------------------------------------------- dry run

@@ -17,10 +17,14 @@ import json
 import math
 import os
 import platform
+import queue
 import random
 import resource
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 
 from qatune.data import SquadData, load_squad, select_articles, subsample
-from qatune.features import cached_features, collate
+from qatune.features import PAD_MULTIPLE, cached_features, collate
 from qatune.models import (
     LoraSettings,
     ModelError,
@@ -37,8 +41,11 @@ from qatune.models import (
     load_tokenizer,
     parameter_counts,
 )
+from qatune.record import RunRecord, write_json_atomic
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_PAD_MULTIPLE = 64  # torch.compile: few distinct batch widths, so few recompilations / CUDA graphs
+PROGRESS_EVERY_S = 2.0
 
 
 class TrainingError(RuntimeError):
@@ -93,6 +100,7 @@ class TrainConfig:
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
     report_to: str = _f("none", "none | tensorboard")
     feature_cache_dir: str | None = _f(None, "reuse tokenised windows across runs from this directory")
+    compile: bool = _f(False, "torch.compile the model (batches padded to multiples of 64 to bound recompiles)")
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
@@ -212,16 +220,6 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary file, fsync, then rename: readers see the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------- checkpoints
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -286,169 +284,349 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     return int(state["step"])
 
 
+# ---------------------------------------------------------------------------------------------- stopping
+STOP = threading.Event()  # set by a signal handler: the run saves a checkpoint at the next step and stops
+
+
+class Interrupted(TrainingError):
+    """The run was asked to stop (Ctrl-C, SIGTERM) and saved a checkpoint first; ``--resume`` continues it."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turn SIGINT/SIGTERM into a clean stop: the step in flight finishes, a checkpoint is saved, then
+    :class:`Interrupted` is raised. A second signal stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        STOP.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        STOP.clear()
+
+
+# ---------------------------------------------------------------------------------------------- batches
+class Prefetcher:
+    """Collates the batches of micro-steps ``[start, stop)`` in a background thread, ``depth`` ahead, in pinned
+    memory on a GPU, so the device never waits for the host to pad a batch. The order is the same pure
+    function of (seed, step) as without it."""
+
+    def __init__(self, make: Callable[[int], tuple[int, dict]], start: int, stop: int, depth: int = 4,
+                 pin: bool = False):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(make, start, stop, pin), daemon=True)
+        self._thread.start()
+
+    def _fill(self, make, start, stop, pin):
+        try:
+            for m in range(start, stop):
+                rows, batch = make(m)
+                if pin:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                while not self._closed.is_set():
+                    try:
+                        self._queue.put((rows, batch), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the training thread, which raises it
+            self._queue.put(e)
+
+    def next(self) -> tuple[int, dict]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)
+
+
 # ---------------------------------------------------------------------------------------------- the run
-def train(cfg: TrainConfig, progress: bool = True) -> dict:
-    """Train, save and evaluate one run; returns the run record (also written as run.json), or {} on ranks > 0."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup, set_seed
+class Recipe:
+    """One training run in three stages — :meth:`setup` (data, model, optimizer, resume), :meth:`train`
+    (the optimizer loop) and :meth:`finish` (save, evaluate, write the :class:`RunRecord`).
 
-    cpu = not torch.cuda.is_available()  # accelerate only starts gloo data parallelism on CPUs when told
-    state = PartialState(cpu=cpu)  # knows the device and the data-parallel ranks (torchrun / accelerate launch)
-    out = Path(cfg.output_dir)
-    main = state.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    if cfg.resume and (out / "run.json").exists() and (out / "metrics.json").exists():
-        return json.loads((out / "run.json").read_text())
-    ckpts = list_checkpoints(out / "checkpoints")
-    if ckpts and not cfg.resume:
-        raise TrainingError(f"{out} already holds checkpoints of a run; pass --resume to continue it, "
-                            f"or choose another --output-dir")
+    The loop never waits for the device inside a step: losses are summed on the device and read every
+    ``logging_steps``; a non-finite loss sets a device-side flag that the fused AdamW kernel reads as
+    ``found_inf`` (as AMP's GradScaler does), so that step and every later one leave the weights untouched,
+    and the run stops with the step and the last good checkpoint at the next check (logging step or
+    checkpoint, whichever comes first).
+    """
 
-    set_seed(cfg.seed)
-    reset_peak_memory(state.device)
-    t_setup = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.model)
-    train_data = load_split(cfg.train_data, cfg.train_split, cfg.train_articles, cfg.train_questions, cfg.seed,
-                            cfg.repair_answers)
-    eval_data = (load_split(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions, cfg.seed,
-                            cfg.repair_answers) if cfg.eval_data else None)
-    feats = cached_features(train_data.examples, tokenizer, cfg.max_seq_length, cfg.doc_stride, cfg.feature_cache_dir)
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.output_dir)
 
-    model = load_qa_model(cfg.model)
-    model_type = model.config.model_type
-    precision = resolve_precision(cfg.precision, state.device, model_type)
-    # Accelerate runs the forward pass under autocast for bf16/fp16 and scales fp16 losses. Its state is a
-    # process-wide singleton: reset it so runs of one study (one process) may use different precisions.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    acc = Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision))
-    lora = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.alpha_policy, cfg.lora_targets)
-    model = apply_strategy(model, cfg.strategy, lora)
-    counts = parameter_counts(model)
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> RunRecord | None:
+        """Everything before the first step; returns the stored record when ``resume`` finds a finished run."""
+        from accelerate import Accelerator, PartialState
+        from accelerate.state import AcceleratorState
+        from transformers import get_linear_schedule_with_warmup, set_seed
 
-    world, rank = acc.num_processes, acc.process_index
-    global_batch = cfg.batch_size * world
-    n_batches = math.ceil(len(feats) / global_batch)
-    steps_per_epoch = max(1, n_batches // cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n)]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n)]
-    # On a GPU the fused kernel updates every parameter in a few launches instead of several per tensor.
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.resolved_learning_rate(),
-                                  fused=state.device.type == "cuda")
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    model.to(acc.device)
-    start_step = 0
-    if ckpts:
-        start_step = load_checkpoint(ckpts[-1][1], model, optimizer, scheduler)
-    model, optimizer = acc.prepare(model, optimizer)
-    setup_s = time.perf_counter() - t_setup
+        cfg, out = self.cfg, self.out
+        cpu = not torch.cuda.is_available()  # accelerate only starts gloo data parallelism on CPUs when told
+        state = PartialState(cpu=cpu)  # knows the device and the data-parallel ranks (torchrun / accelerate)
+        self.main = state.is_main_process
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and (out / "run.json").exists() and (out / "metrics.json").exists():
+            return RunRecord.load(out / "run.json")
+        ckpts = list_checkpoints(out / "checkpoints")
+        if ckpts and not cfg.resume:
+            raise TrainingError(f"{out} already holds checkpoints of a run; pass --resume to continue it, "
+                                f"or choose another --output-dir")
 
-    writer = _tensorboard(cfg, out) if main else None
-    ckpt_dir = out / "checkpoints"
-    last_ckpt = ckpts[-1][1] if ckpts else None
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {cfg.strategy}", unit="step",
-               disable=not (progress and main), dynamic_ncols=True)
-    windows_seen = tokens_seen = 0
-    epoch_cache: dict[int, list[np.ndarray]] = {}
-    lengths = feats.lengths
-    model.train()
-    t0 = time.perf_counter()
-    loss_ema = None
-    for step in range(start_step, total_steps):
-        for micro in range(cfg.grad_accum):
-            m = step * cfg.grad_accum + micro
-            epoch, index = divmod(m, n_batches)
-            if epoch not in epoch_cache:
-                epoch_cache = {epoch: epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.group_by_length)}
-            rows = epoch_cache[epoch][index][rank::world]
-            if len(rows) == 0:  # a short last global batch: reuse rows so every rank steps together
-                rows = epoch_cache[epoch][index][:1]
-            batch = collate(feats, rows, tokenizer.pad_token_id, cfg.pad_to_max_length)
-            tokens_seen += int(batch["attention_mask"].sum())  # counted on the host: no device sync
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-            sync = acc.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
-                loss = model(**batch).loss
-                bad = _nonfinite(acc, loss)
-                if bad:
-                    raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at step {step + 1} (micro-batch {micro + 1}); the weights "
-                        f"were not updated. Last good checkpoint: {last_ckpt or 'none (the run had not saved yet)'}. "
-                        f"Lower --learning-rate, use --precision fp32, or check the data.")
-                acc.backward(loss / cfg.grad_accum)
-            windows_seen += len(rows)
-        acc.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
+        set_seed(cfg.seed)
+        reset_peak_memory(state.device)
+        t_setup = time.perf_counter()
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.train_data = load_split(cfg.train_data, cfg.train_split, cfg.train_articles, cfg.train_questions,
+                                     cfg.seed, cfg.repair_answers)
+        self.eval_data = (load_split(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions,
+                                     cfg.seed, cfg.repair_answers) if cfg.eval_data else None)
+        self.feats = cached_features(self.train_data.examples, self.tokenizer, cfg.max_seq_length, cfg.doc_stride,
+                                     cfg.feature_cache_dir)
+
+        model = load_qa_model(cfg.model)
+        self.model_type = model.config.model_type
+        self.attention = getattr(model.config, "_attn_implementation", None)
+        self.precision = resolve_precision(cfg.precision, state.device, self.model_type)
+        # Accelerate runs the forward pass under autocast for bf16/fp16 and scales fp16 losses. Its state is a
+        # process-wide singleton: reset it so runs in one process may use different precisions.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        self.acc = acc = Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(self.precision, self.precision))
+        lora = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.alpha_policy, cfg.lora_targets)
+        model = apply_strategy(model, cfg.strategy, lora)
+        self.counts = parameter_counts(model)
+
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.n_batches = math.ceil(len(self.feats) / (cfg.batch_size * self.world))
+        self.steps_per_epoch = max(1, self.n_batches // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n)]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n)]
+        # The fused kernel updates every parameter in a few launches and honours ``found_inf``.
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=cfg.resolved_learning_rate(), fused=True)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * self.total_steps),
+                                                         self.total_steps)
+        model.to(acc.device)
+        self.start_step = 0
+        self.last_ckpt = ckpts[-1][1] if ckpts else None
+        if ckpts:
+            self.start_step = load_checkpoint(ckpts[-1][1], model, self.optimizer, self.scheduler)
+        self.model, self.acc_optimizer = acc.prepare(model, self.optimizer)
+        # A compiled view for the forward pass; saving and evaluation use the module itself.
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.setup_s = time.perf_counter() - t_setup
+        return None
+
+    def _batch(self, m: int) -> tuple[int, dict]:
+        """Micro-batch ``m`` of the run (this rank's rows): a pure function of (seed, m)."""
+        cfg = self.cfg
+        epoch, index = divmod(m, self.n_batches)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._epoch_batches = epoch_batches(self.feats.lengths, cfg.batch_size * self.world, cfg.seed, epoch,
+                                                cfg.group_by_length)
+        rows = self._epoch_batches[index][self.rank :: self.world]
+        if len(rows) == 0:  # a short last global batch: reuse rows so every rank steps together
+            rows = self._epoch_batches[index][:1]
+        multiple = COMPILE_PAD_MULTIPLE if cfg.compile else PAD_MULTIPLE
+        return len(rows), collate(self.feats, rows, self.tokenizer.pad_token_id, cfg.pad_to_max_length, multiple)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg, acc, device = self.cfg, self.acc, self.acc.device
+        self.bad = torch.zeros((), device=device)  # sticky: 1.0 once any loss was non-finite
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros((), device=device)
+        if self.precision != "fp16":  # fp16: accelerate's GradScaler already skips non-finite steps
+            self.optimizer.found_inf, self.optimizer.grad_scale = self.bad, None
+        loss_sum, loss_n = torch.zeros((), device=device), 0
+        self.curve: list[list[float]] = []
+        self.windows_seen = self.tokens_seen = 0
+        self._epoch, self._epoch_batches = -1, []
+        graceful = self.world == 1  # with several ranks a stop would need agreeing on the step: they just end
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=f"train {cfg.strategy}", unit="step",
+                   disable=not (self.progress and self.main), dynamic_ncols=True)
+        prefetch = Prefetcher(self._batch, self.start_step * cfg.grad_accum, self.total_steps * cfg.grad_accum,
+                              pin=device.type == "cuda")
+        self.model.train()
+        t0 = last_progress = time.perf_counter()
+        step = self.start_step
+        try:
+            for step in range(self.start_step, self.total_steps):
+                for micro in range(cfg.grad_accum):
+                    m = step * cfg.grad_accum + micro
+                    n_rows, batch = prefetch.next()
+                    self.tokens_seen += int(batch["attention_mask"].sum())  # host tensor: no device sync
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    sync = acc.no_sync(self.model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+                    with sync:
+                        loss = self.forward(**batch).loss
+                        self._flag_nonfinite(loss, m)
+                        acc.backward(loss / cfg.grad_accum)
+                    loss_sum += loss.detach().float()
+                    loss_n += 1
+                    self.windows_seen += n_rows
+                acc.clip_grad_norm_(self.model.parameters(), 1.0)
+                self.acc_optimizer.step()
+                self.scheduler.step()
+                self.acc_optimizer.zero_grad(set_to_none=True)
+                bar.update(1)
+                done = step + 1
+                if done % cfg.logging_steps == 0 or done == self.total_steps:
+                    self._raise_if_nonfinite()
+                    mean = float(loss_sum / loss_n)
+                    self.curve.append([done, mean])
+                    loss_sum.zero_()
+                    loss_n = 0
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{mean:.3f}", win_s=f"{self.windows_seen * self.world / elapsed:.1f}")
+                    if self.writer:
+                        self.writer.add_scalar("train/loss", mean, done)
+                        self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], done)
+                stopping = graceful and STOP.is_set()
+                if done % cfg.save_steps == 0 or done == self.total_steps or stopping:
+                    self._raise_if_nonfinite()
+                    self._save_checkpoint(done)
+                if stopping:
+                    raise Interrupted(f"stopped at step {done} of {self.total_steps}; checkpoint saved at "
+                                      f"{self.last_ckpt}; run again with --resume to continue")
+                if self.main and time.perf_counter() - last_progress > PROGRESS_EVERY_S:
+                    last_progress = time.perf_counter()
+                    self._write_progress(done, t0)
+        finally:
+            prefetch.close()
+            bar.close()
+        self._raise_if_nonfinite()
+        self.train_s = time.perf_counter() - t0
+        self._write_progress(self.total_steps, t0)
+
+    def _flag_nonfinite(self, loss: torch.Tensor, m: int) -> None:
+        """Record a non-finite loss on the device (no host sync); every rank sees the same flag."""
+        now = (~torch.isfinite(loss.detach())).float()
+        if self.world > 1:
+            now = self.acc.reduce(now.reshape(1), reduction="sum").reshape(())
+        first = (now > 0) & (self.first_bad < 0)
+        self.first_bad.copy_(torch.where(first, torch.full_like(self.first_bad, m), self.first_bad))
+        self.bad_loss.copy_(torch.where(first, loss.detach().float(), self.bad_loss))
+        self.bad.copy_(torch.maximum(self.bad, (now > 0).float()))
+
+    def _raise_if_nonfinite(self) -> None:
+        if not bool(self.bad.item()):
+            return
+        step, micro = divmod(int(self.first_bad.item()), self.cfg.grad_accum)
+        raise TrainingError(
+            f"non-finite loss ({self.bad_loss.item()}) at step {step + 1} (micro-batch {micro + 1}); the weights "
+            f"were not updated from then on. Last good checkpoint: "
+            f"{self.last_ckpt or 'none (the run had not saved yet)'}. "
+            f"Lower --learning-rate, use --precision fp32, or check the data.")
+
+    def _save_checkpoint(self, step: int) -> None:
+        self.acc.wait_for_everyone()
+        if self.main:
+            self.last_ckpt = save_checkpoint(self.out / "checkpoints", step, self.acc.unwrap_model(self.model),
+                                             self.optimizer, self.scheduler, self.cfg.keep_checkpoints)
+
+    def _write_progress(self, step: int, t0: float) -> None:
+        """`progress.json` for a study's --status: which step, how fast, where (not fsynced: advisory)."""
+        if not self.main:
+            return
         elapsed = time.perf_counter() - t0
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_ema:.3f}", win_s=f"{windows_seen * world / elapsed:.1f}")
-        if writer and (step + 1) % cfg.logging_steps == 0:
-            writer.add_scalar("train/loss", loss_value, step + 1)
-            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step + 1)
-        if (step + 1) % cfg.save_steps == 0 or step + 1 == total_steps:
-            acc.wait_for_everyone()
-            if main:
-                last_ckpt = save_checkpoint(ckpt_dir, step + 1, acc.unwrap_model(model), optimizer, scheduler,
-                                            cfg.keep_checkpoints)
-    bar.close()
-    train_s = time.perf_counter() - t0
-    steps_run = total_steps - start_step
+        write_json_atomic(self.out / "progress.json", {
+            "step": step, "total_steps": self.total_steps, "host": platform.node(), "pid": os.getpid(),
+            "device": str(self.acc.device), "loss": self.curve[-1][1] if self.curve else None,
+            "windows_per_s": self.windows_seen * self.world / elapsed if elapsed > 0 else None,
+            "updated_at": time.time()}, durable=False)
 
-    record: dict = {}
-    if main:
-        model_dir = out / "model"
-        save_trained(acc.unwrap_model(model), tokenizer, model_dir, cfg)
-        eval_s, metrics = 0.0, {}
-        if eval_data is not None:
-            from qatune.inference import evaluate
+    # ------------------------------------------------------------------ finish
+    def finish(self) -> RunRecord | None:
+        """Save the model, evaluate it, write metrics and run.json; returns the record (None on ranks > 0)."""
+        cfg, out = self.cfg, self.out
+        steps_run = self.total_steps - self.start_step
+        record = None
+        if self.main:
+            module = self.acc.unwrap_model(self.model)
+            save_trained(module, self.tokenizer, out / "model", cfg)
+            eval_s, metrics = 0.0, {}
+            if self.eval_data is not None:
+                from qatune.inference import evaluate
 
-            t1 = time.perf_counter()
-            metrics, decoded = evaluate(acc.unwrap_model(model), tokenizer, eval_data, cfg.max_seq_length,
-                                        cfg.doc_stride, cfg.eval_batch_size, precision, cfg.n_best,
-                                        cfg.max_answer_length, cfg.null_threshold, progress=progress,
-                                        cache_dir=cfg.feature_cache_dir)
-            eval_s = time.perf_counter() - t1
-            write_json_atomic(out / "predictions.json", decoded.predictions)
-            write_json_atomic(out / "nbest.json", dict(decoded.nbest))
-            if eval_data.version.startswith("2"):
-                write_json_atomic(out / "null_odds.json", decoded.null_odds)
-        record = {
-            "config": asdict(cfg),
-            "resolved": {"learning_rate": cfg.resolved_learning_rate(), "precision": precision,
-                         "model_type": model_type, "world_size": world, "total_steps": total_steps,
-                         "steps_per_epoch": steps_per_epoch, "train_windows": len(feats),
-                         "lora_alpha_effective": (2.0 * cfg.lora_rank if cfg.alpha_policy == "proportional"
-                                                  else cfg.lora_alpha) if cfg.strategy == "lora" else None},
-            "seed": cfg.seed,
-            "data": {"train_source": train_data.source, "train_questions": len(train_data),
-                     "train_windows": len(feats), "eval_source": eval_data.source if eval_data else None,
-                     "eval_questions": len(eval_data) if eval_data else 0},
-            "params": counts,
-            "metrics": metrics,
-            "timing": {"setup_s": setup_s, "train_s": train_s, "eval_s": eval_s, "steps_run": steps_run,
-                       "resumed_from_step": start_step,
-                       "train_windows_per_s": windows_seen * world / train_s if train_s else None,
-                       "train_tokens_per_s": tokens_seen * world / train_s if train_s else None},
-            "memory": peak_memory(acc.device),
-            "environment": environment(acc.device),
-        }
-        write_json_atomic(out / "metrics.json", metrics)
-        write_json_atomic(out / "run.json", record)
-        if writer:
-            for k, v in metrics.items():
-                if isinstance(v, float):
-                    writer.add_scalar(f"eval/{k}", v, total_steps)
-            writer.close()
-    acc.wait_for_everyone()
-    return record
+                t1 = time.perf_counter()
+                metrics, decoded = evaluate(module, self.tokenizer, self.eval_data, cfg.max_seq_length,
+                                            cfg.doc_stride, cfg.eval_batch_size, self.precision, cfg.n_best,
+                                            cfg.max_answer_length, cfg.null_threshold, progress=self.progress,
+                                            cache_dir=cfg.feature_cache_dir)
+                eval_s = time.perf_counter() - t1
+                write_json_atomic(out / "predictions.json", decoded.predictions)
+                write_json_atomic(out / "nbest.json", dict(decoded.nbest))
+                if self.eval_data.version.startswith("2"):
+                    write_json_atomic(out / "null_odds.json", decoded.null_odds)
+            train_s, world = self.train_s, self.world
+            record = RunRecord(
+                config=asdict(cfg),
+                resolved={"learning_rate": cfg.resolved_learning_rate(), "precision": self.precision,
+                          "model_type": self.model_type, "attention": self.attention, "compile": cfg.compile,
+                          "world_size": world, "total_steps": self.total_steps,
+                          "steps_per_epoch": self.steps_per_epoch, "train_windows": len(self.feats),
+                          "lora_alpha_effective": (2.0 * cfg.lora_rank if cfg.alpha_policy == "proportional"
+                                                   else cfg.lora_alpha) if cfg.strategy == "lora" else None},
+                seed=cfg.seed,
+                data={"train_source": self.train_data.source, "train_questions": len(self.train_data),
+                      "train_windows": len(self.feats),
+                      "eval_source": self.eval_data.source if self.eval_data else None,
+                      "eval_questions": len(self.eval_data) if self.eval_data else 0},
+                params=self.counts,
+                metrics=metrics,
+                timing={"setup_s": self.setup_s, "train_s": train_s, "eval_s": eval_s, "steps_run": steps_run,
+                        "resumed_from_step": self.start_step,
+                        "train_windows_per_s": self.windows_seen * world / train_s if train_s else None,
+                        "train_tokens_per_s": self.tokens_seen * world / train_s if train_s else None},
+                memory=peak_memory(self.acc.device),
+                environment=environment(self.acc.device),
+                loss={"final": self.curve[-1][1] if self.curve else None, "curve": self.curve},
+            )
+            write_json_atomic(out / "metrics.json", metrics)
+            record.save(out / "run.json")
+            if self.writer:
+                for k, v in metrics.items():
+                    if isinstance(v, float):
+                        self.writer.add_scalar(f"eval/{k}", v, self.total_steps)
+        self.acc.wait_for_everyone()
+        return record
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> RunRecord | None:
+    """Train, save and evaluate one run; returns its record (also written as run.json), None on ranks > 0."""
+    recipe = Recipe(cfg, progress)
+    done = recipe.setup()
+    if done is not None:
+        return done
+    recipe.writer = _tensorboard(cfg, recipe.out) if recipe.main else None
+    try:
+        recipe.train()
+        return recipe.finish()
+    finally:
+        if recipe.writer:
+            recipe.writer.close()
 
 
 def save_trained(model, tokenizer, model_dir: Path, cfg: TrainConfig) -> None:
@@ -471,13 +649,6 @@ def save_trained(model, tokenizer, model_dir: Path, cfg: TrainConfig) -> None:
 
 def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or "layernorm" in name.lower()
-
-
-def _nonfinite(acc, loss: torch.Tensor) -> bool:
-    flag = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if acc.num_processes > 1:
-        flag = acc.reduce(flag, reduction="sum")
-    return bool(flag.item() > 0)
 
 
 def _tensorboard(cfg: TrainConfig, out: Path):

@@ -1,0 +1,64 @@
+"""The run record: what one training run hands back (to the CLI, a study driver or a launcher), as `run.json`.
+
+Kept free of torch so a study driver can read and store records without loading a model stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class RunRecord:
+    """One finished run: its full configuration and what it measured."""
+
+    config: dict  # every TrainConfig field as given
+    resolved: dict  # what the run decided: learning rate, precision, steps, attention implementation, ...
+    seed: int
+    data: dict  # sources, question and window counts
+    params: dict  # trainable_params, total_params, trainable_percent
+    metrics: dict  # the official SQuAD metric on the evaluation data ({} without evaluation)
+    timing: dict  # setup_s, train_s, eval_s, steps_run, resumed_from_step, windows/s, tokens/s
+    memory: dict  # peak_rss_mb, cuda_peak_mb on a GPU
+    environment: dict  # library versions and hardware
+    loss: dict = field(default_factory=dict)  # final (last logging window's mean) and curve [[step, mean]]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunRecord:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(Path(path), self.to_dict())
+
+    def costs(self) -> dict:
+        """The cost columns a study stores and reports: parameter counts, time, throughput, memory."""
+        t, m = self.timing, self.memory
+        return {**self.params, "train_s": t["train_s"], "eval_s": t["eval_s"],
+                "train_windows_per_s": t["train_windows_per_s"], "train_tokens_per_s": t["train_tokens_per_s"],
+                "peak_rss_mb": m["peak_rss_mb"], "cuda_peak_mb": m.get("cuda_peak_mb"),
+                "resumed_from_step": t["resumed_from_step"], "train_questions": self.data["train_questions"],
+                "train_windows": self.data["train_windows"], "precision": self.resolved["precision"],
+                "final_loss": self.loss.get("final")}
+
+
+def write_json_atomic(path: Path, obj, durable: bool = True) -> None:
+    """Write to a temporary file (fsync unless ``durable`` is off), then rename: readers see the old file or
+    the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)

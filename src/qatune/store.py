@@ -1,0 +1,218 @@
+"""A study's results store: one SQLite file, written only by study drivers, in short transactions.
+
+Runs are *claimed* before they train: a claim is an atomic ``BEGIN IMMEDIATE`` update that takes a pending
+run, or a running one whose lease has expired (its driver stopped renewing it) or whose owner process is
+gone (same host), and gives it an owner and a lease. The owning driver renews the leases of its runs while
+their workers report progress, so two drivers on one study never train the same run, and a run lost with
+its driver or worker is claimed again and resumes from its checkpoint. WAL journaling and FULL sync keep
+the file consistent through ``kill -9`` at any moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    arm TEXT NOT NULL,
+    point TEXT NOT NULL,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'finished', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT,
+    metrics TEXT,
+    costs TEXT,
+    output_dir TEXT NOT NULL
+);
+"""
+# Columns added for claims and progress; added to older databases on open.
+CLAIM_COLUMNS = {"owner": "TEXT", "lease_until": "REAL", "heartbeat_at": "REAL", "worker": "TEXT",
+                 "step": "INTEGER", "total_steps": "INTEGER", "ord": "INTEGER"}
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a claim: a driver process, identified across hosts."""
+
+    host: str
+    pid: int
+    token: str
+
+    @classmethod
+    def new(cls) -> Owner:
+        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:8])
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}:{self.token}"
+
+    @classmethod
+    def parse(cls, text: str) -> Owner | None:
+        try:
+            host, pid, token = text.rsplit(":", 2)
+            return cls(host, int(pid), token)
+        except (ValueError, AttributeError):
+            return None
+
+    def is_gone(self) -> bool:
+        """True when this owner ran on this host and its process no longer exists (no need to wait for the
+        lease to expire). PID reuse can only make this say "alive" wrongly, which costs a lease wait."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def connect(directory: Path) -> sqlite3.Connection:
+    directory.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(directory / "study.sqlite", timeout=60, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA busy_timeout=60000")
+    db.executescript(SCHEMA)
+    have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+    for name, kind in CLAIM_COLUMNS.items():
+        if name not in have:
+            try:
+                db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+            except sqlite3.OperationalError:  # another driver added it a moment ago
+                pass
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def register(db: sqlite3.Connection, runs: Sequence) -> None:
+    """Insert the study's runs that the store does not know yet (as pending), in the study's order."""
+    with db:
+        for k, r in enumerate(runs):
+            db.execute("INSERT OR IGNORE INTO runs (id, arm, point, config, status, created_at, output_dir, ord) "
+                       "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+                       (r.id, r.arm, json.dumps(r.point), json.dumps(asdict(r.config)), time.time(),
+                        r.config.output_dir, k))
+            db.execute("UPDATE runs SET ord=? WHERE id=? AND ord IS NULL", (k, r.id))
+
+
+def rows(db: sqlite3.Connection, ids: Iterable[str] | None = None) -> list[dict]:
+    wanted = set(ids) if ids is not None else None
+    out = []
+    for row in db.execute("SELECT * FROM runs ORDER BY created_at, ord, id"):
+        d = dict(row)
+        if wanted is not None and d["id"] not in wanted:
+            continue
+        for k in ("point", "config", "metrics", "costs"):
+            d[k] = json.loads(d[k]) if d[k] else None
+        out.append(d)
+    return out
+
+
+def _immediate(db: sqlite3.Connection):
+    """A write transaction taken at once (BEGIN IMMEDIATE), so claim decisions see no concurrent writer."""
+
+    class _Tx:
+        def __enter__(self):
+            db.execute("BEGIN IMMEDIATE")
+            return db
+
+        def __exit__(self, exc_type, exc, tb):
+            db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            return False
+
+    return _Tx()
+
+
+def claim(db: sqlite3.Connection, ids: Sequence[str], owner: Owner, lease_s: float, max_attempts: int,
+          worker: str) -> str | None:
+    """Claim the first claimable run of ``ids`` (study order) for ``owner``; returns its id, or None.
+
+    A running run whose lease expired or whose owner is gone counts as lost: claimed again while it has
+    attempts left (it resumes from its checkpoint), else marked failed with the reason.
+    """
+    now = time.time()
+    wanted = set(ids)
+    with _immediate(db):
+        for row in db.execute("SELECT id, status, owner, lease_until, attempts FROM runs "
+                              "WHERE status IN ('pending', 'running') ORDER BY ord, created_at, id").fetchall():
+            if row["id"] not in wanted:
+                continue
+            note = None
+            if row["status"] == "running":
+                holder = Owner.parse(row["owner"] or "")
+                expired = (row["lease_until"] or 0) < now
+                if not expired and not (holder and holder.is_gone()):
+                    continue
+                note = (f"attempt {row['attempts']} was lost: its driver {row['owner']} "
+                        f"{'stopped renewing its lease' if expired else 'is no longer running'}")
+                if row["attempts"] >= max_attempts:
+                    db.execute("UPDATE runs SET status='failed', finished_at=?, owner=NULL, lease_until=NULL, "
+                               "error=? WHERE id=?", (now, note + f"; {max_attempts} attempts used", row["id"]))
+                    continue
+            db.execute("UPDATE runs SET status='running', attempts=attempts+1, owner=?, lease_until=?, "
+                       "heartbeat_at=?, started_at=?, worker=?, step=NULL, total_steps=NULL, "
+                       "error=COALESCE(?, error) WHERE id=?",
+                       (str(owner), now + lease_s, now, now, worker, note, row["id"]))
+            return row["id"]
+    return None
+
+
+def renew(db: sqlite3.Connection, owner: Owner, lease_s: float, progress: dict[str, dict]) -> None:
+    """Extend the leases of ``owner``'s runs and store their progress (step, total, where)."""
+    now = time.time()
+    with db:
+        for rid, p in progress.items():
+            db.execute("UPDATE runs SET lease_until=?, heartbeat_at=?, step=COALESCE(?, step), "
+                       "total_steps=COALESCE(?, total_steps), worker=COALESCE(?, worker) "
+                       "WHERE id=? AND owner=? AND status='running'",
+                       (now + lease_s, now, p.get("step"), p.get("total_steps"), p.get("worker"), rid, str(owner)))
+
+
+def finish(db: sqlite3.Connection, rid: str, owner: Owner, metrics: dict, costs: dict) -> None:
+    with db:
+        db.execute("UPDATE runs SET status='finished', finished_at=?, metrics=?, costs=?, owner=NULL, "
+                   "lease_until=NULL, error=NULL WHERE id=? AND owner=?",
+                   (time.time(), json.dumps(metrics), json.dumps(costs), rid, str(owner)))
+
+
+def fail(db: sqlite3.Connection, rid: str, owner: Owner, error: str, max_attempts: int) -> bool:
+    """Record a failed attempt; the run goes back to pending while it has attempts left. True when final."""
+    with db:
+        row = db.execute("SELECT attempts FROM runs WHERE id=?", (rid,)).fetchone()
+        final = row["attempts"] >= max_attempts
+        db.execute("UPDATE runs SET status=?, finished_at=?, error=?, owner=NULL, lease_until=NULL "
+                   "WHERE id=? AND owner=?",
+                   ("failed" if final else "pending", time.time(), error, rid, str(owner)))
+    return final
+
+
+def release(db: sqlite3.Connection, rid: str, owner: Owner) -> None:
+    """Give a run back untouched (a clean stop): pending again, and the interrupted attempt does not count."""
+    with db:
+        db.execute("UPDATE runs SET status='pending', attempts=MAX(attempts-1, 0), owner=NULL, lease_until=NULL "
+                   "WHERE id=? AND owner=? AND status='running'", (rid, str(owner)))
+
+
+def retry_failed(db: sqlite3.Connection, ids: Sequence[str]) -> int:
+    """Make the failed runs among ``ids`` pending again with a fresh attempt budget."""
+    with db:
+        return sum(db.execute("UPDATE runs SET status='pending', attempts=0 WHERE id=? AND status='failed'",
+                              (rid,)).rowcount for rid in ids)
+
+
+def statuses(db: sqlite3.Connection, ids: Sequence[str]) -> dict[str, str]:
+    wanted = set(ids)
+    return {r["id"]: r["status"] for r in db.execute("SELECT id, status FROM runs") if r["id"] in wanted}
