@@ -36,6 +36,8 @@ def test_full_finetune_writes_everything(tmp_path, tiny_models, train_file, kind
     assert run["timing"]["train_s"] > 0 and run["timing"]["train_windows_per_s"] > 0
     assert run["memory"]["peak_rss_mb"] > 0
     assert run["resolved"]["total_steps"] == 4
+    assert run["resolved"]["attention"] == "sdpa"  # fused attention, not the eager fallback
+    assert len(run["loss"]["curve"]) == 1 and run["loss"]["final"] == run["loss"]["curve"][-1][1] > 0
     preds = json.loads((out / "predictions.json").read_text())
     assert len(preds) == r.metrics["total"] == 12  # articles 3-4 of the training file
     before, after = weights(tiny_models[kind]), weights(out / "model")
@@ -195,3 +197,54 @@ def test_real_minilm_learns_a_few_dozen_questions(tmp_path, train_file):
                           max_steps=60, learning_rate=2e-4, warmup_ratio=0.1, save_steps=1000), progress=False)
     assert r.metrics["total"] == 24
     assert r.metrics["exact_match"] >= 90.0
+    assert r.resolved["attention"] == "sdpa"
+
+
+def test_nonfinite_loss_leaves_the_weights_untouched(tmp_path, tiny_models, train_file, monkeypatch):
+    """The check is deferred (no host sync per step), so later steps run, but no update reaches the weights."""
+    import qatune.train as t
+
+    real = t.load_qa_model
+    calls = {"n": 0}
+
+    def poisoned(name):
+        model = real(name)
+
+        def hook(module, inputs, output):
+            calls["n"] += 1
+            return output * float("inf") if calls["n"] == 3 else output
+
+        model.qa_outputs.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(t, "load_qa_model", poisoned)
+    recipe = t.Recipe(cfg(tiny_models["distilbert"], train_file, tmp_path / "inf", max_steps=6, save_steps=100,
+                          logging_steps=100), progress=False)
+    assert recipe.setup() is None
+    recipe.writer = None
+    snapshots = []
+    recipe.optimizer.register_step_post_hook(
+        lambda opt, args, kw: snapshots.append([p.detach().clone() for g in opt.param_groups for p in g["params"]]))
+    with pytest.raises(TrainingError, match=r"non-finite loss \((inf|nan)\) at step 3 .*none \(the run had not saved"):
+        recipe.train()
+    assert len(snapshots) == 6  # every step ran: the flag was read once, at the end
+    moved = [any(not torch.equal(a, b) for a, b in zip(snapshots[i], snapshots[i + 1])) for i in range(5)]
+    assert moved == [True, False, False, False, False]  # steps 1-2 trained; from step 3 on, nothing changed
+    assert not list((tmp_path / "inf").glob("checkpoints/checkpoint-*"))  # no checkpoint after a bad step
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, train_file):
+    from tests.conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "m", "distilbert", dropout=0.0)  # compiled dropout draws other masks
+    common = dict(max_steps=3, pad_to_max_length=True, eval_data=None)  # equal widths: the same batches
+    eager = train(cfg(model, train_file, tmp_path / "eager", **common), progress=False)
+    compiled = train(cfg(model, train_file, tmp_path / "compiled", compile=True, **common), progress=False)
+    assert compiled.resolved["compile"] is True
+    assert compiled.loss["final"] == pytest.approx(eager.loss["final"], rel=1e-4)
+    wa, wb = weights(tmp_path / "eager" / "model"), weights(tmp_path / "compiled" / "model")
+    # Adam's first updates are about lr in size whatever the gradient's, so a noise-level gradient difference
+    # can move a weight by up to lr per step: at most 3 x lr after 3 steps, and far less almost everywhere.
+    diffs = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    assert float(diffs.max()) <= 3 * 1e-3 and float(diffs.median()) < 1e-6

@@ -470,7 +470,7 @@ class Recipe:
                               pin=device.type == "cuda")
         self.model.train()
         t0 = last_progress = time.perf_counter()
-        step = self.start_step
+        self._write_progress(self.start_step, t0)
         try:
             for step in range(self.start_step, self.total_steps):
                 for micro in range(cfg.grad_accum):

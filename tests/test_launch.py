@@ -1,0 +1,210 @@
+"""Study driver and launchers: worker processes, claims and leases, retries, kills, Ray."""
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qatune import store
+from qatune.study import load_study, run_study
+from tests.test_study import write_study
+
+# Four runs: full fine-tuning and LoRA r=2, each at two data volumes.
+NARROW = ["--set", "alpha_policy=['fixed']", "--set", "lora_rank=[2]"]
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.conftest import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "distilbert", "distilbert", dropout=0.0)
+
+
+def study_cmd(path, directory, *extra):
+    return [sys.executable, "-m", "qatune.cli", "study", str(path), "--dir", str(directory), *NARROW, *extra]
+
+
+def db_rows(directory) -> dict[str, dict]:
+    db = sqlite3.connect(directory / "study.sqlite")
+    db.row_factory = sqlite3.Row
+    out = {r["id"]: dict(r) for r in db.execute("SELECT * FROM runs")}
+    db.close()
+    return out
+
+
+def run_json(directory, rid) -> dict:
+    return json.loads((directory / "runs" / rid / "run.json").read_text())
+
+
+def wait_for(predicate, timeout=300, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---------------------------------------------------------------------------------------------- the store
+class _Run:
+    def __init__(self, rid):
+        from qatune.train import TrainConfig
+
+        self.id, self.arm, self.point = rid, "a", {}
+        self.config = TrainConfig(output_dir=f"/tmp/{rid}")
+
+
+def test_claims_are_exclusive_leases_expire_and_attempts_are_bounded(tmp_path):
+    db = store.connect(tmp_path)
+    store.register(db, [_Run("r1"), _Run("r2")])
+    a, b = store.Owner.new(), store.Owner("otherhost", 1, "x")
+    assert store.claim(db, ["r1", "r2"], a, 60, 2, "w0") == "r1"  # study order
+    assert store.claim(db, ["r1", "r2"], b, 60, 2, "w0") == "r2"  # r1 is held: the next one
+    assert store.claim(db, ["r1", "r2"], a, 60, 2, "w1") is None  # nothing left to claim
+    # b's lease expires (its driver on another host stopped renewing): a takes r2 over, a second attempt
+    db.execute("UPDATE runs SET lease_until=? WHERE id='r2'", (time.time() - 1,))
+    assert store.claim(db, ["r1", "r2"], a, 60, 2, "w1") == "r2"
+    row = db_rows(tmp_path)["r2"]
+    assert row["attempts"] == 2 and row["owner"] == str(a) and "stopped renewing its lease" in row["error"]
+    # b can no longer record anything for r2
+    store.finish(db, "r2", b, {"f1": 1.0}, {})
+    assert db_rows(tmp_path)["r2"]["status"] == "running"
+    # a failed attempt with attempts left goes back to pending; at the bound it is failed, with its error
+    assert not store.fail(db, "r1", a, "boom 1", max_attempts=2)
+    assert db_rows(tmp_path)["r1"]["status"] == "pending"
+    assert store.claim(db, ["r1"], a, 60, 2, "w0") == "r1"
+    assert store.fail(db, "r1", a, "boom 2", max_attempts=2)
+    assert db_rows(tmp_path)["r1"]["status"] == "failed" and db_rows(tmp_path)["r1"]["error"] == "boom 2"
+    assert store.claim(db, ["r1"], a, 60, 2, "w0") is None  # failed runs stay failed ...
+    assert store.retry_failed(db, ["r1"]) == 1  # ... until retried explicitly, with a fresh budget
+    assert store.claim(db, ["r1"], a, 60, 2, "w0") == "r1" and db_rows(tmp_path)["r1"]["attempts"] == 1
+    store.release(db, "r1", a)  # a clean stop does not use up an attempt
+    assert db_rows(tmp_path)["r1"]["status"] == "pending" and db_rows(tmp_path)["r1"]["attempts"] == 0
+
+
+def test_a_dead_local_owner_is_taken_over_at_once(tmp_path):
+    db = store.connect(tmp_path)
+    store.register(db, [_Run("r1")])
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = store.Owner(store.Owner.new().host, proc.pid, "dead")
+    assert store.claim(db, ["r1"], dead, 3600, 3, "w0") == "r1"
+    me = store.Owner.new()
+    assert store.claim(db, ["r1"], me, 60, 3, "w0") == "r1"  # the lease is long, but its owner is gone
+    assert "is no longer running" in db_rows(tmp_path)["r1"]["error"]
+
+
+# ---------------------------------------------------------------------------------------------- drivers
+@pytest.mark.slow
+def test_two_drivers_train_every_run_exactly_once(tmp_path, tiny_model, train_file):
+    path = write_study(tmp_path, tiny_model, train_file)
+    directory = tmp_path / "s"
+    cmd = study_cmd(path, directory, "--workers", "1", "--threads", "1")
+    procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    rows = db_rows(directory)
+    assert len(rows) == 4
+    assert all(r["status"] == "finished" and r["attempts"] == 1 for r in rows.values()), rows
+    for rid in rows:  # one training each: trained from step 0, never resumed or repeated
+        assert run_json(directory, rid)["timing"]["resumed_from_step"] == 0
+        assert len(list((directory / "runs" / rid / "model").glob("*.safetensors"))) == 1
+    started = [m for out in outs for m in re.findall(r"\] start (\w+):", out)]
+    assert sorted(started) == sorted(rows)  # each run was started by exactly one of the two drivers
+
+
+@pytest.mark.slow
+def test_workers_2_match_workers_1(tmp_path, tiny_model, train_file):
+    path = write_study(tmp_path, tiny_model, train_file)
+    results = {}
+    for n in (1, 2):
+        directory = tmp_path / f"w{n}"
+        proc = subprocess.run(study_cmd(path, directory, "--workers", str(n), "--threads", "1", "--json"),
+                              env=ENV, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["finished"] == 4
+        results[n] = {rid: run_json(directory, rid) for rid in db_rows(directory)}
+    assert results[1].keys() == results[2].keys()
+    for rid in results[1]:
+        one, two = results[1][rid], results[2][rid]
+        # Same thread count per run, so the same kernels: identical metrics and losses (tolerance: exact).
+        assert one["metrics"] == two["metrics"], rid
+        assert one["loss"]["curve"] == two["loss"]["curve"], rid
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_run_is_claimed_again_and_resumes(tmp_path, tiny_model, train_file):
+    path = write_study(tmp_path, tiny_model, train_file, steps=1500, save_steps=5)
+    directory = tmp_path / "s"
+    cmd = study_cmd(path, directory, "--set", "train_questions=[12]", "--set", "lora.strategy='full'",
+                    "--workers", "1", "--threads", "1")
+    driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = wait_for(lambda: next(iter(directory.glob("runs/*/checkpoints/checkpoint-*")), None),
+                    what="a first checkpoint")
+    run_dir = ckpt.parent.parent
+    pid = wait_for(lambda: json.loads((run_dir / "progress.json").read_text())["pid"]
+                   if (run_dir / "progress.json").exists() else None, what="progress.json")
+    os.kill(pid, signal.SIGKILL)
+    out = driver.communicate(timeout=600)[0]
+    assert driver.returncode == 0, out
+    assert "attempt failed (will retry)" in out and "killed by signal 9" in out
+    rows = db_rows(directory)
+    killed = rows[run_dir.name]
+    assert killed["status"] == "finished" and killed["attempts"] == 2
+    assert run_json(directory, run_dir.name)["timing"]["resumed_from_step"] >= 5
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_the_rerun_continues(tmp_path, tiny_model, train_file):
+    path = write_study(tmp_path, tiny_model, train_file, steps=1500, save_steps=5000)
+    directory = tmp_path / "s"
+    cmd = study_cmd(path, directory, "--set", "train_questions=[12]", "--set", "lora.strategy='full'",
+                    "--workers", "1", "--threads", "1")
+    driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    progress = wait_for(lambda: next(iter(directory.glob("runs/*/progress.json")), None), what="progress")
+    time.sleep(1.0)
+    driver.send_signal(signal.SIGINT)
+    out = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 130, out
+    row = db_rows(directory)[progress.parent.name]
+    assert row["status"] == "pending" and row["attempts"] == 0  # handed back; the stop used no attempt
+    saved = [int(p.name.split("-")[1]) for p in progress.parent.glob("checkpoints/checkpoint-*")]
+    assert saved and 0 < saved[0] < 1500  # a checkpoint at the step it stopped, not a periodic one
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert run_json(directory, progress.parent.name)["timing"]["resumed_from_step"] == saved[0]
+
+
+@pytest.mark.slow
+def test_ray_launcher_matches_local(tmp_path, tiny_model, train_file):
+    pytest.importorskip("ray")
+    import ray
+
+    from qatune.launch import LocalLauncher, RayLauncher
+
+    path = write_study(tmp_path, tiny_model, train_file)
+    narrow = ["alpha_policy=['fixed']", "lora_rank=[2]"]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"CUDA_VISIBLE_DEVICES": ""}})
+    try:
+        study = load_study(path, narrow, directory=tmp_path / "ray")
+        counts = run_study(study, RayLauncher(threads=1), poll_s=0.2, progress=False)
+    finally:
+        ray.shutdown()
+    assert counts == {"finished": 4}
+    local = load_study(path, narrow, directory=tmp_path / "local")
+    assert run_study(local, LocalLauncher(workers=2, threads=1), poll_s=0.2, progress=False) == {"finished": 4}
+    rows = db_rows(tmp_path / "ray")
+    assert all(r["attempts"] == 1 for r in rows.values())
+    for rid in rows:
+        a, b = run_json(tmp_path / "ray", rid), run_json(tmp_path / "local", rid)
+        assert a["metrics"] == b["metrics"] and a["loss"]["curve"] == b["loss"]["curve"]
