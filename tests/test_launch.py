@@ -153,6 +153,16 @@ def test_worker_killed_mid_run_is_claimed_again_and_resumes(tmp_path, tiny_model
     run_dir = ckpt.parent.parent
     pid = wait_for(lambda: json.loads((run_dir / "progress.json").read_text())["pid"]
                    if (run_dir / "progress.json").exists() else None, what="progress.json")
+
+    def running_status():  # another terminal's view: which run runs where, how far
+        proc = subprocess.run(study_cmd(path, directory, "--set", "train_questions=[12]", "--set",
+                                        "lora.strategy='full'", "--status", "--json"),
+                              env=ENV, capture_output=True, text=True)
+        run = json.loads(proc.stdout.strip().splitlines()[-1])["per_run"][0]
+        return run if run["status"] == "running" and run["step"] else None
+
+    seen = wait_for(running_status, what="--status to show the run's progress")
+    assert seen["total_steps"] == 1500 and "worker 0 (CPU, 1 threads)" in seen["worker"]
     os.kill(pid, signal.SIGKILL)
     out = driver.communicate(timeout=600)[0]
     assert driver.returncode == 0, out

@@ -102,6 +102,25 @@ def test_seed_preset_dry_run_offline(capsys):
     assert "24,582,914" in row  # MobileBERT QA parameters, counted offline from its config
 
 
+def test_seed_preset_calibrates_offline(capsys):
+    """Random-weight MobileBERT and DistilBERT (7 shapes: full + 6 LoRA ranks) are timed here, offline; tiny
+    batches keep the test cheap, the shapes' architecture is the real one."""
+    args = ["study", "studies/seed.toml", "--dry-run", "--calibrate", "--workers", "2", "--json",
+            "--set", "batch_size=2", "--set", "max_seq_length=64", "--set", "doc_stride=32"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["runs"] == 228 and out["total_pflop"] > 0 and out["slots"] == 2
+    per_run = out["per_run"]
+    assert len(per_run) == 228 and all(p["projected_s"] > 0 and p["s_per_step"] > 0 for p in per_run)
+    by_rank = {}
+    for p, r in zip(per_run, load_study("studies/seed.toml").runs):
+        by_rank.setdefault(r.config.lora_rank if r.config.strategy == "lora" else 0, set()).add(p["s_per_step"])
+    assert len(by_rank) == 7 and all(len(v) == 1 for v in by_rank.values())  # one measurement per shape
+    # more data, more steps, longer projected runs; the study takes at least its longest run and at most the sum
+    assert out["serial_hours"] / 2 <= out["projected_hours"] <= out["serial_hours"]
+    assert out["projected_hours"] * 3600 >= max(p["projected_s"] for p in per_run)
+
+
 def test_run_skip_fail_and_report(tmp_path, tiny_distilbert, train_file, capsys):
     path = write_study(tmp_path, tiny_distilbert, train_file)
     study = load_study(path, ["lora.lora_targets=['no_such_module']"], directory=tmp_path / "s")

@@ -229,27 +229,14 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from qatune.study import StudyError, estimate, load_study, run_study
+    from qatune.study import StudyError, load_study, run_study
 
     try:
         study = load_study(args.file, args.set or [], args.dir)
     except StudyError as e:
         raise CliError(str(e)) from e
     if args.dry_run:
-        body, total = [], 0.0
-        for k, r in enumerate(study.runs, 1):
-            est = estimate(r)
-            total += est["train_pflop"]
-            point = ", ".join(f"{key}={v}" for key, v in r.point.items())
-            body.append([k, r.id, r.arm, r.config.model, r.config.strategy, point,
-                         f"{est['trainable_params']:,}", f"{est['total_params']:,}", f"{est['trainable_percent']:.2f}",
-                         f"{est['train_windows']:,.0f}", f"{est['train_pflop']:.2f}"])
-        lines = [f"study {study.name}: {len(study.runs)} runs -> {study.directory}"]
-        lines += _table(["#", "run", "arm", "model", "strategy", "grid point", "trainable", "total", "%",
-                         "train windows", "train PFLOP"], body)
-        lines.append(f"total training compute: {total:.2f} PFLOP (6 x dense params x tokens for full fine-tuning, "
-                     f"4 x for LoRA; windows estimated from question counts)")
-        _emit({"runs": len(study.runs), "total_pflop": total}, args.json, lines)
+        _study_dry_run(study, args)
         return
     if args.status:
         _study_status(study, args.json)
@@ -272,6 +259,52 @@ def cmd_study(args: argparse.Namespace) -> None:
     if counts.get("failed"):
         raise CliError(f"{counts['failed']} run(s) failed after {args.max_attempts} attempt(s); their errors: "
                        f"qatune study {args.file} --status. Fix the cause, then rerun with --retry-failed")
+
+
+def _study_dry_run(study, args: argparse.Namespace) -> None:
+    from qatune.study import RUN_OVERHEAD_S, estimate, project
+
+    body, total = [], 0.0
+    for k, r in enumerate(study.runs, 1):
+        est = estimate(r)
+        total += est["train_pflop"]
+        point = ", ".join(f"{key}={v}" for key, v in r.point.items())
+        body.append([k, r.id, r.arm, r.config.model, r.config.strategy, point,
+                     f"{est['trainable_params']:,}", f"{est['total_params']:,}", f"{est['trainable_percent']:.2f}",
+                     f"{est['train_windows']:,.0f}", f"{est['steps']:,}", f"{est['train_pflop']:.2f}"])
+    header = ["#", "run", "arm", "model", "strategy", "grid point", "trainable", "total", "%", "train windows",
+              "steps", "train PFLOP"]
+    summary = {"runs": len(study.runs), "total_pflop": total}
+    notes = [f"total training compute: {total:.2f} PFLOP (6 x dense params x tokens for full fine-tuning, "
+             f"4 x for LoRA; windows estimated from question counts)"]
+    if args.calibrate:
+        from qatune.launch import LocalLauncher, visible_gpus
+
+        gpus = visible_gpus() if args.launcher == "local" else []
+        if args.launcher == "local":
+            slots = LocalLauncher(args.workers, args.runs_per_gpu, args.threads).slots
+            n, threads = len(slots), slots[0].threads
+        else:  # a cluster's size is not known before it is reached: project for the given slots
+            n, threads = args.workers or 1, args.threads or 1
+        proj = project(study, n, threads, args.runs_per_gpu if gpus else 1, "cuda" if gpus else "cpu")
+        for row, p in zip(body, proj["per_run"]):
+            row += [f"{p['s_per_step']:.2f}", _hours(p["projected_s"])]
+        header += ["s/step", "projected"]
+        where = (f"{len(gpus)} GPU(s) x {args.runs_per_gpu} runs per GPU" if gpus
+                 else f"{n} worker(s) x {threads} CPU thread(s)")
+        notes.append(f"projected on this machine ({where}): {proj['projected_hours']:.2f} h for the whole study "
+                     f"({proj['serial_hours']:.2f} h of runs; each run = {RUN_OVERHEAD_S:.0f} s start-up + steps x "
+                     f"measured s/step + evaluation at 1/3 of a step per window)")
+        summary.update({k: proj[k] for k in ("projected_hours", "serial_hours", "slots", "threads",
+                                             "runs_per_device", "device")})
+        summary["per_run"] = [{"id": p["id"], "arm": p["arm"], "steps": p["steps"], "s_per_step": p["s_per_step"],
+                               "projected_s": p["projected_s"]} for p in proj["per_run"]]
+    lines = [f"study {study.name}: {len(study.runs)} runs -> {study.directory}", *_table(header, body), *notes]
+    _emit(summary, args.json, lines)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 def _study_status(study, as_json: bool) -> None:
@@ -388,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="run a declarative study (TOML): a grid of training runs, resumable")
     st.add_argument("file", help="study file, e.g. studies/offline.toml")
     st.add_argument("--dry-run", action="store_true", help="list the runs with cost estimates; train nothing")
+    st.add_argument("--calibrate", action="store_true",
+                    help="with --dry-run: time a few steps of each distinct run shape here and project wall times")
     st.add_argument("--status", action="store_true", help="show each run's status and scores")
     st.add_argument("--set", action="append", metavar="[ARM.]KEY=VALUE",
                     help="override an option for all arms (or one arm), e.g. --set train_data=/data/train.json")

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import time
 import tomllib
 from dataclasses import asdict, dataclass, fields
@@ -250,14 +251,48 @@ def _where(slot, progress: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- dry run
+RUN_OVERHEAD_S = 10.0  # worker process start, imports and model load per run (tokenisation is cached per study)
+
+
 def estimate(run: Run) -> dict:
-    """Parameter counts (from the model config, no weights) and training FLOPs from window counts."""
-    params = count_params(run.config)
-    windows = estimate_windows(run.config)
-    epochs = run.config.epochs if not run.config.max_steps else run.config.max_steps * run.config.batch_size / windows
-    tokens = windows * epochs * 180  # mean tokens per window at 384/128 on SQuAD v1.1 (qatune data check)
-    per_token = 6 * params["dense_params"] if run.config.strategy == "full" else 4 * params["dense_params"]
-    return {**params, "train_windows": windows, "train_pflop": per_token * tokens / 1e15}
+    """Parameter counts (from the model config, no weights), windows, optimizer steps and training FLOPs."""
+    cfg = run.config
+    params = count_params(cfg)
+    windows = estimate_windows(cfg.train_data, cfg.train_split, cfg.train_articles, cfg.train_questions, cfg.seed)
+    batches = math.ceil(windows / cfg.batch_size)
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(1, batches // cfg.grad_accum)))
+    trained = steps * cfg.grad_accum * cfg.batch_size  # windows that pass through the model
+    tokens = trained * 180  # mean tokens per window at 384/128 on SQuAD v1.1 (qatune data check)
+    per_token = 6 * params["dense_params"] if cfg.strategy == "full" else 4 * params["dense_params"]
+    eval_windows = (estimate_windows(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions, cfg.seed)
+                    if cfg.eval_data else 0.0)
+    return {**params, "train_windows": windows, "steps": steps, "eval_windows": eval_windows,
+            "train_pflop": per_token * tokens / 1e15}
+
+
+def project(study: Study, slots: int, threads: int | None, runs_per_device: int = 1, device: str = "cpu",
+            progress: bool = True) -> dict:
+    """Time every distinct run shape on this machine and project each run's wall time and the study's for
+    ``slots`` runs at once (study order, as the driver claims them). ``runs_per_device`` runs sharing one
+    GPU are assumed to share it without gain (each takes that many times longer): an upper bound, since small
+    models usually gain from sharing (measure with benchmarks/bench_study.py)."""
+    from qatune.calibrate import StepKey, calibrate, makespan, project_run_seconds
+
+    keys = {r.id: StepKey.from_config(r.config) for r in study.runs}
+    seconds = calibrate(keys.values(), threads=threads, progress=progress, device=device)
+    per_run = []
+    for r in study.runs:
+        est = estimate(r)
+        s = seconds[keys[r.id]]
+        alone = project_run_seconds(est["steps"], s, est["eval_windows"], r.config.batch_size, RUN_OVERHEAD_S,
+                                    r.config.grad_accum)
+        per_run.append({"id": r.id, "arm": r.arm, "point": r.point, "steps": est["steps"], "s_per_step": s,
+                        "train_pflop": est["train_pflop"], "projected_s": alone * runs_per_device})
+    wall = makespan([p["projected_s"] for p in per_run], slots, longest_first=False)
+    return {"runs": len(per_run), "total_pflop": sum(p["train_pflop"] for p in per_run),
+            "projected_hours": wall / 3600, "serial_hours": sum(p["projected_s"] for p in per_run) / 3600,
+            "slots": slots, "threads": threads, "runs_per_device": runs_per_device, "device": device,
+            "per_run": per_run}
 
 
 def count_params(cfg: TrainConfig) -> dict:
@@ -267,38 +302,25 @@ def count_params(cfg: TrainConfig) -> dict:
 
 @functools.lru_cache(maxsize=256)
 def _count_params(model_name: str, strategy: str, rank: int, alpha: float, policy: str, targets: tuple) -> dict:
-    import torch
-    from transformers import AutoConfig, AutoModelForQuestionAnswering
+    from qatune.calibrate import model_from_config
+    from qatune.models import LoraSettings, parameter_counts
 
-    from qatune.models import LoraSettings, _known_configs, apply_strategy, parameter_counts, resolve_model
-
-    try:
-        known = _known_configs()
-        if model_name in known and not Path(model_name).exists():
-            mcfg = known[model_name]()  # no network needed for the seed study's models
-        else:
-            mcfg = AutoConfig.from_pretrained(resolve_model(model_name))
-    except (OSError, ValueError):
-        raise StudyError(f"cannot read the config of {model_name!r} offline; use a local directory") from None
-    with torch.device("meta"):
-        model = AutoModelForQuestionAnswering.from_config(mcfg)
-    emb = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
-    model = apply_strategy(model, strategy, LoraSettings(rank, alpha, 0.0, policy, list(targets) or None))
+    model = model_from_config(model_name, strategy, LoraSettings(rank, alpha, 0.0, policy, list(targets) or None),
+                              meta=True)
     counts = parameter_counts(model)
+    emb = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
     return {**counts, "dense_params": counts["total_params"] - emb}
 
 
-def estimate_windows(cfg: TrainConfig) -> float:
-    """Training windows: question count x windows per question. Hub data sets of known size are not
-    downloaded for this (a dry run works offline); other sources are loaded once."""
-    name, _, split = cfg.train_data.partition(":") if not Path(cfg.train_data).exists() else (cfg.train_data, "", "")
-    total = KNOWN_SIZES.get((name, split or cfg.train_split))
-    q = cfg.train_questions
-    if total is not None and not cfg.train_articles:
-        n = total if q is None else (round(q * total) if isinstance(q, float) else q)
+def estimate_windows(source: str, split: str, articles: str | None, questions, seed: int) -> float:
+    """Windows of a data selection: question count x windows per question. Hub data sets of known size are
+    not downloaded for this (a dry run works offline); other sources are loaded once."""
+    name, _, named_split = source.partition(":") if not Path(source).exists() else (source, "", "")
+    total = KNOWN_SIZES.get((name, named_split or split))
+    if total is not None and not articles:
+        n = total if questions is None else (round(questions * total) if isinstance(questions, float) else questions)
         return n * WINDOWS_PER_QUESTION
-    return _question_count(cfg.train_data, cfg.train_split, cfg.train_articles, json.dumps(q), cfg.seed) * \
-        WINDOWS_PER_QUESTION
+    return _question_count(source, split, articles, json.dumps(questions), seed) * WINDOWS_PER_QUESTION
 
 
 @functools.lru_cache(maxsize=64)
