@@ -49,7 +49,7 @@ learning_rate = 1.5e-4
 
 [[arms]]
 name = "lora"
-model = "{model}"
+model = "{lora_model}"
 strategy = "lora"
 learning_rate = 5e-4
 lora_alpha = 32
@@ -87,7 +87,9 @@ def metric_diff(a: dict, b: dict) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/squad/dev-v1.1.json")
-    ap.add_argument("--model", default="minilm-l6")
+    ap.add_argument("--model", default="minilm-l6", help="the model of both arms (full FT and LoRA)")
+    ap.add_argument("--seed-mix", action="store_true",
+                    help="the seed study's mix instead: MobileBERT-size full FT + DistilBERT-size LoRA (random weights)")
     ap.add_argument("--workers", type=int, nargs="+", default=[2], help="worker counts to compare with serial")
     ap.add_argument("--runs-per-gpu", type=int, nargs="+", default=[1, 2, 4, 8], help="GPU only")
     ap.add_argument("--steps", type=int, default=12)
@@ -108,7 +110,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         study = tmp / "bench.toml"
-        study.write_text(STUDY.format(data=data, model=args.model, seq=args.max_seq_length,
+        full_model = lora_model = args.model
+        if args.seed_mix:
+            from bench_run import random_model
+
+            full_model, lora_model = random_model("mobilebert", tmp), random_model("distilbert", tmp)
+        study.write_text(STUDY.format(data=data, model=full_model, lora_model=lora_model, seq=args.max_seq_length,
                                       stride=args.max_seq_length // 3, steps=args.steps, batch=args.batch_size,
                                       eval_questions=args.eval_questions, precision=args.precision))
         # Every setting starts from an empty study directory (tokenisation included, as in a real study).
@@ -128,7 +135,8 @@ def main() -> int:
             print(f"  {name}: {r['wall_s']:.1f} s", flush=True)
     base = results[0]
     device = f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus else f"{cores}-core CPU"
-    print(f"\nStudy throughput, {base['runs']} runs of {args.model} ({args.steps} steps x batch {args.batch_size}, "
+    models = "MobileBERT-size full + DistilBERT-size LoRA" if args.seed_mix else args.model
+    print(f"\nStudy throughput, {base['runs']} runs of {models} ({args.steps} steps x batch {args.batch_size}, "
           f"seq {args.max_seq_length}, eval {args.eval_questions} questions each), {device}\n")
     lines = []
     for r in results:

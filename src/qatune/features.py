@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ def cached_features(examples: Sequence[QAExample], tokenizer, max_seq_length: in
             return pickle.load(f)
     feats = build_features(examples, tokenizer, max_seq_length, doc_stride)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique across hosts of a cluster
     with open(tmp, "wb") as f:
         pickle.dump(feats, f, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(tmp, path)

@@ -229,12 +229,13 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
                                               for rid, p in reports.items()))
             time.sleep(poll_s)
     except KeyboardInterrupt:
-        say(f"stopping {len(active)} run(s): each saves a checkpoint first ...")
+        stopped = len(active)
+        say(f"stopping {stopped} run(s): each saves a checkpoint first ...")
         for o in launcher.stop():
             record(o)
         for rid in list(active):
             store.release(db, rid, owner)
-        raise StudyInterrupted(f"stopped; {len(active) or 'no'} run(s) were running and keep their checkpoints. "
+        raise StudyInterrupted(f"stopped; {stopped or 'no'} run(s) were running and keep their checkpoints. "
                                f"Run the same command again to continue.") from None
     finally:
         launcher.close()
