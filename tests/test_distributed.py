@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import save_tiny_model
@@ -34,6 +35,10 @@ def test_two_processes_match_one(tmp_path, train_file):
     assert not (tmp_path / "two" / "checkpoints" / "checkpoint-6" / ".rank1").exists()
     w1 = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
-    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+    # Two ranks sum gradients in another order; Adam's early updates are about lr in size whatever the gradient's,
+    # so a weight whose gradient is at noise level may move by a fraction of lr: bound the largest difference by
+    # one lr step (1e-3) and require almost every weight to agree to 1e-6.
+    diffs = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
+    assert float(diffs.max()) < 1e-3 and float(diffs.median()) < 1e-6 and float(diffs.mean()) < 1e-5
     assert one["metrics"]["exact_match"] == pytest.approx(two["metrics"]["exact_match"], abs=5.0)
     assert one["metrics"]["f1"] == pytest.approx(two["metrics"]["f1"], abs=5.0)
