@@ -275,8 +275,8 @@ def _study_dry_run(study, args: argparse.Namespace) -> None:
     header = ["#", "run", "arm", "model", "strategy", "grid point", "trainable", "total", "%", "train windows",
               "steps", "train PFLOP"]
     summary = {"runs": len(study.runs), "total_pflop": total}
-    notes = [f"total training compute: {total:.2f} PFLOP (6 x dense params x tokens for full fine-tuning, "
-             f"4 x for LoRA; windows estimated from question counts)"]
+    notes = [f"total training compute: {total:.2f} PFLOP (FLOPs per window counted on each model shape at the "
+             f"typical padded width, x windows trained; windows estimated from question counts)"]
     if args.calibrate:
         from qatune.launch import LocalLauncher, visible_gpus
 

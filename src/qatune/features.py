@@ -234,14 +234,20 @@ def label_span(offsets: np.ndarray, cs: int, ce: int, start_char: int, end_char:
     return s, t
 
 
+def batch_width(lengths: Sequence[int], max_seq_length: int, pad_to_max_length: bool = False,
+                pad_multiple: int = PAD_MULTIPLE) -> int:
+    """The padded width of a batch of windows of these lengths (what `collate` pads to)."""
+    if pad_to_max_length:
+        return max_seq_length
+    longest = int(max(lengths))
+    return min(-(-longest // pad_multiple) * pad_multiple, max(max_seq_length, longest))
+
+
 def collate(features: Features, rows: Sequence[int], pad_token_id: int, pad_to_max_length: bool = False,
             pad_multiple: int = PAD_MULTIPLE, with_labels: bool = True) -> dict[str, torch.Tensor]:
     """Pad the given windows to the batch's longest (rounded up to ``pad_multiple``) or to max_seq_length."""
     lengths = [len(features.input_ids[r]) for r in rows]
-    if pad_to_max_length:
-        width = features.max_seq_length
-    else:
-        width = min(-(-max(lengths) // pad_multiple) * pad_multiple, max(features.max_seq_length, max(lengths)))
+    width = batch_width(lengths, features.max_seq_length, pad_to_max_length, pad_multiple)
     input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     types = np.zeros((len(rows), width), dtype=np.int64) if features.token_type_ids is not None else None

@@ -108,6 +108,11 @@ class LocalLauncher:
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self._procs[run.id] = (proc, run_dir, log)
 
+    @staticmethod
+    def shares_device(a: Slot, b: Slot) -> bool:
+        """Two local workers share a GPU when pinned to the same one, and the CPU when neither has a GPU."""
+        return a.gpu == b.gpu
+
     def where(self, run_id: str) -> str:
         proc = self._procs.get(run_id)
         return f"pid {proc[0].pid}" if proc else ""
@@ -188,6 +193,11 @@ class RayLauncher:
 
         self._task = ray.remote(max_calls=1, max_retries=0, **options)(execute)
         self._refs: dict[str, object] = {}
+
+    @staticmethod
+    def shares_device(a: Slot, b: Slot) -> bool:
+        """Unknown: Ray places tasks; each run's own machine-load reading covers the CPU."""
+        return False
 
     def submit(self, run, slot: Slot) -> None:
         self._refs[run.id] = self._task.remote(asdict(run.config), slot.threads)

@@ -49,7 +49,9 @@ class RunRecord:
                 "peak_rss_mb": m["peak_rss_mb"], "cuda_peak_mb": m.get("cuda_peak_mb"),
                 "resumed_from_step": t["resumed_from_step"], "train_questions": self.data["train_questions"],
                 "train_windows": self.data["train_windows"], "precision": self.resolved["precision"],
-                "final_loss": self.loss.get("final")}
+                "final_loss": self.loss.get("final"), "train_flops": t.get("train_flops"),
+                "train_flop_per_s": t.get("train_flop_per_s"), "process_cpu_s": t.get("process_cpu_s"),
+                "device_s": t.get("device_s"), "others_cores": t.get("others_cores"), "cores": t.get("cores")}
 
 
 def write_json_atomic(path: Path, obj, durable: bool = True) -> None:

@@ -63,6 +63,73 @@ def _config_label(row: dict) -> str:
     return row["arm"]
 
 
+SLOW_FRACTION = 0.8  # a run below this share of its configuration's isolated FLOP/s is marked
+LOADED_CORES = 0.25  # other processes using this many cores on average while a run trained: "machine loaded"
+
+
+def _shape(row: dict) -> tuple:
+    """What sets a run's speed (not its data volume or seed): runs of one shape should train at one FLOP/s."""
+    c = row["config"]
+    return (c["model"], c["strategy"], c.get("lora_rank") if c["strategy"] == "lora" else None, c["max_seq_length"],
+            c["batch_size"], row["costs"].get("precision"), c.get("pad_to_max_length"), c.get("compile"))
+
+
+def cost_marks(runs: list[dict]) -> dict[str, str]:
+    """Runs that trained markedly slower (counted FLOP/s) than their shape's runs that had the machine to
+    themselves, with the evidence recorded: other runs on the same device, or other load on the machine."""
+    by_shape: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        if r["costs"].get("train_flop_per_s"):
+            by_shape[_shape(r)].append(r)
+    marks = {}
+    for rs in by_shape.values():
+        alone = [r for r in rs if not r["costs"].get("shared_runs") and
+                 (r["costs"].get("others_cores") or 0) < LOADED_CORES]
+        reference = max(r["costs"]["train_flop_per_s"] for r in (alone or rs))
+        for r in rs:
+            c = r["costs"]
+            if c["train_flop_per_s"] >= SLOW_FRACTION * reference:
+                continue
+            why = []
+            if c.get("shared_runs"):
+                why.append(f"shared device with {c['shared_runs']} run(s)")
+            if (c.get("others_cores") or 0) >= LOADED_CORES:
+                why.append(f"machine loaded ({c['others_cores']:.1f} cores busy elsewhere)")
+            marks[r["id"]] = (", ".join(why) or "slower than its configuration alone") + \
+                f": {c['train_flop_per_s'] / reference:.0%} of the isolated rate"
+    return marks
+
+
+def _pflop(rs: list[dict]) -> str:
+    values = [r["costs"].get("train_flops") for r in rs]
+    return f"{np.mean(values) / 1e15:.3f}" if all(values) else "n/a"
+
+
+def _marked(rs: list[dict], marks: dict[str, str]) -> str:
+    n = sum(r["id"] in marks for r in rs)
+    return f" (†{n} slowed)" if n else ""
+
+
+def _cost_section(runs: list[dict], marks: dict[str, str]) -> list[str]:
+    """Every run's costs: counted FLOPs (load-independent), CPU and device time, and wall time with its marks."""
+    lines = ["", "## Costs per run", "",
+             "Training compute is counted (FlopCounterMode on the run's model shape, times the batches it trained), "
+             "so it does not depend on the machine's load; wall time does. A run whose FLOP/s fell below "
+             f"{SLOW_FRACTION:.0%} of its configuration's rate when running alone is marked †, with the evidence.",
+             "", "| run | configuration | data | seed | train PFLOP | train s | GFLOP/s | CPU s | device s | "
+             "other load (cores) | runs sharing its device | mark |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in runs:
+        c = r["costs"]
+        num = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"| `{r['id']}` | {_config_label(r)} | {int(_volume(r))} | {r['config']['seed']} | "
+                     f"{num(c.get('train_flops') and c['train_flops'] / 1e15, '.3f')} | {c['train_s']:.0f} | "
+                     f"{num(c.get('train_flop_per_s') and c['train_flop_per_s'] / 1e9, '.1f')} | "
+                     f"{num(c.get('process_cpu_s'), '.0f')} | {num(c.get('device_s'), '.1f')} | "
+                     f"{num(c.get('others_cores'), '.2f')} | {c.get('shared_runs', 'n/a')} | "
+                     f"{'† ' + marks[r['id']] if r['id'] in marks else ''} |")
+    return lines
+
+
 def _volume(row: dict) -> float:
     return float(row["costs"]["train_questions"])
 
@@ -139,8 +206,9 @@ def write_report(study_dir: str | Path, expected: int | None = None) -> Path:
 
     lines += ["", f"## Headline table ({int(top_volume)} training questions)", "",
               "EM and F1 on the evaluation set: mean ± 95% CI over seeds (t interval; no interval with one seed).", "",
-              "| configuration | seeds | EM | F1 | trainable params | total params | trainable % | train time (s) "
-              "| windows/s | peak RSS (MB) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| configuration | seeds | EM | F1 | trainable params | total params | trainable % | train PFLOP "
+              "| train time (s) | windows/s | peak RSS (MB) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    marks = cost_marks(done)
     summary = {}
     for label, rs in sorted(headline_rows.items(), key=lambda kv: -np.mean([r["metrics"]["f1"] for r in kv[1]])):
         em = mean_ci([r["metrics"][metric_key] for r in rs])
@@ -148,11 +216,12 @@ def write_report(study_dir: str | Path, expected: int | None = None) -> Path:
         c = rs[0]["costs"]
         summary[label] = {"em": em, "f1": f1, "runs": rs}
         lines.append(f"| {label} | {len(rs)} | {_fmt(*em)} | {_fmt(*f1)} | {c['trainable_params']:,} | "
-                     f"{c['total_params']:,} | {c['trainable_percent']:.2f} | "
-                     f"{np.mean([r['costs']['train_s'] for r in rs]):.0f} | "
+                     f"{c['total_params']:,} | {c['trainable_percent']:.2f} | {_pflop(rs)} | "
+                     f"{np.mean([r['costs']['train_s'] for r in rs]):.0f}{_marked(rs, marks)} | "
                      f"{np.mean([r['costs']['train_windows_per_s'] for r in rs]):.1f} | "
                      f"{max(r['costs']['peak_rss_mb'] for r in rs):.0f} |")
 
+    lines += _cost_section(done, marks)
     figures = _figures(study_dir, groups, top_volume)
     lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
 
@@ -298,11 +367,18 @@ def _figures(study_dir: Path, groups: dict, top_volume: float) -> list[str]:
         names.append("data_volume.png")
 
     # Pareto: F1 vs trainable parameters and vs training time
+    # The cost axis is the counted training FLOPs: independent of what else the machine was doing. Studies
+    # recorded before FLOPs were counted fall back to wall time, and say so.
+    counted = all(r["costs"].get("train_flops") for (_l, v), (_f, _e, rs) in stats.items() if v == top_volume
+                  for r in rs)
+    cost_key, cost_label, cost_title = (("train_flops", "training compute (counted PFLOP)", "training compute")
+                                        if counted else ("train_s", "training wall time (s)", "training time"))
+    scale = 1e15 if counted else 1.0
     pts = [(label, f1[0], np.mean([r["costs"]["trainable_params"] for r in rs]),
-            np.mean([r["costs"]["train_s"] for r in rs])) for (label, v), (f1, em, rs) in stats.items()
+            np.mean([r["costs"][cost_key] for r in rs]) / scale) for (label, v), (f1, em, rs) in stats.items()
            if v == top_volume]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, k, xlabel in [(axes[0], 2, "trainable parameters"), (axes[1], 3, "training wall time (s)")]:
+    for ax, k, xlabel in [(axes[0], 2, "trainable parameters"), (axes[1], 3, cost_label)]:
         xs = np.array([p[k] for p in pts])
         ys = np.array([p[1] for p in pts])
         ax.scatter(xs, ys)
@@ -321,7 +397,7 @@ def _figures(study_dir: Path, groups: dict, top_volume: float) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_title("F1 vs trainable parameters")
-    axes[1].set_title("F1 vs training time")
+    axes[1].set_title(f"F1 vs {cost_title}")
     fig.tight_layout()
     fig.savefig(study_dir / "pareto.png", dpi=120)
     plt.close(fig)

@@ -178,13 +178,15 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
     active: dict[str, object] = {}
     waiting = False
     last_status = time.time()
+    shared: dict[str, int] = {}  # most runs of this driver that shared a run's device (GPU, or this CPU) with it
 
     def record(o) -> None:
         slot = active.pop(o.run_id)
         free.append(slot)
         free.sort(key=lambda s: s.index)
+        neighbours = shared.pop(o.run_id, 0)
         if o.status == "finished":
-            store.finish(db, o.run_id, owner, o.record.metrics, o.record.costs())
+            store.finish(db, o.run_id, owner, o.record.metrics, {**o.record.costs(), "shared_runs": neighbours})
             m = o.record.metrics
             score = f"EM {m.get('exact_match', m.get('exact', float('nan'))):.2f}, F1 {m['f1']:.2f}, " if m else ""
             say(f"  finished {o.run_id} ({by_id[o.run_id].arm}): {score}train {o.record.timing['train_s']:.0f}s")
@@ -212,6 +214,9 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
                 done = sum(s == "finished" for s in store.statuses(db, ids).values())
                 label = ", ".join(f"{k}={v}" for k, v in run.point.items()) or "no grid"
                 say(f"[{done}/{len(ids)} done] start {rid}: {run.arm} ({label}) on {slot.describe()}")
+            for rid, slot in active.items():
+                others = sum(launcher.shares_device(slot, s) for r, s in active.items() if r != rid)
+                shared[rid] = max(shared.get(rid, 0), others)
             reports = {rid: read_progress(Path(by_id[rid].config.output_dir)) for rid in active}
             store.renew(db, owner, lease_s, {rid: {"step": p.get("step"), "total_steps": p.get("total_steps"),
                                                    "worker": _where(active[rid], p)}
@@ -257,18 +262,23 @@ RUN_OVERHEAD_S = 10.0  # worker process start, imports and model load per run (t
 
 def estimate(run: Run) -> dict:
     """Parameter counts (from the model config, no weights), windows, optimizer steps and training FLOPs."""
+    from qatune.calibrate import StepKey
+    from qatune.flops import for_config
+
     cfg = run.config
     params = count_params(cfg)
     windows = estimate_windows(cfg.train_data, cfg.train_split, cfg.train_articles, cfg.train_questions, cfg.seed)
     batches = math.ceil(windows / cfg.batch_size)
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(1, batches // cfg.grad_accum)))
     trained = steps * cfg.grad_accum * cfg.batch_size  # windows that pass through the model
-    tokens = trained * 180  # mean tokens per window at 384/128 on SQuAD v1.1 (qatune data check)
-    per_token = 6 * params["dense_params"] if cfg.strategy == "full" else 4 * params["dense_params"]
+    # Counted FLOPs per window (forward + backward, attention and LoRA's frozen weights included) at the padded
+    # width a typical batch has: what the run will record, computed from the same count.
+    width = StepKey.from_config(cfg).width
+    per_window = for_config(cfg)
     eval_windows = (estimate_windows(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions, cfg.seed)
                     if cfg.eval_data else 0.0)
     return {**params, "train_windows": windows, "steps": steps, "eval_windows": eval_windows,
-            "train_pflop": per_token * tokens / 1e15}
+            "train_pflop": trained * (per_window.forward(width) + per_window.backward(width)) / 1e15}
 
 
 def project(study: Study, slots: int, threads: int | None, runs_per_device: int = 1, device: str = "cpu",

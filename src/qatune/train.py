@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qatune import flops
 from qatune.data import SquadData, load_squad, select_articles, subsample
-from qatune.features import PAD_MULTIPLE, cached_features, collate
+from qatune.features import PAD_MULTIPLE, batch_width, cached_features, collate
 from qatune.models import (
     LoraSettings,
     ModelError,
@@ -411,6 +412,7 @@ class Recipe:
         lora = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.alpha_policy, cfg.lora_targets)
         model = apply_strategy(model, cfg.strategy, lora)
         self.counts = parameter_counts(model)
+        self.window_flops = flops.for_config(cfg)  # counted on the architecture, on the meta device
 
         self.world, self.rank = acc.num_processes, acc.process_index
         self.n_batches = math.ceil(len(self.feats) / (cfg.batch_size * self.world))
@@ -432,22 +434,39 @@ class Recipe:
         self.model, self.acc_optimizer = acc.prepare(model, self.optimizer)
         # A compiled view for the forward pass; saving and evaluation use the module itself.
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self._pad_multiple = COMPILE_PAD_MULTIPLE if cfg.compile else PAD_MULTIPLE
         self.setup_s = time.perf_counter() - t_setup
         return None
 
-    def _batch(self, m: int) -> tuple[int, dict]:
-        """Micro-batch ``m`` of the run (this rank's rows): a pure function of (seed, m)."""
+    def _rows(self, m: int, rank: int, cache: dict) -> np.ndarray:
+        """Rank ``rank``'s windows of micro-batch ``m``: a pure function of (seed, m)."""
         cfg = self.cfg
         epoch, index = divmod(m, self.n_batches)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._epoch_batches = epoch_batches(self.feats.lengths, cfg.batch_size * self.world, cfg.seed, epoch,
-                                                cfg.group_by_length)
-        rows = self._epoch_batches[index][self.rank :: self.world]
+        if cache.get("epoch") != epoch:
+            cache["epoch"] = epoch
+            cache["batches"] = epoch_batches(self.feats.lengths, cfg.batch_size * self.world, cfg.seed, epoch,
+                                             cfg.group_by_length)
+        rows = cache["batches"][index][rank :: self.world]
         if len(rows) == 0:  # a short last global batch: reuse rows so every rank steps together
-            rows = self._epoch_batches[index][:1]
-        multiple = COMPILE_PAD_MULTIPLE if cfg.compile else PAD_MULTIPLE
-        return len(rows), collate(self.feats, rows, self.tokenizer.pad_token_id, cfg.pad_to_max_length, multiple)
+            rows = cache["batches"][index][:1]
+        return rows
+
+    def _batch(self, m: int) -> tuple[int, dict]:
+        rows = self._rows(m, self.rank, self._batch_cache)
+        return len(rows), collate(self.feats, rows, self.tokenizer.pad_token_id, self.cfg.pad_to_max_length,
+                                  self._pad_multiple)
+
+    def flops(self, first_step: int, last_step: int) -> int:
+        """Training FLOPs of optimizer steps [first_step, last_step) over every rank: the batches are known in
+        advance, so a resumed run counts the whole run exactly as an uninterrupted one."""
+        cfg, cache, total = self.cfg, {}, 0
+        for m in range(first_step * cfg.grad_accum, last_step * cfg.grad_accum):
+            for rank in range(self.world):
+                rows = self._rows(m, rank, cache)
+                width = batch_width(self.feats.lengths[rows], cfg.max_seq_length, cfg.pad_to_max_length,
+                                    self._pad_multiple)
+                total += self.window_flops.train(len(rows), width)
+        return total
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
@@ -462,17 +481,22 @@ class Recipe:
         loss_sum, loss_n = torch.zeros((), device=device), 0
         self.curve: list[list[float]] = []
         self.windows_seen = self.tokens_seen = 0
-        self._epoch, self._epoch_batches = -1, []
+        self._batch_cache: dict = {}
         graceful = self.world == 1  # with several ranks a stop would need agreeing on the step: they just end
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc=f"train {cfg.strategy}", unit="step",
                    disable=not (self.progress and self.main), dynamic_ncols=True)
         prefetch = Prefetcher(self._batch, self.start_step * cfg.grad_accum, self.total_steps * cfg.grad_accum,
                               pin=device.type == "cuda")
         self.model.train()
+        events = [] if device.type == "cuda" else None  # (start, end) per step: device time, read at the end
+        load = flops.LoadMeter()
         t0 = last_progress = time.perf_counter()
         self._write_progress(self.start_step, t0)
         try:
             for step in range(self.start_step, self.total_steps):
+                if events is not None:
+                    events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                    events[-1][0].record()
                 for micro in range(cfg.grad_accum):
                     m = step * cfg.grad_accum + micro
                     n_rows, batch = prefetch.next()
@@ -490,6 +514,8 @@ class Recipe:
                 self.acc_optimizer.step()
                 self.scheduler.step()
                 self.acc_optimizer.zero_grad(set_to_none=True)
+                if events is not None:
+                    events[-1][1].record()
                 bar.update(1)
                 done = step + 1
                 if done % cfg.logging_steps == 0 or done == self.total_steps:
@@ -518,6 +544,10 @@ class Recipe:
             bar.close()
         self._raise_if_nonfinite()
         self.train_s = time.perf_counter() - t0
+        self.load = load.read()
+        if events is not None:
+            torch.cuda.synchronize()
+            self.load["device_s"] = sum(a.elapsed_time(b) for a, b in events) / 1000
         self._write_progress(self.total_steps, t0)
 
     def _flag_nonfinite(self, loss: torch.Tensor, m: int) -> None:
@@ -599,7 +629,13 @@ class Recipe:
                 timing={"setup_s": self.setup_s, "train_s": train_s, "eval_s": eval_s, "steps_run": steps_run,
                         "resumed_from_step": self.start_step,
                         "train_windows_per_s": self.windows_seen * world / train_s if train_s else None,
-                        "train_tokens_per_s": self.tokens_seen * world / train_s if train_s else None},
+                        "train_tokens_per_s": self.tokens_seen * world / train_s if train_s else None,
+                        # counted FLOPs of the whole run (all ranks) and the rate of this attempt's steps
+                        "train_flops": self.flops(0, self.total_steps),
+                        "train_flop_per_s": (self.flops(self.start_step, self.total_steps) / train_s
+                                             if train_s else None),
+                        "process_cpu_s": self.load["process_cpu_s"], "device_s": self.load.get("device_s"),
+                        "others_cores": self.load["others_cores"], "cores": self.load["cores"]},
                 memory=peak_memory(self.acc.device),
                 environment=environment(self.acc.device),
                 loss={"final": self.curve[-1][1] if self.curve else None, "curve": self.curve},
