@@ -119,7 +119,8 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_models, train_file, monkeypa
         json.loads((tmp_path / "b" / "predictions.json").read_text())
 
 
-def test_nan_loss_stops_with_step(tmp_path, tiny_models, train_file, monkeypatch):
+def poison_third_forward(monkeypatch, factor: float) -> None:
+    """Make the span head's third forward pass (step 3 at grad_accum 1) return non-finite logits."""
     import qatune.train as t
 
     real = t.load_qa_model
@@ -130,12 +131,16 @@ def test_nan_loss_stops_with_step(tmp_path, tiny_models, train_file, monkeypatch
 
         def hook(module, inputs, output):
             calls["n"] += 1
-            return output * float("nan") if calls["n"] == 3 else output
+            return output * factor if calls["n"] == 3 else output
 
         model.qa_outputs.register_forward_hook(hook)
         return model
 
     monkeypatch.setattr(t, "load_qa_model", poisoned)
+
+
+def test_nan_loss_stops_with_step(tmp_path, tiny_models, train_file, monkeypatch):
+    poison_third_forward(monkeypatch, float("nan"))
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 3.*checkpoint-2"):
         train(cfg(tiny_models["distilbert"], train_file, tmp_path / "nan", save_steps=2), progress=False)
     assert (tmp_path / "nan" / "checkpoints" / "checkpoint-2").exists()
@@ -204,20 +209,7 @@ def test_nonfinite_loss_leaves_the_weights_untouched(tmp_path, tiny_models, trai
     """The check is deferred (no host sync per step), so later steps run, but no update reaches the weights."""
     import qatune.train as t
 
-    real = t.load_qa_model
-    calls = {"n": 0}
-
-    def poisoned(name):
-        model = real(name)
-
-        def hook(module, inputs, output):
-            calls["n"] += 1
-            return output * float("inf") if calls["n"] == 3 else output
-
-        model.qa_outputs.register_forward_hook(hook)
-        return model
-
-    monkeypatch.setattr(t, "load_qa_model", poisoned)
+    poison_third_forward(monkeypatch, float("inf"))
     recipe = t.Recipe(cfg(tiny_models["distilbert"], train_file, tmp_path / "inf", max_steps=6, save_steps=100,
                           logging_steps=100), progress=False)
     assert recipe.setup() is None
