@@ -218,3 +218,55 @@ def test_ray_launcher_matches_local(tmp_path, tiny_model, train_file):
     for rid in rows:
         a, b = run_json(tmp_path / "ray", rid), run_json(tmp_path / "local", rid)
         assert a["metrics"] == b["metrics"] and a["loss"]["curve"] == b["loss"]["curve"]
+
+
+# ---------------------------------------------------------------------------------------------- bad usage
+@pytest.mark.parametrize("extra,message", [
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--threads", "-1"], "--threads must be >= 1, got -1"),
+    (["--runs-per-gpu", "0"], "--runs-per-gpu must be >= 1, got 0"),
+    (["--max-attempts", "0"], "--max-attempts must be >= 1, got 0"),
+    (["--dry-run", "--calibrate", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--calibrate"], "--calibrate only goes with --dry-run"),
+    (["--dry-run", "--status"], "choose one of --dry-run and --status"),
+    (["--ray-address", "127.0.0.1:1"], "--ray-address needs --launcher ray"),
+    (["--launcher", "ray", "--ray-address", "127.0.0.1:1"], "no Ray cluster answers at '127.0.0.1:1'"),
+])
+def test_bad_launcher_options_are_refused_before_anything_starts(tmp_path, train_file, extra, message, capsys):
+    from qatune.cli import main
+
+    path = write_study(tmp_path, tmp_path / "no-model-needed", train_file)
+    assert main(["study", str(path), "--dir", str(tmp_path / "s"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "s" / "study.sqlite").exists()  # nothing was registered or trained
+
+
+def test_damaged_database_and_status_of_a_study_not_started(tmp_path, train_file, capsys):
+    from qatune.cli import main
+
+    path = write_study(tmp_path, tmp_path / "m", train_file)
+    assert main(["study", str(path), "--dir", str(tmp_path / "new"), "--status"]) == 0
+    assert "10 not started" in capsys.readouterr().out and not (tmp_path / "new").exists()  # a look creates nothing
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "study.sqlite").write_bytes(os.urandom(4096))
+    for args in (["study", str(path), "--dir", str(tmp_path / "bad"), "--status"], ["report", str(tmp_path / "bad")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "study.sqlite: not a usable study database" in err and "move it aside" in err
+
+
+@pytest.mark.slow
+def test_a_damaged_run_json_is_finished_again_not_trusted(tmp_path, tiny_model, train_file):
+    path = write_study(tmp_path, tiny_model, train_file)
+    narrow = ["alpha_policy=['fixed']", "lora_rank=[2]", "train_questions=[6]", "lora.strategy='full'"]
+    study = load_study(path, narrow, directory=tmp_path / "s")
+    assert run_study(study, poll_s=0.1, progress=False) == {"finished": 1}
+    run_file = tmp_path / "s" / "runs" / study.runs[0].id / "run.json"
+    good = json.loads(run_file.read_text())
+    run_file.write_text('{"config": ')
+    (tmp_path / "s" / "study.sqlite").unlink()  # the database lost too: only the run directory is left
+    assert run_study(load_study(path, narrow, directory=tmp_path / "s"), poll_s=0.1, progress=False) == \
+        {"finished": 1}
+    again = json.loads(run_file.read_text())
+    assert again["metrics"] == good["metrics"] and again["timing"]["steps_run"] == 0  # from its last checkpoint

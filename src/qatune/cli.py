@@ -235,16 +235,24 @@ def cmd_study(args: argparse.Namespace) -> None:
         study = load_study(args.file, args.set or [], args.dir)
     except StudyError as e:
         raise CliError(str(e)) from e
+    from qatune.launch import LaunchError, check_settings, make_launcher
+
+    try:  # launcher settings are checked first, whatever the mode
+        check_settings(args.workers, args.runs_per_gpu, args.threads)
+    except LaunchError as e:
+        raise CliError(str(e)) from e
+    if args.max_attempts < 1:
+        raise CliError(f"--max-attempts must be >= 1, got {args.max_attempts}")
+    if args.calibrate and not args.dry_run:
+        raise CliError("--calibrate only goes with --dry-run (it times steps and projects; it trains nothing)")
+    if args.dry_run and args.status:
+        raise CliError("choose one of --dry-run and --status")
     if args.dry_run:
         _study_dry_run(study, args)
         return
     if args.status:
         _study_status(study, args.json)
         return
-    from qatune.launch import LaunchError, make_launcher
-
-    if args.max_attempts < 1:
-        raise CliError(f"--max-attempts must be >= 1, got {args.max_attempts}")
     try:
         launcher = make_launcher(args.launcher, args.workers, args.runs_per_gpu, args.threads, args.ray_address)
     except LaunchError as e:
@@ -310,9 +318,11 @@ def _hours(seconds: float) -> str:
 def _study_status(study, as_json: bool) -> None:
     from qatune.store import connect, rows
 
-    db = connect(study.directory)
-    by_id = {r["id"]: r for r in rows(db)}
-    db.close()
+    by_id = {}
+    if (study.directory / "study.sqlite").exists():  # a study not started yet: nothing to create for a look
+        db = connect(study.directory)
+        by_id = {r["id"]: r for r in rows(db)}
+        db.close()
     body, runs = [], []
     for k, r in enumerate(study.runs, 1):
         row = by_id.get(r.id, {})
@@ -450,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qatune.features import FeatureError
     from qatune.models import ModelError
+    from qatune.store import StoreError
     from qatune.study import StudyError, StudyInterrupted
     from qatune.train import Interrupted, TrainingError
 
@@ -458,7 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     except (Interrupted, StudyInterrupted) as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
-    except (CliError, SquadDataError, FeatureError, ModelError, TrainingError, StudyError) as e:
+    except KeyboardInterrupt:  # Ctrl-C where nothing needed saving (loading, a dry run, a report)
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (CliError, SquadDataError, FeatureError, ModelError, TrainingError, StudyError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -56,6 +56,13 @@ class Outcome:
         return cls(run_id, d["status"], record, error)
 
 
+def check_settings(workers: int | None, runs_per_gpu: int, threads: int | None) -> None:
+    """Launcher settings checked before anything starts; the message names the option and its range."""
+    for flag, value in (("--workers", workers), ("--runs-per-gpu", runs_per_gpu), ("--threads", threads)):
+        if value is not None and value < 1:
+            raise LaunchError(f"{flag} must be >= 1, got {value}")
+
+
 def visible_gpus() -> list[str]:
     """The CUDA devices this process may use, as indices for CUDA_VISIBLE_DEVICES."""
     import torch
@@ -82,10 +89,7 @@ class LocalLauncher:
     name = "local"
 
     def __init__(self, workers: int | None = None, runs_per_gpu: int = 1, threads: int | None = None):
-        if workers is not None and workers < 1:
-            raise LaunchError(f"--workers must be >= 1, got {workers}")
-        if runs_per_gpu < 1:
-            raise LaunchError(f"--runs-per-gpu must be >= 1, got {runs_per_gpu}")
+        check_settings(workers, runs_per_gpu, threads)
         gpus = visible_gpus()
         n = workers or (len(gpus) * runs_per_gpu if gpus else 1)
         t = threads or max(1, (os.cpu_count() or 1) // n)
@@ -174,6 +178,8 @@ class RayLauncher:
             raise LaunchError("--launcher ray needs Ray: pip install 'qatune[ray]'") from e
         self._ray = ray
         self._own = not ray.is_initialized()
+        if self._own and address:
+            _check_reachable(address)
         if self._own:
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -235,6 +241,20 @@ class RayLauncher:
             self._ray.shutdown()
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on a Ray address nothing answers at (Ray itself retries for minutes)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise LaunchError(f"no Ray cluster answers at {address!r} ({e}); start one with `ray start --head` on the "
+                          f"head node and pass its address (host:6379), or omit --ray-address for a local instance") from e
+
+
 class _quiet:
     def __enter__(self):
         return self
@@ -245,6 +265,7 @@ class _quiet:
 
 def make_launcher(kind: str, workers: int | None = None, runs_per_gpu: int = 1, threads: int | None = None,
                   address: str | None = None):
+    check_settings(workers, runs_per_gpu, threads)
     if kind == "local":
         if address:
             raise LaunchError("--ray-address needs --launcher ray")

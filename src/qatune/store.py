@@ -79,14 +79,23 @@ class Owner:
         return False
 
 
+class StoreError(RuntimeError):
+    """A study database that cannot be used; the message names the file and what to do."""
+
+
 def connect(directory: Path) -> sqlite3.Connection:
     directory.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(directory / "study.sqlite", timeout=60, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA busy_timeout=60000")
-    db.executescript(SCHEMA)
-    have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+    path = directory / "study.sqlite"
+    try:
+        db = sqlite3.connect(path, timeout=60, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=60000")
+        db.executescript(SCHEMA)
+        have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path}: not a usable study database ({e}); move it aside and run the study again: "
+                         f"finished runs keep their run directories, and are trained again only if missing") from e
     for name, kind in CLAIM_COLUMNS.items():
         if name not in have:
             try:

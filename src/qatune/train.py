@@ -22,6 +22,7 @@ import random
 import resource
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -384,7 +385,11 @@ class Recipe:
         if self.main:
             out.mkdir(parents=True, exist_ok=True)
         if cfg.resume and (out / "run.json").exists() and (out / "metrics.json").exists():
-            return RunRecord.load(out / "run.json")
+            try:
+                return RunRecord.load(out / "run.json")
+            except (ValueError, TypeError, KeyError):  # damaged: finish the run again from its last checkpoint
+                print(f"{out / 'run.json'} is damaged; finishing the run again from its last checkpoint",
+                      file=sys.stderr)
         ckpts = list_checkpoints(out / "checkpoints")
         if ckpts and not cfg.resume:
             raise TrainingError(f"{out} already holds checkpoints of a run; pass --resume to continue it, "
@@ -611,6 +616,8 @@ class Recipe:
                 if self.eval_data.version.startswith("2"):
                     write_json_atomic(out / "null_odds.json", decoded.null_odds)
             train_s, world = self.train_s, self.world
+            run_flops = self.flops(0, self.total_steps)
+            attempt_flops = self.flops(self.start_step, self.total_steps) if self.start_step else run_flops
             record = RunRecord(
                 config=asdict(cfg),
                 resolved={"learning_rate": cfg.resolved_learning_rate(), "precision": self.precision,
@@ -631,9 +638,8 @@ class Recipe:
                         "train_windows_per_s": self.windows_seen * world / train_s if train_s else None,
                         "train_tokens_per_s": self.tokens_seen * world / train_s if train_s else None,
                         # counted FLOPs of the whole run (all ranks) and the rate of this attempt's steps
-                        "train_flops": self.flops(0, self.total_steps),
-                        "train_flop_per_s": (self.flops(self.start_step, self.total_steps) / train_s
-                                             if train_s else None),
+                        "train_flops": run_flops,
+                        "train_flop_per_s": attempt_flops / train_s if train_s else None,
                         "process_cpu_s": self.load["process_cpu_s"], "device_s": self.load.get("device_s"),
                         "others_cores": self.load["others_cores"], "cores": self.load["cores"]},
                 memory=peak_memory(self.acc.device),
