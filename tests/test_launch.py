@@ -111,7 +111,8 @@ def test_two_drivers_train_every_run_exactly_once(tmp_path, tiny_model, train_fi
     procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    errors = {rid: r["error"] for rid, r in db_rows(directory).items() if r["error"]}
+    assert [p.returncode for p in procs] == [0, 0], (errors, [out[-2500:] for out in outs])
     rows = db_rows(directory)
     assert len(rows) == 4
     assert all(r["status"] == "finished" and r["attempts"] == 1 for r in rows.values()), rows

@@ -34,10 +34,17 @@ CREATE TABLE IF NOT EXISTS runs (
     error TEXT,
     metrics TEXT,
     costs TEXT,
-    output_dir TEXT NOT NULL
+    output_dir TEXT NOT NULL,
+    owner TEXT,
+    lease_until REAL,
+    heartbeat_at REAL,
+    worker TEXT,
+    step INTEGER,
+    total_steps INTEGER,
+    ord INTEGER
 );
 """
-# Columns added for claims and progress; added to older databases on open.
+# Columns for claims and progress, added to databases written before they existed.
 CLAIM_COLUMNS = {"owner": "TEXT", "lease_until": "REAL", "heartbeat_at": "REAL", "worker": "TEXT",
                  "step": "INTEGER", "total_steps": "INTEGER", "ord": "INTEGER"}
 
@@ -83,27 +90,52 @@ class StoreError(RuntimeError):
     """A study database that cannot be used; the message names the file and what to do."""
 
 
-def connect(directory: Path) -> sqlite3.Connection:
+def connect(directory: Path, wait_s: float = 60.0) -> sqlite3.Connection:
+    """Open (or create) the study database. Several drivers may open it at once: a lock held by another one
+    is waited for; a file that is not a usable database is refused with what to do."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "study.sqlite"
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            return _open(path)
+        except sqlite3.OperationalError as e:
+            if not _is_busy(e) or time.time() > deadline:
+                raise _unusable(path, e) from e
+            time.sleep(0.2)
+        except sqlite3.DatabaseError as e:
+            raise _unusable(path, e) from e
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=60, isolation_level=None)
     try:
-        db = sqlite3.connect(path, timeout=60, isolation_level=None)
+        db.execute("PRAGMA busy_timeout=60000")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=60000")
-        db.executescript(SCHEMA)
+        db.execute(SCHEMA)
         have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
-    except sqlite3.DatabaseError as e:
-        raise StoreError(f"{path}: not a usable study database ({e}); move it aside and run the study again: "
-                         f"finished runs keep their run directories, and are trained again only if missing") from e
-    for name, kind in CLAIM_COLUMNS.items():
-        if name not in have:
-            try:
-                db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
-            except sqlite3.OperationalError:  # another driver added it a moment ago
-                pass
+        for name, kind in CLAIM_COLUMNS.items():
+            if name not in have:
+                try:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as e:
+                    if "duplicate column" not in str(e):  # another driver added it a moment ago: fine
+                        raise
+    except BaseException:
+        db.close()
+        raise
     db.row_factory = sqlite3.Row
     return db
+
+
+def _is_busy(e: sqlite3.OperationalError) -> bool:
+    return "locked" in str(e) or "busy" in str(e)
+
+
+def _unusable(path: Path, e: Exception) -> StoreError:
+    return StoreError(f"{path}: not a usable study database ({e}); move it aside and run the study again: "
+                      f"finished runs keep their run directories, and are trained again only if missing")
 
 
 def register(db: sqlite3.Connection, runs: Sequence) -> None:
