@@ -11,10 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from qatune.data import SquadDataError, load_squad
+from qatune.data import load_squad
+from qatune.errors import QatuneError
 
 
-class CliError(Exception):
+class CliError(QatuneError):
     """A user error: printed without a traceback, exit status 2."""
 
 
@@ -362,6 +363,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qatune", description="Fine-tune and compare extractive QA models.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("score", help="score predictions with the official SQuAD v1.1/v2.0 metric")
@@ -458,11 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from qatune.features import FeatureError
-    from qatune.models import ModelError
-    from qatune.store import StoreError
-    from qatune.study import StudyError, StudyInterrupted
-    from qatune.train import Interrupted, TrainingError
+    from qatune.study import StudyInterrupted
+    from qatune.train import Interrupted
 
     try:
         args.func(args)
@@ -472,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C where nothing needed saving (loading, a dry run, a report)
         print("interrupted", file=sys.stderr)
         return 130
-    except (CliError, SquadDataError, FeatureError, ModelError, TrainingError, StudyError, StoreError) as e:
+    except QatuneError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qatune.errors import QatuneError
+
 MAX_REPORTED_ERRORS = 10
 
 
-class SquadDataError(ValueError):
+class SquadDataError(QatuneError, ValueError):
     """Input that is not usable SQuAD data; the message says where and what to do."""
 
 

@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from qatune.data import QAExample
+from qatune.errors import QatuneError
 
 PAD_MULTIPLE = 8
 
 
-class FeatureError(ValueError):
+class FeatureError(QatuneError, ValueError):
     """A window setting that cannot work with the data; the message says which record and what to change."""
 
 

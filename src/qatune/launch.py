@@ -20,11 +20,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qatune.errors import QatuneError
 from qatune.record import RunRecord, write_json_atomic
 from qatune.worker import OUTCOME
 
 
-class LaunchError(RuntimeError):
+class LaunchError(QatuneError, RuntimeError):
     """A launcher that cannot start (missing extra, no cluster); the message says what to do."""
 
 

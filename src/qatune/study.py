@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from qatune import store
+from qatune.errors import QatuneError
 from qatune.train import TrainConfig
 
 LORA_ONLY = ("lora_rank", "alpha_policy", "lora_alpha", "lora_dropout", "lora_targets")
@@ -35,7 +36,7 @@ KNOWN_SIZES = {("rajpurkar/squad", "train"): 87599, ("rajpurkar/squad", "validat
 WINDOWS_PER_QUESTION = 1.02  # measured on SQuAD v1.1 dev at 384/128 (qatune data check)
 
 
-class StudyError(ValueError):
+class StudyError(QatuneError, ValueError):
     """A study file or option that cannot be used; the message says where and what to do."""
 
 

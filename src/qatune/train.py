@@ -34,6 +34,7 @@ import torch
 
 from qatune import flops
 from qatune.data import SquadData, load_squad, select_articles, subsample
+from qatune.errors import QatuneError
 from qatune.features import PAD_MULTIPLE, batch_width, cached_features, collate
 from qatune.models import (
     LoraSettings,
@@ -50,7 +51,7 @@ COMPILE_PAD_MULTIPLE = 64  # torch.compile: few distinct batch widths, so few re
 PROGRESS_EVERY_S = 2.0
 
 
-class TrainingError(RuntimeError):
+class TrainingError(QatuneError, RuntimeError):
     """A run that cannot go on; the message says at which step and what was kept."""
 
 
