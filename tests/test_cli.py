@@ -54,7 +54,7 @@ def test_score_rejects_bad_predictions(tmp_path, small_squad, capsys):
     assert "must be a JSON object" in capsys.readouterr().err
     p.write_text(json.dumps({"q0_0": 3}))
     assert main(["score", "--data", str(small_squad), "--predictions", str(p)]) == 2
-    assert "question 'q0_0' has the wrong type" in capsys.readouterr().err
+    assert "question 'q0_0' is 3, not a string" in capsys.readouterr().err
 
 
 def test_data_check_small(small_squad, capsys):

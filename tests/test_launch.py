@@ -229,7 +229,7 @@ def test_ray_launcher_matches_local(tmp_path, tiny_model, train_file):
     (["--max-attempts", "0"], "--max-attempts must be >= 1, got 0"),
     (["--dry-run", "--calibrate", "--threads", "0"], "--threads must be >= 1, got 0"),
     (["--calibrate"], "--calibrate only goes with --dry-run"),
-    (["--dry-run", "--status"], "choose one of --dry-run and --status"),
+    (["--dry-run", "--status"], "choose one of --dry-run, --status and --rebuild-db"),
     (["--ray-address", "127.0.0.1:1"], "--ray-address needs --launcher ray"),
     (["--launcher", "ray", "--ray-address", "127.0.0.1:1"], "no Ray cluster answers at '127.0.0.1:1'"),
 ])
@@ -254,7 +254,7 @@ def test_damaged_database_and_status_of_a_study_not_started(tmp_path, train_file
     for args in (["study", str(path), "--dir", str(tmp_path / "bad"), "--status"], ["report", str(tmp_path / "bad")]):
         assert main(args) == 2
         err = capsys.readouterr().err
-        assert "study.sqlite: not a usable study database" in err and "move it aside" in err
+        assert "study.sqlite: not a usable study database" in err and "--rebuild-db" in err
 
 
 @pytest.mark.slow

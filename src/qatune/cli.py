@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from qatune.data import load_squad
-from qatune.errors import QatuneError
+from qatune.errors import QatuneError, read_json
 
 
 class CliError(QatuneError):
@@ -20,18 +21,14 @@ class CliError(QatuneError):
 
 
 def _read_json_mapping(path: str, what: str, value_type: type | tuple[type, ...]) -> dict:
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CliError(f"{path}: {what} file not found") from e
-    except json.JSONDecodeError as e:
-        raise CliError(f"{path}: {what} file is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+    obj = read_json(path, what)
     if not isinstance(obj, dict):
         raise CliError(f"{path}: {what} must be a JSON object {{question_id: value}}, got {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not isinstance(v, value_type) or isinstance(v, bool)]
+    bad = [k for k, v in obj.items() if not isinstance(v, value_type) or isinstance(v, bool)
+           or isinstance(v, float) and not math.isfinite(v)]
     if bad:
-        raise CliError(f"{path}: {what} for question {bad[0]!r} has the wrong type "
-                       f"({type(obj[bad[0]]).__name__}); {len(bad)} such entries")
+        raise CliError(f"{path}: {what} for question {bad[0]!r} is {obj[bad[0]]!r}, not a "
+                       f"{'string' if value_type is str else 'finite number'}; {len(bad)} such entries")
     return obj
 
 
@@ -51,8 +48,15 @@ def cmd_score(args: argparse.Namespace) -> None:
     unknown = len(set(preds) - set(refs))
     if data.version.startswith("2"):
         na = _read_json_mapping(args.na_probs, "na-probs", (int, float)) if args.na_probs else None
+        if not math.isfinite(args.na_prob_thresh):
+            raise CliError(f"--na-prob-thresh must be a finite number, got {args.na_prob_thresh}")
+        if na is not None and (absent := sorted(set(preds) & set(refs) - set(na))):
+            raise CliError(f"{args.na_probs}: no entry for {len(absent)} predicted question(s), e.g. {absent[0]!r}; "
+                           f"give a value for every question in --predictions")
         result = squad_v2(refs, preds, na_probs=na, na_prob_thresh=args.na_prob_thresh)
     else:
+        if args.na_probs:
+            raise CliError(f"--na-probs is for SQuAD v2.0 data; {args.data} is v{data.version}")
         result = squad_v1(refs, preds)
     result = {**result, "version": data.version, "unknown_ids": unknown}
     lines = [f"{data.source}: SQuAD v{data.version}, {len(refs)} questions, {len(preds)} predictions"
@@ -131,12 +135,9 @@ def load_toml(path: str) -> dict:
 def cmd_train(args: argparse.Namespace) -> None:
     from qatune.train import TrainConfig, stop_on_signals, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "json")}
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "json", "debug")}
     values = {**(load_toml(args.config) if args.config else {}), **given}
-    try:
-        cfg = TrainConfig.from_dict(values)
-    except ValueError as e:
-        raise CliError(str(e)) from e
+    cfg = TrainConfig.from_dict(values)
     if not cfg.train_data:
         raise CliError("--train-data is required (a SQuAD JSON file or a datasets id[:split])")
     with stop_on_signals():
@@ -246,8 +247,16 @@ def cmd_study(args: argparse.Namespace) -> None:
         raise CliError(f"--max-attempts must be >= 1, got {args.max_attempts}")
     if args.calibrate and not args.dry_run:
         raise CliError("--calibrate only goes with --dry-run (it times steps and projects; it trains nothing)")
-    if args.dry_run and args.status:
-        raise CliError("choose one of --dry-run and --status")
+    if sum(map(bool, (args.dry_run, args.status, args.rebuild_db))) > 1:
+        raise CliError("choose one of --dry-run, --status and --rebuild-db")
+    if args.rebuild_db:
+        from qatune.study import rebuild_store
+
+        r = rebuild_store(study)
+        _emit(r, args.json, [f"{study.directory / 'study.sqlite'}: rebuilt from the run directories: "
+                             f"{r['finished']} finished, {r['pending']} pending"
+                             + (f" (the old file is {r['set_aside']})" if r["set_aside"] else "")])
+        return
     if args.dry_run:
         _study_dry_run(study, args)
         return
@@ -353,10 +362,7 @@ def _study_status(study, as_json: bool) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from qatune.report import write_report
 
-    try:
-        out = write_report(args.study_dir)
-    except FileNotFoundError as e:
-        raise CliError(str(e)) from e
+    out = write_report(args.study_dir)
     figures = sorted(p.name for p in out.parent.glob("*.png"))
     _emit({"report": str(out), "figures": figures}, args.json, [f"wrote {out}", *[f"  {f}" for f in figures]])
 
@@ -436,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--calibrate", action="store_true",
                     help="with --dry-run: time a few steps of each distinct run shape here and project wall times")
     st.add_argument("--status", action="store_true", help="show each run's status and scores")
+    st.add_argument("--rebuild-db", action="store_true",
+                    help="rebuild a damaged study.sqlite from the run directories (the old file is moved aside)")
     st.add_argument("--set", action="append", metavar="[ARM.]KEY=VALUE",
                     help="override an option for all arms (or one arm), e.g. --set train_data=/data/train.json")
     st.add_argument("--dir", help="study directory (default: from the file, else studies-out/NAME)")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qatune.errors import QatuneError
+from qatune.errors import FileError, QatuneError, read_json
 
 MAX_REPORTED_ERRORS = 10
 
@@ -78,7 +78,7 @@ def load_squad(source: str | Path, split: str | None = None, repair: bool = Fals
     text = str(source)
     if ":" in text and split is None and not path.exists():
         text, split = text.rsplit(":", 1)
-    if path.suffix == ".json" or path.is_dir() and not (path / "dataset_info.json").exists():
+    if path.name.endswith((".json", ".json.gz")) or path.is_dir() and not (path / "dataset_info.json").exists():
         raise SquadDataError(f"{source}: no such SQuAD JSON file (check the path; relative paths start "
                              f"from {Path.cwd()})")
     return _load_hf(text, split or "train", repair)
@@ -86,11 +86,9 @@ def load_squad(source: str | Path, split: str | None = None, repair: bool = Fals
 
 def _load_json(path: Path, repair: bool) -> SquadData:
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SquadDataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from e
-    except UnicodeDecodeError as e:
-        raise SquadDataError(f"{path}: not UTF-8 text ({e}).") from e
+        raw = read_json(path, "SQuAD data")
+    except FileError as e:
+        raise SquadDataError(str(e)) from e
     if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
         raise SquadDataError(
             f"{path}: not SQuAD-shaped: expected an object with a 'data' list of articles "
@@ -277,6 +275,8 @@ def parse_ranges(spec: str) -> list[int]:
         if a < 1 or b < a:
             raise SquadDataError(f"bad article range {part!r} in {spec!r}: need 1 <= start <= end")
         out.extend(range(a - 1, b))
+    if not out:
+        raise SquadDataError(f"article range {spec!r} names no article: use 1-based numbers like '1-36' or '1-10,15'")
     return out
 
 

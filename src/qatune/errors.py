@@ -35,3 +35,19 @@ def unreadable(path: str | Path, what: str, err: BaseException, fix: str = "") -
     else:
         reason = str(err) or type(err).__name__
     return FileError(f"{path}: {what} {reason}" + (f"; {fix}" if fix else ""))
+
+
+def read_json(path: str | Path, what: str):
+    """A JSON file (gzip-compressed or not) parsed, or a FileError naming the file, what it is and the fix."""
+    import gzip
+    import json
+
+    try:
+        raw = Path(path).read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        return json.loads(raw.decode("utf-8"))
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
+        raise unreadable(path, f"{what} file", e, "give a UTF-8 JSON file (gzip-compressed is fine)") from e
+    except json.JSONDecodeError as e:
+        raise FileError(f"{path}: {what} file is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e

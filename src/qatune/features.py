@@ -60,9 +60,13 @@ class Features:
         return out
 
 
+MIN_SEQ_LENGTH = 32  # room for [CLS] question [SEP] some context [SEP]
+
+
 def check_window_settings(max_seq_length: int, doc_stride: int) -> None:
-    if max_seq_length < 16:
-        raise FeatureError(f"max_seq_length={max_seq_length} is too small for question + context windows (use >= 64)")
+    if max_seq_length < MIN_SEQ_LENGTH:
+        raise FeatureError(f"max_seq_length={max_seq_length} is too small for question + context windows "
+                           f"(use >= {MIN_SEQ_LENGTH}; 384 is usual)")
     if not 0 <= doc_stride < max_seq_length:
         raise FeatureError(f"doc_stride={doc_stride} must be >= 0 and smaller than max_seq_length={max_seq_length}")
 

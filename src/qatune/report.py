@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qatune.errors import FileError
 from qatune.metrics import squad_v1_scores
 from qatune.store import connect, rows
 
@@ -173,11 +174,15 @@ def write_report(study_dir: str | Path, expected: int | None = None) -> Path:
     """Write report.md and figures into ``study_dir``; works on a partly finished study."""
     study_dir = Path(study_dir)
     if not (study_dir / "study.sqlite").exists():
-        raise FileNotFoundError(f"{study_dir}: no study.sqlite here (run `qatune study FILE` first, or pass the "
-                                f"study's directory)")
+        raise FileError(f"{study_dir}: no study.sqlite here (run `qatune study FILE` first, or pass the "
+                        f"study's directory)")
     db = connect(study_dir)
     all_rows = rows(db)
     db.close()
+    for r in all_rows:  # a finished run whose files were deleted is reported as such, not read
+        if r["status"] == "finished" and not (Path(r["output_dir"]) / "predictions.json").is_file():
+            r["status"], r["error"] = "finished, files missing", (
+                f"{r['output_dir']} has no predictions.json; `qatune study FILE` trains the run again")
     done = [r for r in all_rows if r["status"] == "finished" and r["metrics"]]
     lines = [f"# Study report: {study_dir.name}", ""]
     status = defaultdict(int)

@@ -115,6 +115,9 @@ def _open(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA busy_timeout=60000")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        check = db.execute("PRAGMA quick_check").fetchone()[0]  # a small file: whole-file check is cheap
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check: {check}")
         db.execute(SCHEMA)
         have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
         for name, kind in CLAIM_COLUMNS.items():
@@ -136,8 +139,31 @@ def _is_busy(e: sqlite3.OperationalError) -> bool:
 
 
 def _unusable(path: Path, e: Exception) -> StoreError:
-    return StoreError(f"{path}: not a usable study database ({e}); move it aside and run the study again: "
-                      f"finished runs keep their run directories, and are trained again only if missing")
+    return StoreError(f"{path}: not a usable study database ({e}); rebuild it from the run directories with "
+                      f"`qatune study STUDY_FILE --rebuild-db` (finished runs are kept, nothing is retrained)")
+
+
+def _directory(db: sqlite3.Connection) -> Path:
+    """The study directory of an open store (the folder of its file)."""
+    return Path(db.execute("PRAGMA database_list").fetchone()[2]).parent
+
+
+def _relative(db: sqlite3.Connection, run_dir: str) -> str:
+    """A run directory as stored: relative to the study directory, so the study can be moved or copied."""
+    try:
+        return str(Path(run_dir).resolve().relative_to(_directory(db).resolve()))
+    except ValueError:  # outside the study directory: kept as given
+        return run_dir
+
+
+def run_dir(directory: Path, rid: str, stored: str) -> Path:
+    """Where a run's files are: stored paths are relative to the study directory. Stores written before
+    that hold absolute paths; the study's own ``runs/<id>`` wins, so a copied study reads its own files."""
+    p = Path(stored)
+    if not p.is_absolute():
+        return directory / p
+    own = directory / "runs" / rid
+    return own if own.exists() or not p.exists() else p
 
 
 def register(db: sqlite3.Connection, runs: Sequence) -> None:
@@ -147,12 +173,14 @@ def register(db: sqlite3.Connection, runs: Sequence) -> None:
             db.execute("INSERT OR IGNORE INTO runs (id, arm, point, config, status, created_at, output_dir, ord) "
                        "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
                        (r.id, r.arm, json.dumps(r.point), json.dumps(asdict(r.config)), time.time(),
-                        r.config.output_dir, k))
+                        _relative(db, r.config.output_dir), k))
             db.execute("UPDATE runs SET ord=? WHERE id=? AND ord IS NULL", (k, r.id))
 
 
 def rows(db: sqlite3.Connection, ids: Iterable[str] | None = None) -> list[dict]:
+    """The stored runs (``output_dir`` resolved to where the run's files are now)."""
     wanted = set(ids) if ids is not None else None
+    directory = _directory(db)
     out = []
     for row in db.execute("SELECT * FROM runs ORDER BY created_at, ord, id"):
         d = dict(row)
@@ -160,8 +188,35 @@ def rows(db: sqlite3.Connection, ids: Iterable[str] | None = None) -> list[dict]
             continue
         for k in ("point", "config", "metrics", "costs"):
             d[k] = json.loads(d[k]) if d[k] else None
+        d["output_dir"] = str(run_dir(directory, d["id"], d["output_dir"]))
         out.append(d)
     return out
+
+
+def reopen(db: sqlite3.Connection, rid: str, reason: str) -> None:
+    """A finished run whose files cannot be trusted any more: pending again, with a fresh attempt budget."""
+    with db:
+        db.execute("UPDATE runs SET status='pending', attempts=0, metrics=NULL, costs=NULL, error=? "
+                   "WHERE id=? AND status='finished'", (f"finished before, but {reason}; trained again", rid))
+
+
+def restore(db: sqlite3.Connection, rid: str, metrics: dict, costs: dict, finished_at: float) -> None:
+    """Mark a run finished from its run directory (rebuilding a damaged store)."""
+    with db:
+        db.execute("UPDATE runs SET status='finished', attempts=1, finished_at=?, metrics=?, costs=? WHERE id=?",
+                   (finished_at, json.dumps(metrics), json.dumps(costs), rid))
+
+
+def set_aside(directory: Path) -> Path | None:
+    """Move a damaged study.sqlite (with its WAL files) aside; returns its new name."""
+    path = directory / "study.sqlite"
+    if not path.exists():
+        return None
+    aside = path.with_name(f"study.sqlite.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{path}{suffix}").exists():
+            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+    return aside
 
 
 def _immediate(db: sqlite3.Connection):

@@ -14,21 +14,20 @@ process of its own and its outcome comes back to the driver, the only writer of 
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import json
 import math
 import time
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from qatune import store
 from qatune.errors import QatuneError
 from qatune.train import TrainConfig
+from qatune.train import config_hash as run_id
 
 LORA_ONLY = ("lora_rank", "alpha_policy", "lora_alpha", "lora_dropout", "lora_targets")
-NOT_IN_ID = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile")  # where/how a run goes, not what it is
 
 # Question counts of hub data sets, for dry-run estimates when the data is not at hand (offline).
 KNOWN_SIZES = {("rajpurkar/squad", "train"): 87599, ("rajpurkar/squad", "validation"): 10570,
@@ -55,11 +54,6 @@ class Study:
     directory: Path
     runs: list[Run]
     headline: tuple[str, str] | None  # the two arms compared by the paired bootstrap
-
-
-def run_id(cfg: TrainConfig) -> str:
-    d = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_ID}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _parse_override(text: str) -> tuple[str | None, str, object]:
@@ -91,9 +85,20 @@ def load_study(path: str | Path, overrides: list[str] = (), directory: str | Pat
     arms = spec.get("arms")
     if not arms:
         raise StudyError(f"{path}: needs at least one [[arms]] table (name, model, strategy)")
+    if not isinstance(arms, list) or not all(isinstance(a, dict) for a in arms):
+        raise StudyError(f"{path}: arms must be [[arms]] tables (name, model, strategy)")
     grid = dict(spec.get("grid", {}))
     known = {f.name for f in fields(TrainConfig)}
     arm_names = [a.get("name") for a in arms]
+    twice = sorted({n for n in arm_names if arm_names.count(n) > 1})
+    if twice:
+        raise StudyError(f"{path}: arm name(s) {twice} used more than once; give every [[arms]] its own name")
+    headline = meta.get("headline")
+    if headline is not None:
+        if (not isinstance(headline, list) or len(headline) != 2
+                or any(h not in arm_names for h in headline) or headline[0] == headline[1]):
+            raise StudyError(f"{path}: [study] headline = {headline!r} must name two different arms "
+                             f"(arms: {arm_names})")
     for arm_name, key, value in map(_parse_override, overrides):
         if arm_name is None and key in grid:  # narrows or replaces a grid axis
             grid[key] = value if isinstance(value, list) else [value]
@@ -140,8 +145,7 @@ def load_study(path: str | Path, overrides: list[str] = (), directory: str | Pat
             cfg.feature_cache_dir = str(base_dir / "cache")
             cfg.resume = True
             runs.append(Run(rid, arm["name"], cfg, point))
-    headline = tuple(meta["headline"]) if "headline" in meta else (
-        (arm_names[0], arm_names[1]) if len(arm_names) >= 2 else None)
+    headline = tuple(headline) if headline else ((arm_names[0], arm_names[1]) if len(arm_names) >= 2 else None)
     return Study(name, path, base_dir, runs, headline)
 
 
@@ -170,6 +174,9 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
     store.register(db, study.runs)
     ids = [r.id for r in study.runs]
     by_id = {r.id: r for r in study.runs}
+    for rid, why in untrusted_finished(db, study).items():
+        store.reopen(db, rid, why)
+        say(f"run {rid} was finished but {why}: training it again")
     if retry_failed:
         n = store.retry_failed(db, ids)
         if n:
@@ -250,6 +257,42 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
         counts[status] = counts.get(status, 0) + 1
     db.close()
     return counts
+
+
+def untrusted_finished(db, study: Study) -> dict[str, str]:
+    """Finished runs of this study whose run directory no longer holds what the report needs (deleted,
+    damaged, or another configuration's files), with the reason."""
+    from qatune.train import finished_record
+
+    out = {}
+    by_id = {r.id: r for r in study.runs}
+    for row in store.rows(db, by_id):
+        if row["status"] == "finished":
+            record, why = finished_record(Path(row["output_dir"]), by_id[row["id"]].config)
+            if record is None:
+                out[row["id"]] = why if Path(row["output_dir"]).is_dir() else "its run directory is gone"
+    return out
+
+
+def rebuild_store(study: Study) -> dict[str, int]:
+    """A new study.sqlite from the run directories (the damaged one is moved aside): each run whose directory
+    holds its finished record is finished, every other run is pending (it resumes from its checkpoints)."""
+    from qatune.train import finished_record
+
+    aside = store.set_aside(study.directory)
+    db = store.connect(study.directory)
+    store.register(db, study.runs)
+    counts = {"finished": 0, "pending": 0}
+    for run in study.runs:
+        out = Path(run.config.output_dir)
+        record, _ = finished_record(out, run.config)
+        if record is None:
+            counts["pending"] += 1
+            continue
+        store.restore(db, run.id, record.metrics, record.costs(), (out / "run.json").stat().st_mtime)
+        counts["finished"] += 1
+    db.close()
+    return {**counts, "set_aside": str(aside) if aside else None}
 
 
 def _where(slot, progress: dict) -> str:

@@ -12,6 +12,7 @@ of every global batch; only rank 0 writes).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -34,8 +35,8 @@ import torch
 
 from qatune import flops
 from qatune.data import SquadData, load_squad, select_articles, subsample
-from qatune.errors import QatuneError
-from qatune.features import PAD_MULTIPLE, batch_width, cached_features, collate
+from qatune.errors import ConfigError, QatuneError, unreadable
+from qatune.features import MIN_SEQ_LENGTH, PAD_MULTIPLE, batch_width, cached_features, collate
 from qatune.models import (
     LoraSettings,
     ModelError,
@@ -105,6 +106,9 @@ class TrainConfig:
     feature_cache_dir: str | None = _f(None, "reuse tokenised windows across runs from this directory")
     compile: bool = _f(False, "torch.compile the model (batches padded to multiples of 64 to bound recompiles)")
 
+    def __post_init__(self) -> None:
+        check_config(self)
+
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
@@ -115,8 +119,160 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+# Allowed values and ranges, checked whenever a TrainConfig is built (CLI, TOML, study files, Python):
+# a bad value is refused before any data or weights load, with the option, the value and what is allowed.
+CHOICES = {"strategy": ("full", "lora"), "alpha_policy": ("fixed", "proportional", "rslora"),
+           "precision": PRECISIONS, "report_to": ("none", "tensorboard")}
+AT_LEAST_1 = ("lora_rank", "max_steps_if_set", "batch_size", "grad_accum", "eval_batch_size", "save_steps",
+              "keep_checkpoints", "logging_steps", "n_best", "max_answer_length")
+
+
+def _type_ok(value, hint) -> bool:
+    import types
+    import typing
+
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+
+
+def _type_name(hint) -> str:
+    import typing
+
+    return str(hint).replace("typing.", "") if typing.get_args(hint) else hint.__name__
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse a configuration with a wrong type or an out-of-range value; the message names the option
+    (as in a TOML file; the flag is the same with dashes), the value and what is allowed."""
+    import typing
+
+    from qatune.data import SquadDataError, parse_ranges
+
+    def bad(name: str, allowed: str) -> ConfigError:
+        return ConfigError(f"option {name} = {getattr(cfg, name)!r} is not allowed: {allowed} "
+                           f"(flag --{name.replace('_', '-')})")
+
+    for f, hint in typing.get_type_hints(type(cfg)).items():
+        value = getattr(cfg, f)
+        if not _type_ok(value, hint):
+            raise bad(f, f"expected {_type_name(hint)}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad(f, "must be a finite number")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise bad(name, f"choose one of {', '.join(allowed)}")
+    for name in AT_LEAST_1:
+        if name == "max_steps_if_set":
+            if cfg.max_steps < 0:
+                raise bad("max_steps", "must be >= 0 (0 trains for --epochs)")
+        elif getattr(cfg, name) < 1:
+            raise bad(name, "must be a whole number >= 1")
+    if not cfg.model.strip():
+        raise bad("model", "give a hub id, a local directory or the alias minilm-l6")
+    if cfg.max_seq_length < MIN_SEQ_LENGTH:
+        raise bad("max_seq_length", f"must be >= {MIN_SEQ_LENGTH} tokens")
+    if not 0 <= cfg.doc_stride < cfg.max_seq_length:
+        raise bad("doc_stride", f"must be >= 0 and smaller than max_seq_length ({cfg.max_seq_length})")
+    if cfg.max_steps == 0 and cfg.epochs <= 0:
+        raise bad("epochs", "must be > 0 (or set max_steps)")
+    if cfg.learning_rate is not None and not 0 < cfg.learning_rate < 1:
+        raise bad("learning_rate", "must be in (0, 1), e.g. 1e-4")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise bad("warmup_ratio", "must be in [0, 1)")
+    if cfg.weight_decay < 0:
+        raise bad("weight_decay", "must be >= 0")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise bad("lora_dropout", "must be in [0, 1)")
+    if cfg.lora_alpha <= 0:
+        raise bad("lora_alpha", "must be > 0")
+    if cfg.lora_targets is not None and not all(t.strip() for t in cfg.lora_targets) or cfg.lora_targets == []:
+        raise bad("lora_targets", "give module-name suffixes such as q_lin v_lin, or leave it unset")
+    for name in ("train_questions", "eval_questions"):
+        q = getattr(cfg, name)
+        if isinstance(q, float) and not 0 < q <= 1:
+            raise bad(name, "a fraction must be in (0, 1]; a question count is a whole number >= 1")
+        if isinstance(q, int) and q < 1:
+            raise bad(name, "a question count must be >= 1 (or a fraction in (0, 1])")
+    for name in ("train_articles", "eval_articles"):
+        spec = getattr(cfg, name)
+        if spec is not None:
+            try:
+                parse_ranges(spec)
+            except SquadDataError as e:
+                raise bad(name, str(e)) from None
+
+
+
+NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile")  # where/how a run goes
+
+
+def config_hash(cfg: TrainConfig | dict) -> str:
+    """What one run *is*: a hash of its configuration without where or how it runs (a study's run id)."""
+    d = asdict(cfg) if isinstance(cfg, TrainConfig) else cfg
+    d = {k: v for k, v in d.items() if k not in NOT_IN_HASH}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def config_differences(stored: dict, cfg: TrainConfig) -> list[str]:
+    """The settings in which a stored run differs from ``cfg`` ("name: stored -> given")."""
+    given = asdict(cfg)
+    try:  # fill options an older version did not record with their defaults
+        stored = asdict(TrainConfig.from_dict({k: v for k, v in stored.items() if k in given}))
+    except ValueError:
+        pass
+    return [f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in given.items()
+            if k not in NOT_IN_HASH and stored.get(k) != v]
+
+
+def stored_config(out: Path) -> dict | None:
+    """The configuration of the run already in ``out`` (config.json, else run.json), None when there is none
+    or it cannot be read."""
+    for name in ("config.json", "run.json"):
+        try:
+            config = json.loads((out / name).read_text(encoding="utf-8"))["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(config, dict):
+            return config
+    return None
+
+
+def finished_record(out: Path, cfg: TrainConfig) -> tuple[RunRecord | None, str]:
+    """The record of this configuration's finished run in ``out`` and "" — or None and why it cannot be
+    trusted (missing or damaged run.json, metrics, model or predictions, another configuration)."""
+    try:
+        record = RunRecord.load(out / "run.json")
+    except FileNotFoundError:
+        return None, "it has no run.json"
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        return None, f"its run.json is damaged ({type(e).__name__})"
+    if config_differences(record.config, cfg):
+        return None, "its run.json belongs to another configuration"
+    needed = ["metrics.json", "model"] + (["predictions.json"] if cfg.eval_data else [])
+    missing = [n for n in needed if not (out / n).exists()]
+    if missing:
+        return None, f"{', '.join(missing)} missing"
+    for name in ("metrics.json", "predictions.json"):
+        if (out / name).exists():
+            try:
+                json.loads((out / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                return None, f"its {name} is damaged ({type(e).__name__})"
+    return record, ""
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -264,10 +420,35 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Both files of a checkpoint, read completely before anything is applied (raises if either is damaged)."""
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "trainable.safetensors"))
+    state = torch.load(path / "state.pt", weights_only=False)
+    if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= set(state):
+        raise ValueError("state.pt lacks step/optimizer/scheduler/rng")
+    return weights, state
+
+
+def latest_intact_checkpoint(ckpts: list[tuple[int, Path]]) -> tuple[Path, dict, dict] | None:
+    """The newest checkpoint that reads back whole; a damaged newer one is reported and skipped (the
+    previous one is kept while a new one is written, see ``keep_checkpoints``)."""
+    damaged = []
+    for _, path in reversed(ckpts):
+        try:
+            weights, state = read_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - torch/safetensors/pickle raise many types for a damaged file
+            damaged.append(f"{path.name} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            continue
+        if damaged:
+            print(f"{'; '.join(damaged)}: resuming from {path.name}", file=sys.stderr)
+        return path, weights, state
+    raise TrainingError(f"no intact checkpoint in {ckpts[0][1].parent}: {'; '.join(damaged)}. Delete that "
+                        f"folder to train the run from the start")
+
+
+def apply_checkpoint(path: Path, weights: dict, state: dict, model, optimizer, scheduler) -> int:
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
@@ -276,7 +457,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
-    state = torch.load(path / "state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -383,18 +563,30 @@ class Recipe:
         cpu = not torch.cuda.is_available()  # accelerate only starts gloo data parallelism on CPUs when told
         state = PartialState(cpu=cpu)  # knows the device and the data-parallel ranks (torchrun / accelerate)
         self.main = state.is_main_process
-        if self.main:
-            out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume and (out / "run.json").exists() and (out / "metrics.json").exists():
-            try:
-                return RunRecord.load(out / "run.json")
-            except (ValueError, TypeError, KeyError):  # damaged: finish the run again from its last checkpoint
-                print(f"{out / 'run.json'} is damaged; finishing the run again from its last checkpoint",
-                      file=sys.stderr)
+        if out.exists() and not out.is_dir():
+            raise TrainingError(f"output_dir {out} is a file; give a directory (it is created if missing)")
         ckpts = list_checkpoints(out / "checkpoints")
         if ckpts and not cfg.resume:
             raise TrainingError(f"{out} already holds checkpoints of a run; pass --resume to continue it, "
                                 f"or choose another --output-dir")
+        if cfg.resume:  # continue only the same run: its configuration and the files it stands on are checked
+            stored = stored_config(out)
+            diffs = config_differences(stored, cfg) if stored is not None else []
+            if diffs:
+                raise TrainingError(f"{out} holds a run with other settings ({'; '.join(diffs[:4])}); --resume "
+                                    f"continues only the same run: give its settings, or another --output-dir")
+            if (out / "run.json").exists():
+                done, why = finished_record(out, cfg)
+                if done is not None:
+                    return done
+                print(f"{out}: finished run not usable ({why}); finishing it again from its last checkpoint",
+                      file=sys.stderr)
+        if self.main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(out / "config.json", {"config": asdict(cfg), "hash": config_hash(cfg)})
+            except OSError as e:
+                raise unreadable(out, "output_dir:", e, "choose a directory you can write to") from e
 
         set_seed(cfg.seed)
         reset_peak_memory(state.device)
@@ -434,9 +626,10 @@ class Recipe:
                                                          self.total_steps)
         model.to(acc.device)
         self.start_step = 0
-        self.last_ckpt = ckpts[-1][1] if ckpts else None
+        self.last_ckpt = None
         if ckpts:
-            self.start_step = load_checkpoint(ckpts[-1][1], model, self.optimizer, self.scheduler)
+            self.last_ckpt, weights, state = latest_intact_checkpoint(ckpts)
+            self.start_step = apply_checkpoint(self.last_ckpt, weights, state, model, self.optimizer, self.scheduler)
         self.model, self.acc_optimizer = acc.prepare(model, self.optimizer)
         # A compiled view for the forward pass; saving and evaluation use the module itself.
         self.forward = torch.compile(self.model) if cfg.compile else self.model
