@@ -59,7 +59,7 @@ def test_unicode_context(tmp_path):
 def test_not_json(tmp_path):
     p = tmp_path / "broken.json"
     p.write_text('{"data": [', encoding="utf-8")
-    with pytest.raises(SquadDataError, match=r"broken\.json: not valid JSON \(line 1"):
+    with pytest.raises(SquadDataError, match=r"broken\.json: SQuAD data file is not valid JSON \(line 1"):
         load_squad(p)
 
 
