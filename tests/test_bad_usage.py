@@ -289,9 +289,11 @@ def test_study_command_mistakes(tmp_path, small_squad, capsys):
 
 def test_every_run_failed_exits_2_and_says_why(tmp_path, small_squad, capsys):
     path = study_file(tmp_path, small_squad, model=tmp_path / "no-such-model")
-    err = expect_error(["study", path, "--dir", tmp_path / "s", "--max-attempts", "1"], capsys, "2 run(s) failed",
-                       "--retry-failed")
-    assert "--status" in err
+    code, _, err = run(["study", path, "--dir", tmp_path / "s", "--max-attempts", "1"], capsys)
+    assert code == 2
+    assert "2 run(s) failed" in err and "--retry-failed" in err and "--status" in err
+    failed = [line for line in err.splitlines() if line.startswith("  failed: ")]
+    assert len(failed) == 2 and all("no-such-model: no such model directory" in line for line in failed)
 
 
 # ------------------------------------------------------------- a study's directory and database, damaged or moved
@@ -351,3 +353,34 @@ def test_damaged_database_is_rebuilt_from_the_run_directories(finished_study, tm
     code, out, _ = run(["study", path, "--dir", directory, "--status", "--json"], capsys)
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["finished"] == 2
     assert run(["report", directory], capsys)[0] == 0
+
+
+def test_model_that_cannot_be_loaded(tmp_path, tiny_models, small_squad, capsys):
+    base = ["train", "--train-data", small_squad, "--output-dir", tmp_path / "o", *TINY, "--model"]
+    expect_error([*base, tmp_path / "typo" / "model"], capsys, "no such model directory")
+    expect_error([*base, small_squad], capsys, "a file, not a model")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_models["distilbert"], damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    expect_error([*base, damaged], capsys, "weights file is damaged", "copy or download the model again")
+    (damaged / "config.json").write_text("{bad")
+    expect_error([*base, damaged], capsys, "config.json", "not a valid JSON")
+
+
+def test_files_of_the_wrong_kind(tmp_path, small_squad, capsys):
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    for path, what in ((tmp_path, "is a directory"), (latin, "not UTF-8")):
+        expect_error(["study", path], capsys, str(path), "study file", what)
+        expect_error(["train", "--config", path, "--train-data", small_squad], capsys, str(path), "config file", what)
+    table = tmp_path / "t.toml"
+    table.write_text("grid = 3\n[[arms]]\nname = 'a'\nmodel = 'm'\nstrategy = 'full'\n")
+    expect_error(["study", table, "--dry-run"], capsys, "grid must be a [grid] table")
+    expect_error(["study", study_file(tmp_path, small_squad), "--dir", "/proc/no/such"], capsys,
+                 "cannot create the study directory /proc/no/such")
+    expect_error(["train", "--train-data", small_squad, "--output-dir", "/proc/no/such", *TINY], capsys,
+                 "cannot write to output_dir /proc/no/such")
+    expect_error(["train", "--train-data", small_squad, "--eval-data", small_squad, "--eval-questions", "1000",
+                  "--output-dir", tmp_path / "o", *TINY], capsys, "eval_articles / eval_questions",
+                 "asked for 1000 questions but only 12")

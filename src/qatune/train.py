@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from qatune import flops
-from qatune.data import SquadData, load_squad, select_articles, subsample
-from qatune.errors import ConfigError, QatuneError, unreadable
+from qatune.data import SquadData, SquadDataError, load_squad, select_articles, subsample
+from qatune.errors import ConfigError, FileError, QatuneError
 from qatune.features import MIN_SEQ_LENGTH, PAD_MULTIPLE, batch_width, cached_features, collate
 from qatune.models import (
     LoraSettings,
@@ -276,9 +276,17 @@ def finished_record(out: Path, cfg: TrainConfig) -> tuple[RunRecord | None, str]
 
 
 # ---------------------------------------------------------------------------------------------- data
-def load_split(source: str, split: str, articles: str | None, questions, seed: int, repair: bool) -> SquadData:
-    data = select_articles(load_squad(source, split=split, repair=repair), articles)
-    return data.with_examples(subsample(data.examples, questions, seed))
+def load_split(source: str, split: str, articles: str | None, questions, seed: int, repair: bool,
+               role: str = "") -> SquadData:
+    """The articles, then the questions, of one data source; ``role`` (train/eval) names the options in errors."""
+    data = load_squad(source, split=split, repair=repair)
+    try:
+        data = select_articles(data, articles)
+        return data.with_examples(subsample(data.examples, questions, seed))
+    except SquadDataError as e:
+        if not role:
+            raise
+        raise SquadDataError(f"{role}_articles / {role}_questions: {e}") from e
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[np.ndarray]:
@@ -586,16 +594,17 @@ class Recipe:
                 out.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(out / "config.json", {"config": asdict(cfg), "hash": config_hash(cfg)})
             except OSError as e:
-                raise unreadable(out, "output_dir:", e, "choose a directory you can write to") from e
+                raise FileError(f"cannot write to output_dir {out} ({e.strerror or e}); choose a directory you "
+                                f"can write to") from e
 
         set_seed(cfg.seed)
         reset_peak_memory(state.device)
         t_setup = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_data = load_split(cfg.train_data, cfg.train_split, cfg.train_articles, cfg.train_questions,
-                                     cfg.seed, cfg.repair_answers)
+                                     cfg.seed, cfg.repair_answers, "train")
         self.eval_data = (load_split(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions,
-                                     cfg.seed, cfg.repair_answers) if cfg.eval_data else None)
+                                     cfg.seed, cfg.repair_answers, "eval") if cfg.eval_data else None)
         self.feats = cached_features(self.train_data.examples, self.tokenizer, cfg.max_seq_length, cfg.doc_stride,
                                      cfg.feature_cache_dir)
 
