@@ -384,3 +384,10 @@ def test_files_of_the_wrong_kind(tmp_path, small_squad, capsys):
     expect_error(["train", "--train-data", small_squad, "--eval-data", small_squad, "--eval-questions", "1000",
                   "--output-dir", tmp_path / "o", *TINY], capsys, "eval_articles / eval_questions",
                  "asked for 1000 questions but only 12")
+
+
+def test_debug_shows_the_traceback(tmp_path, small_squad):
+    from qatune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size = 0"):
+        main(["--debug", "train", "--train-data", str(small_squad), "--batch-size", "0"])
