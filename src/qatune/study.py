@@ -25,10 +25,13 @@ from pathlib import Path
 
 from qatune import store
 from qatune.errors import QatuneError
+from qatune.tracking import StudyTracker
 from qatune.train import TrainConfig
 
 LORA_ONLY = ("lora_rank", "alpha_policy", "lora_alpha", "lora_dropout", "lora_targets")
 NOT_IN_ID = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile")  # where/how a run goes, not what it is
+# Options added later: part of a run's identity only when set, so the runs of existing studies keep their ids.
+IN_ID_WHEN_SET = {f.name: f.default for f in fields(TrainConfig) if f.name in ("eval_steps", "eval_subset")}
 
 # Question counts of hub data sets, for dry-run estimates when the data is not at hand (offline).
 KNOWN_SIZES = {("rajpurkar/squad", "train"): 87599, ("rajpurkar/squad", "validation"): 10570,
@@ -58,7 +61,17 @@ class Study:
 
 
 def run_id(cfg: TrainConfig) -> str:
-    d = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_ID}
+    return _identity(asdict(cfg), NOT_IN_ID)
+
+
+def config_id(config: dict) -> str:
+    """A run's identity without its seed: the runs of one configuration differ only in their seeds."""
+    return _identity(config, (*NOT_IN_ID, "seed"))
+
+
+def _identity(config: dict, leave_out: tuple[str, ...]) -> str:
+    d = {k: v for k, v in config.items()
+         if k not in leave_out and not (k in IN_ID_WHEN_SET and v == IN_ID_WHEN_SET[k])}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -142,6 +155,8 @@ def load_study(path: str | Path, overrides: list[str] = (), directory: str | Pat
             runs.append(Run(rid, arm["name"], cfg, point))
     headline = tuple(meta["headline"]) if "headline" in meta else (
         (arm_names[0], arm_names[1]) if len(arm_names) >= 2 else None)
+    if headline is not None and (len(headline) != 2 or any(a not in arm_names for a in headline)):
+        raise StudyError(f"{path}: [study] headline = {list(headline)} must name two of the arms {arm_names}")
     return Study(name, path, base_dir, runs, headline)
 
 
@@ -169,12 +184,14 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
     db = store.connect(study.directory)
     store.register(db, study.runs)
     ids = [r.id for r in study.runs]
+    store.register_grid(db, study.name, str(study.path), study.headline, ids)
     by_id = {r.id: r for r in study.runs}
     if retry_failed:
         n = store.retry_failed(db, ids)
         if n:
             say(f"retrying {n} failed run(s)")
     owner = store.Owner.new()
+    tracker = StudyTracker(study)
     free = list(launcher.slots)
     active: dict[str, object] = {}
     waiting = False
@@ -187,7 +204,10 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
         free.sort(key=lambda s: s.index)
         neighbours = shared.pop(o.run_id, 0)
         if o.status == "finished":
-            store.finish(db, o.run_id, owner, o.record.metrics, {**o.record.costs(), "shared_runs": neighbours})
+            store.finish(db, o.run_id, owner, o.record.metrics, {**o.record.costs(), "shared_runs": neighbours},
+                         o.record.curve)
+            if by_id[o.run_id].config.report_to == "mlflow":
+                tracker.log(o.run_id, by_id[o.run_id].arm, by_id[o.run_id].point, o.record)
             m = o.record.metrics
             score = f"EM {m.get('exact_match', m.get('exact', float('nan'))):.2f}, F1 {m['f1']:.2f}, " if m else ""
             say(f"  finished {o.run_id} ({by_id[o.run_id].arm}): {score}train {o.record.timing['train_s']:.0f}s")
@@ -245,6 +265,7 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
                                f"Run the same command again to continue.") from None
     finally:
         launcher.close()
+        tracker.close()
     counts: dict[str, int] = {}
     for status in store.statuses(db, ids).values():
         counts[status] = counts.get(status, 0) + 1
@@ -321,7 +342,27 @@ def _count_params(model_name: str, strategy: str, rank: int, alpha: float, polic
                               meta=True)
     counts = parameter_counts(model)
     emb = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
-    return {**counts, "dense_params": counts["total_params"] - emb}
+    return {**counts, "dense_params": counts["total_params"] - emb, **_lora_widths(model, rank)}
+
+
+def _lora_widths(model, rank: int) -> dict:
+    """The narrowest adapted layer, min(d_in, d_out), and how many adapted layers the rank reaches: there a
+    larger rank cannot raise the rank of the weight update any further."""
+    from peft.tuners.lora import LoraLayer
+
+    widths = [min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, LoraLayer)]
+    return {"lora_min_width": min(widths) if widths else None, "lora_layers": len(widths),
+            "lora_layers_at_full_rank": sum(rank >= w for w in widths)}
+
+
+def rank_note(widths: dict, rank: int) -> str:
+    """A short note when ``rank`` reaches min(d_in, d_out) of adapted layers, else ''."""
+    full = widths.get("lora_layers_at_full_rank") or 0
+    if not full:
+        return ""
+    which = "all" if full == widths["lora_layers"] else f"{full} of {widths['lora_layers']}"
+    return (f"r={rank} >= min(d_in, d_out) of {which} adapted layers (narrowest {widths['lora_min_width']}): "
+            f"the update's rank cannot grow there")
 
 
 def estimate_windows(source: str, split: str, articles: str | None, questions, seed: int) -> float:
