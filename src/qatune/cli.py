@@ -362,12 +362,11 @@ def _study_status(study, as_json: bool) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from qatune.report import write_report
 
-    try:
-        out = write_report(args.study_dir)
-    except FileNotFoundError as e:
-        raise CliError(str(e)) from e
-    figures = sorted(p.name for p in out.parent.glob("*.png"))
-    _emit({"report": str(out), "figures": figures}, args.json, [f"wrote {out}", *[f"  {f}" for f in figures]])
+    result = write_report(args.study_dir, all_runs=args.all_runs)
+    lines = [f"wrote {result['report']} and {result['html']}", *[f"  {f}" for f in result["figures"]]]
+    lines += [f"  {c['label']} ({int(c['train_questions'])} q, {c['seeds']} seed(s)): F1 {c['f1']['mean']:.2f} "
+              f"[{c['f1']['ci_low']:.2f}, {c['f1']['ci_high']:.2f}]" for c in result["configurations"]]
+    _emit(result, args.json, lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -460,8 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_study)
 
-    rp = sub.add_parser("report", help="write report.md and figures for a study directory")
+    rp = sub.add_parser("report", help="write report.md, report.html and figures for a study directory")
     rp.add_argument("study_dir")
+    rp.add_argument("--all-runs", action="store_true",
+                    help="include rows of earlier versions of the study file (default: its latest grid only)")
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=cmd_report)
     return p
