@@ -131,7 +131,7 @@ def load_toml(path: str) -> dict:
 def cmd_train(args: argparse.Namespace) -> None:
     from qatune.train import TrainConfig, stop_on_signals, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "json")}
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "json", "debug")}
     values = {**(load_toml(args.config) if args.config else {}), **given}
     try:
         cfg = TrainConfig.from_dict(values)

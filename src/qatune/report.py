@@ -460,7 +460,7 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
                    if a.split and a.split["chosen"] else
                    "Headline: each headline arm has a single configuration, so nothing is chosen and all "
                    "questions test the difference."),
-                  f"Learning curves: a run is *not converged* when F1 on its curve questions still rose by more "
+                  f"Learning curves: a run is \"not converged\" when F1 on its curve questions still rose by more "
                   f"than {CURVE_GAIN:.1f} point over its last evaluation interval."])]
     marks = cost_marks(a.done)
     b += [("h2", "Configurations"), ("p", "EM and F1: mean over seeds [95% interval]. ‡ marks a LoRA rank at or "
@@ -580,12 +580,12 @@ def _inline(text: str) -> str:
 CSS = """
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2430; margin: 0;
        background: #f6f7f9; }
-main { max-width: 1180px; margin: 0 auto; padding: 24px 32px 48px; background: #fff; }
+main { max-width: 1240px; margin: 0 auto; padding: 24px 32px 48px; background: #fff; }
 h1 { font-size: 26px; margin: 8px 0 12px; } h2 { font-size: 19px; margin: 28px 0 8px; border-bottom: 1px solid #dde1e6;
   padding-bottom: 4px; }
 table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; display: block; overflow-x: auto; }
 th, td { padding: 4px 8px; border-bottom: 1px solid #e5e8ec; text-align: left; white-space: nowrap; vertical-align: top; }
-th { background: #eef1f5; position: sticky; top: 0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #eef1f5; white-space: normal; vertical-align: bottom; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr:hover td { background: #f8fafc; } code { font-size: 12px; background: #f0f2f5; padding: 1px 4px; border-radius: 3px; }
 figure { margin: 12px 0 24px; } figure img { max-width: 100%; border: 1px solid #e5e8ec; }
 figcaption { font-size: 12px; color: #5b6573; } ul { padding-left: 22px; } li { margin: 4px 0; }
@@ -707,6 +707,9 @@ def _figures(study_dir: Path, a: Analysis) -> list[str]:
                 ax.errorbar([c.rank for c in cs], [iv.estimate for iv in ivs],
                             yerr=np.hstack([err(iv) for iv in ivs]), marker="o", capsize=3, label=name)
             ax.set_xscale("log", base=2)
+            ranks = sorted({c.rank for cs in lines.values() for c in cs})
+            ax.set_xticks(ranks, [str(r) for r in ranks])
+            ax.minorticks_off()
             ax.set_xlabel("LoRA rank")
             ax.set_ylabel(title)
             ax.set_title(f"{title} vs LoRA rank ({int(top)} questions, 95% intervals)")
@@ -729,6 +732,9 @@ def _figures(study_dir: Path, a: Analysis) -> list[str]:
             ax.errorbar([c.volume for c in cs], [iv.estimate for iv in ivs], yerr=np.hstack([err(iv) for iv in ivs]),
                         marker="o", capsize=3, label=label)
         ax.set_xscale("log")
+        volumes = sorted({c.volume for c in a.configs})
+        ax.set_xticks(volumes, [f"{int(v):,}" for v in volumes])
+        ax.minorticks_off()
         ax.set_xlabel("training questions")
         ax.set_ylabel("F1")
         ax.set_title("F1 vs training-data volume (95% intervals)")
