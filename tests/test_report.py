@@ -276,3 +276,12 @@ lora_rank = 2
     history = client.get_metric_history(lora.info.run_id, "curve_f1")
     assert [m.step for m in history] == [1, 2]
     assert len(client.get_metric_history(lora.info.run_id, "train_loss")) >= 1
+
+
+def test_headline_must_name_existing_arms(tmp_path):
+    from qatune.study import StudyError
+
+    path = construct(tmp_path, "lora_rank = [2]\nseed = [1]", lambda run, q: 0.5)
+    path.write_text(path.read_text().replace('headline = ["full", "lora"]', 'headline = ["full", "lorra"]'))
+    with pytest.raises(StudyError, match=r"headline = \['full', 'lorra'\] must name two of the arms"):
+        load_study(path)

@@ -641,7 +641,7 @@ def summary(a: Analysis) -> dict:
                     "candidates": comp["candidates"], "selection_questions": split.get("selection", 0),
                     "test_questions": comp["f1"].questions, "split": {**split, "file": "split.json"},
                     "f1": contrast(comp["f1"]), "em": contrast(comp["em"])} for comp in a.comparisons]
-    tests: dict = {"rank": [{k: v for k, v in t.items()} for t in a.rank_tests], "volume_interaction": None}
+    tests: dict = {"rank": [dict(t) for t in a.rank_tests], "volume_interaction": None}
     if a.interaction:
         (alo, blo), (ahi, bhi) = a.interaction["pairs"]
         tests["volume_interaction"] = {"train_questions": list(a.interaction["volumes"]),
