@@ -100,6 +100,9 @@ def test_seed_preset_dry_run_offline(capsys):
     assert json.loads(out[-1])["runs"] == 12 + 216
     row = next(line for line in out if "mobilebert-full" in line and "google/mobilebert-uncased" in line)
     assert "24,582,914" in row  # MobileBERT QA parameters, counted offline from its config
+    capped = [line for line in out if "distilbert-lora" in line and " ‡ " in line]
+    assert len(capped) == 36 and all("lora_rank=1024" in line for line in capped)  # 3 policies x 4 volumes x 3 seeds
+    assert any(line.startswith("‡ r=1024 >= min(d_in, d_out) of all adapted layers (narrowest 768)") for line in out)
 
 
 def test_seed_preset_calibrates_offline(capsys):

@@ -100,7 +100,7 @@ class TrainConfig:
     keep_checkpoints: int = _f(1, "how many recent checkpoints to keep")
     logging_steps: int = _f(10, "log loss every N steps")
     eval_steps: int = _f(0, "learning curve: F1 on eval_subset every N optimizer steps and at the end (0: off)")
-    eval_subset: int | None = _f(500, "questions of the evaluation data for the learning curve (fixed draw)")
+    eval_subset: int | None = _f(500, "learning-curve questions: up to this many of the evaluation data (fixed draw)")
     n_best: int = _f(20, "start/end candidates per window when decoding")
     max_answer_length: int = _f(30, "longest answer in tokens")
     null_threshold: float = _f(0.0, "SQuAD v2: answer '' when null score - best span > this")
@@ -412,8 +412,9 @@ class Recipe:
                                      cfg.feature_cache_dir)
         if cfg.eval_steps and self.eval_data is None:
             raise TrainingError("eval_steps needs eval_data: the learning curve is measured on evaluation questions")
-        self.curve_data = (self.eval_data.with_examples(subsample(self.eval_data.examples, cfg.eval_subset,
-                                                                  CURVE_SEED)) if cfg.eval_steps else None)
+        if cfg.eval_steps:  # up to eval_subset questions (all when None), the same draw for every run
+            n = min(cfg.eval_subset or len(self.eval_data), len(self.eval_data))
+            self.curve_data = self.eval_data.with_examples(subsample(self.eval_data.examples, n, CURVE_SEED))
 
         model = load_qa_model(cfg.model)
         self.model_type = model.config.model_type
