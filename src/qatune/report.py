@@ -435,7 +435,8 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
     if missing:
         b.append(("p", "**Incomplete study** — these runs have no results yet, so every figure and statistic "
                        "below covers only the finished ones:"))
-        b.append(("ul", [f"`{r['id']}` {r['arm']} {_label('', r['point']).strip()}, seed {r['config']['seed']}: "
+        b.append(("ul", [f"`{r['id']}` {_label(r['arm'], r['point'])}, "
+                         f"{r['point'].get('train_questions', 'all')} training questions, seed {r['config']['seed']}: "
                          f"{r['status']}" + (f" ({r['error'].splitlines()[0]})" if r["error"] else "")
                          for r in missing]))
     if not a.done:
@@ -453,7 +454,8 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
                   "are resampled, and so are the evaluation questions (the same draw for every configuration in a "
                   "comparison, so comparisons are paired)"
                   + ("; with one seed they cover question sampling only." if seeds == [1] else "."),
-                  (f"Headline choice without bias: where an arm of the headline has several configurations, the "
+                  ("Headline: no comparison yet (an arm of the headline has no finished run)." if not a.comparisons
+                   else f"Headline choice without bias: where an arm of the headline has several configurations, the "
                    f"best is chosen on a fixed selection part of the evaluation questions ({a.split['selection']} "
                    f"questions: a hash of the question id with seed {SPLIT_SEED}, share {SELECTION_SHARE:.0%}) "
                    f"and the difference is tested on the other {a.split['test']} (listed in `split.json`)."
@@ -667,6 +669,8 @@ def write_report(study_dir: str | Path, all_runs: bool = False) -> dict:
         _write(study_dir / "split.json", json.dumps({k: a.split[k] for k in ("seed", "selection_share")}
                                                     | {"selection": a.split["selection_ids"],
                                                        "test": a.split["test_ids"]}, indent=1))
+    else:  # nothing was chosen: a split from an earlier report would describe nothing here
+        (study_dir / "split.json").unlink(missing_ok=True)
     return {"report": str(md), "html": str(page), "figures": figures, **summary(a)}
 
 
