@@ -222,8 +222,9 @@ name = "tiny-v2"
 
 [defaults]
 train_data = "{data}"
+train_articles = "2-4"
 eval_data = "{data}"
-eval_articles = "4"
+eval_articles = "1-2"
 max_seq_length = 96
 doc_stride = 32
 batch_size = 4
@@ -255,7 +256,12 @@ lora_rank = 2
     assert all(len(json.loads(c)) == 2 for (c,) in db.execute("SELECT curve FROM runs"))
 
     out = report_json(capsys, tmp_path / "s")
-    assert out["squad_version"] == "2.0" and out["questions"] == 5
+    assert out["squad_version"] == "2.0" and out["questions"] == 10  # 6 unanswerable, 4 answerable
+    for c in out["configurations"]:
+        record = json.loads((tmp_path / "s" / "runs" / c["run_ids"][0] / "run.json").read_text())
+        assert c["f1"]["mean"] == pytest.approx(record["metrics"]["f1"])  # per-question v2 scores, averaged
+        assert c["squad_v2"]["NoAns_f1"] == pytest.approx(record["metrics"]["NoAns_f1"])
+        assert c["squad_v2"]["best_f1_thresh"] == pytest.approx(record["metrics"]["best_f1_thresh"])
     assert "learning_curves.png" in out["figures"]
     text = (tmp_path / "s" / "report.md").read_text()
     assert "SQuAD v2.0 rules" in text and "HasAns F1" in text and "NoAns F1" in text

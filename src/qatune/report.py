@@ -477,9 +477,9 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
         row = [c.label + (" ‡" if c.notes else ""), f"{int(c.volume)}", str(len(c.runs)), _ci(iv["em"]),
                _ci(iv["f1"])]
         if v2:
-            m = {k: np.mean([r["metrics"].get(k, float("nan")) for r in c.runs])
-                 for k in ("HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh")}
-            row += [f"{m['HasAns_f1']:.1f}", f"{m['NoAns_f1']:.1f}", f"{m['best_f1']:.1f} ({m['best_f1_thresh']:.2f})"]
+            m = _v2_means(c)
+            row += [f"{m['HasAns_f1']:.1f}" if "HasAns_f1" in m else "—", f"{m['NoAns_f1']:.1f}" if "NoAns_f1" in m
+                    else "—", f"{m['best_f1']:.1f} ({m['best_f1_thresh']:.2f})" if "best_f1" in m else "—"]
         slowed = sum(r["id"] in marks for r in c.runs)
         row += [_convergence(c), f"{c.runs[0]['costs']['trainable_percent']:.2f}", _pflop(c.runs),
                 f"{np.mean([r['costs']['train_s'] for r in c.runs]):.0f}" + (f" †{slowed}" if slowed else "")]
@@ -517,6 +517,16 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
     b += [("h2", "Figures")] + [("img", name) for name in figures]
     b += _cost_blocks(a.done, marks)
     return b
+
+
+V2_KEYS = ("HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1", "best_exact", "best_exact_thresh", "best_f1",
+           "best_f1_thresh")
+
+
+def _v2_means(c: Config) -> dict[str, float]:
+    """The official v2 breakdown and best-threshold scores (those every run has), averaged over the seeds."""
+    return {k: float(np.mean([r["metrics"][k] for r in c.runs])) for k in V2_KEYS
+            if all(k in r["metrics"] for r in c.runs)}
 
 
 def _pflop(rs: list[dict]) -> str:
@@ -636,7 +646,8 @@ def summary(a: Analysis) -> dict:
     configs = [{"id": c.id, "arm": c.arm, "label": c.label, "point": c.point, "train_questions": c.volume,
                 "seeds": len(c.runs), "run_ids": [r["id"] for r in c.runs], "em": interval(a.intervals[c.id]["em"]),
                 "f1": interval(a.intervals[c.id]["f1"]),
-                "converged": [converged(r.get("curve")) for r in c.runs], "notes": c.notes} for c in a.configs]
+                "converged": [converged(r.get("curve")) for r in c.runs], "notes": c.notes,
+                **({"squad_v2": _v2_means(c)} if a.scores.version.startswith("2") else {})} for c in a.configs]
     split = {k: v for k, v in (a.split or {}).items() if not k.endswith("_ids")}
     comparisons = [{"kind": "headline", "arms": list(a.headline), "train_questions": comp["volume"],
                     "a": comp["a"].id, "b": comp["b"].id, "a_label": comp["a"].label, "b_label": comp["b"].label,
