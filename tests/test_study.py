@@ -142,7 +142,7 @@ def test_run_skip_fail_and_report(tmp_path, tiny_distilbert, train_file, capsys)
     assert "finished" in capsys.readouterr().out
     report = write_report(tmp_path / "s")
     text = Path(report["report"]).read_text()
-    assert "## Configurations" in text and "| 12 | 1 |" in text
+    assert "## Headline table (12 training questions)" in text and "## Other data volumes" in text
     assert "Headline arms `full` − `lora`" in text and "permutation test" in text
     for fig in ["rank_sweep.png", "data_volume.png", "pareto.png"]:
         assert (tmp_path / "s" / fig).stat().st_size > 1000

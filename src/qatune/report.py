@@ -266,6 +266,10 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
     every = rows(db)
     grid = latest_grid(db)
     db.close()
+    for r in every:  # a finished run whose files were deleted is reported as such, not read
+        if r["status"] == "finished" and not (Path(r["output_dir"]) / "predictions.json").is_file():
+            r["status"], r["error"] = "finished, files missing", (
+                f"{r['output_dir']} has no predictions.json; `qatune study FILE` trains the run again")
     if grid is not None and not all_runs:
         wanted = set(grid["run_ids"])
         covered = [r for r in every if r["id"] in wanted]
@@ -465,14 +469,20 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
                   f"Learning curves: a run is \"not converged\" when F1 on its curve questions still rose by more "
                   f"than {CURVE_GAIN:.1f} point over its last evaluation interval."])]
     marks = cost_marks(a.done)
-    b += [("h2", "Configurations"), ("p", "EM and F1: mean over seeds [95% interval]. ‡ marks a LoRA rank at or "
-                                          "beyond the width of the adapted layers, † a run slowed by other load.")]
+    top = max(c.volume for c in a.configs)
+    b += [("h2", f"Headline table ({int(top)} training questions)"),
+          ("p", "Every configuration at the largest data volume; EM and F1: mean over seeds [95% interval]. "
+                "‡ marks a LoRA rank at or beyond the width of the adapted layers, † runs slowed by other load.")]
     header = ["configuration", "train q", "seeds", "EM", "F1"]
     if v2:
         header += ["HasAns F1", "NoAns F1", "best F1 (threshold)"]
     header += ["converged", "trainable %", "train PFLOP", "train s"]
     body = []
-    for c in a.configs:
+    for c in a.configs:  # sorted by volume, largest first
+        if c.volume != top and body and body[-1][1] == f"{int(top)}":
+            b.append(("table", header, body))
+            b += [("h2", "Other data volumes"), ("p", "The same configurations trained on less data.")]
+            body = []
         iv = a.intervals[c.id]
         row = [c.label + (" ‡" if c.notes else ""), f"{int(c.volume)}", str(len(c.runs)), _ci(iv["em"]),
                _ci(iv["f1"])]

@@ -155,8 +155,6 @@ def load_study(path: str | Path, overrides: list[str] = (), directory: str | Pat
             runs.append(Run(rid, arm["name"], cfg, point))
     headline = tuple(meta["headline"]) if "headline" in meta else (
         (arm_names[0], arm_names[1]) if len(arm_names) >= 2 else None)
-    if headline is not None and (len(headline) != 2 or any(a not in arm_names for a in headline)):
-        raise StudyError(f"{path}: [study] headline = {list(headline)} must name two of the arms {arm_names}")
     return Study(name, path, base_dir, runs, headline)
 
 
