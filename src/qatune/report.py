@@ -608,7 +608,7 @@ h1 { font-size: 26px; margin: 8px 0 12px; } h2 { font-size: 19px; margin: 28px 0
 table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; display: block; overflow-x: auto; }
 th, td { padding: 4px 8px; border-bottom: 1px solid #e5e8ec; text-align: left; white-space: nowrap; vertical-align: top; }
 th { background: #eef1f5; white-space: normal; vertical-align: bottom; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr:hover td { background: #f8fafc; } code { font-size: 12px; background: #f0f2f5; padding: 1px 4px; border-radius: 3px; }
+td:last-child { white-space: normal; min-width: 160px; } tr:hover td { background: #f8fafc; } code { font-size: 12px; background: #f0f2f5; padding: 1px 4px; border-radius: 3px; }
 figure { margin: 12px 0 24px; } figure img { max-width: 100%; border: 1px solid #e5e8ec; }
 figcaption { font-size: 12px; color: #5b6573; } ul { padding-left: 22px; } li { margin: 4px 0; }
 """
@@ -817,6 +817,7 @@ def _figures(study_dir: Path, a: Analysis) -> list[str]:
                 best = ys[i]
         ax.plot(xs[front], ys[front], "r--", label="Pareto front")
         ax.set_xscale("log")
+        ax.margins(x=0.3, y=0.1)  # room for the labels of the outermost points
         ax.set_xlabel(xlabel)
         ax.set_ylabel("F1")
         ax.grid(alpha=0.3)
