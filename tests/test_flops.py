@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,7 +112,7 @@ def test_a_loaded_run_counts_the_same_flops_and_is_marked(tmp_path, train_file):
     assert alone["train_flops"] == loaded["train_flops"] > 0  # counted, so exactly equal
     assert loaded["train_s"] > 1.3 * alone["train_s"]
     assert loaded["others_cores"] >= 0.25 > alone["others_cores"]
-    text = write_report(tmp_path / "s").read_text()
+    text = Path(write_report(tmp_path / "s")["report"]).read_text()
     marked = [line for line in text.splitlines() if "† machine loaded" in line]
     ids = {r.config.learning_rate: r.id for r in load_study(path, directory=tmp_path / "s").runs}
     assert len(marked) == 1 and ids[2e-3] in marked[0]

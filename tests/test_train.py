@@ -240,3 +240,29 @@ def test_compiled_training_matches_eager(tmp_path, train_file):
     # can move a weight by up to lr per step: at most 3 x lr after 3 steps, and far less almost everywhere.
     diffs = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
     assert float(diffs.max()) <= 3 * 1e-3 and float(diffs.median()) < 1e-6
+
+
+def test_learning_curve_survives_an_interruption(tmp_path, tiny_models, train_file, monkeypatch):
+    """A run stopped after its first curve point resumes with that point kept, and adds the rest."""
+    from qatune import train as train_module
+
+    first = train_module.Recipe._curve_point
+
+    def stop_after_first_point(self, step):
+        first(self, step)
+        train_module.STOP.set()  # as Ctrl-C would: checkpoint at this step, then Interrupted
+
+    out = tmp_path / "run"
+    c = cfg(tiny_models["distilbert"], train_file, out, eval_steps=2, eval_subset=3)
+    monkeypatch.setattr(train_module.Recipe, "_curve_point", stop_after_first_point)
+    try:
+        with pytest.raises(train_module.Interrupted):
+            train(c, progress=False)
+    finally:
+        train_module.STOP.clear()
+    assert [p["step"] for p in json.loads((out / "curve.json").read_text())] == [2]
+    monkeypatch.setattr(train_module.Recipe, "_curve_point", first)
+    c.resume = True
+    r = train(c, progress=False)
+    assert r.timing["resumed_from_step"] == 2
+    assert [p["step"] for p in r.curve] == [2, 4] and [p["windows"] for p in r.curve] == [8, 16]

@@ -142,10 +142,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = TrainConfig.from_dict(values)
     if not cfg.train_data:
         raise CliError("--train-data is required (a SQuAD JSON file or a datasets id[:split])")
+    from qatune import tracking
+
+    tracking.check(cfg.report_to)
     with stop_on_signals():
         r = train(cfg)
     if r is None:  # a non-zero rank of a data-parallel run: rank 0 reports
         return
+    if cfg.report_to == "mlflow":
+        print(f"mlflow run {tracking.log_training_run(r, Path(cfg.output_dir))} at "
+              f"{tracking.tracking_uri(Path(cfg.output_dir))}")
     m, p, t = r.metrics, r.params, r.timing
     lines = [f"{cfg.output_dir}: {cfg.strategy} fine-tuning of {cfg.model}, {r.data['train_questions']} questions "
              f"({r.data['train_windows']} windows), {t['steps_run']} steps",
@@ -290,20 +296,23 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def _study_dry_run(study, args: argparse.Namespace) -> None:
-    from qatune.study import RUN_OVERHEAD_S, estimate, project
+    from qatune.study import RUN_OVERHEAD_S, estimate, project, rank_note
 
-    body, total = [], 0.0
+    body, total, run_notes = [], 0.0, []
     for k, r in enumerate(study.runs, 1):
         est = estimate(r)
         total += est["train_pflop"]
         point = ", ".join(f"{key}={v}" for key, v in r.point.items())
+        run_notes.append(rank_note(est, r.config.lora_rank) if r.config.strategy == "lora" else "")
+        point += " ‡" if run_notes[-1] else ""
         body.append([k, r.id, r.arm, r.config.model, r.config.strategy, point,
                      f"{est['trainable_params']:,}", f"{est['total_params']:,}", f"{est['trainable_percent']:.2f}",
                      f"{est['train_windows']:,.0f}", f"{est['steps']:,}", f"{est['train_pflop']:.2f}"])
     header = ["#", "run", "arm", "model", "strategy", "grid point", "trainable", "total", "%", "train windows",
               "steps", "train PFLOP"]
     summary = {"runs": len(study.runs), "total_pflop": total}
-    notes = [f"total training compute: {total:.2f} PFLOP (FLOPs per window counted on each model shape at the "
+    capped = sorted({n for n in run_notes if n})
+    notes = [*(f"‡ {n}" for n in capped), f"total training compute: {total:.2f} PFLOP (FLOPs per window counted on each model shape at the "
              f"typical padded width, x windows trained; windows estimated from question counts)"]
     if args.calibrate:
         from qatune.launch import LocalLauncher, visible_gpus
@@ -372,9 +381,11 @@ def _study_status(study, as_json: bool) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from qatune.report import write_report
 
-    out = write_report(args.study_dir)
-    figures = sorted(p.name for p in out.parent.glob("*.png"))
-    _emit({"report": str(out), "figures": figures}, args.json, [f"wrote {out}", *[f"  {f}" for f in figures]])
+    result = write_report(args.study_dir, all_runs=args.all_runs)
+    lines = [f"wrote {result['report']} and {result['html']}", *[f"  {f}" for f in result["figures"]]]
+    lines += [f"  {c['label']} ({int(c['train_questions'])} q, {c['seeds']} seed(s)): F1 {c['f1']['mean']:.2f} "
+              f"[{c['f1']['ci_low']:.2f}, {c['f1']['ci_high']:.2f}]" for c in result["configurations"]]
+    _emit(result, args.json, lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -469,8 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_study)
 
-    rp = sub.add_parser("report", help="write report.md and figures for a study directory")
+    rp = sub.add_parser("report", help="write report.md, report.html and figures for a study directory")
     rp.add_argument("study_dir")
+    rp.add_argument("--all-runs", action="store_true",
+                    help="include rows of earlier versions of the study file (default: its latest grid only)")
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=cmd_report)
     return p

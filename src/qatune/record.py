@@ -25,6 +25,7 @@ class RunRecord:
     memory: dict  # peak_rss_mb, cuda_peak_mb on a GPU
     environment: dict  # library versions and hardware
     loss: dict = field(default_factory=dict)  # final (last logging window's mean) and curve [[step, mean]]
+    curve: list = field(default_factory=list)  # learning curve: [{step, windows, exact_match, f1}] (eval_steps)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -43,12 +43,24 @@ CREATE TABLE IF NOT EXISTS runs (
     worker TEXT,
     step INTEGER,
     total_steps INTEGER,
-    ord INTEGER
+    ord INTEGER,
+    curve TEXT
 );
 """
-# Columns for claims and progress, added to databases written before they existed.
+# Each time a study file is run its current grid is registered: a report covers the latest one by default.
+GRID_SCHEMA = """
+CREATE TABLE IF NOT EXISTS grids (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    registered_at REAL NOT NULL,
+    study TEXT NOT NULL,
+    file TEXT NOT NULL,
+    headline TEXT,
+    run_ids TEXT NOT NULL
+);
+"""
+# Columns for claims, progress and learning curves, added to databases written before they existed.
 CLAIM_COLUMNS = {"owner": "TEXT", "lease_until": "REAL", "heartbeat_at": "REAL", "worker": "TEXT",
-                 "step": "INTEGER", "total_steps": "INTEGER", "ord": "INTEGER"}
+                 "step": "INTEGER", "total_steps": "INTEGER", "ord": "INTEGER", "curve": "TEXT"}
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,7 @@ def _open(path: Path) -> sqlite3.Connection:
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check: {check}")
         db.execute(SCHEMA)
+        db.execute(GRID_SCHEMA)
         have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
         for name, kind in CLAIM_COLUMNS.items():
             if name not in have:
@@ -181,6 +194,25 @@ def register(db: sqlite3.Connection, runs: Sequence) -> None:
             db.execute("UPDATE runs SET ord=? WHERE id=? AND ord IS NULL", (k, r.id))
 
 
+def register_grid(db: sqlite3.Connection, study: str, file: str, headline: Sequence[str] | None,
+                  ids: Sequence[str]) -> None:
+    """Record the study file's grid as it is now (its run ids in order, its headline arms)."""
+    with db:
+        db.execute("INSERT INTO grids (registered_at, study, file, headline, run_ids) VALUES (?, ?, ?, ?, ?)",
+                   (time.time(), study, file, json.dumps(list(headline) if headline else None), json.dumps(list(ids))))
+
+
+def latest_grid(db: sqlite3.Connection) -> dict | None:
+    """The last registered grid: ``{study, file, headline, run_ids, registered_at}``, or None (older stores)."""
+    row = db.execute("SELECT * FROM grids ORDER BY seq DESC LIMIT 1").fetchone()
+    if row is None:
+        return None
+    d = dict(row)
+    d["headline"] = json.loads(d["headline"]) if d["headline"] else None
+    d["run_ids"] = json.loads(d["run_ids"])
+    return d
+
+
 def rows(db: sqlite3.Connection, ids: Iterable[str] | None = None) -> list[dict]:
     """The stored runs (``output_dir`` resolved to where the run's files are now)."""
     wanted = set(ids) if ids is not None else None
@@ -190,7 +222,7 @@ def rows(db: sqlite3.Connection, ids: Iterable[str] | None = None) -> list[dict]
         d = dict(row)
         if wanted is not None and d["id"] not in wanted:
             continue
-        for k in ("point", "config", "metrics", "costs"):
+        for k in ("point", "config", "metrics", "costs", "curve"):
             d[k] = json.loads(d[k]) if d[k] else None
         d["output_dir"] = str(run_dir(directory, d["id"], d["output_dir"]))
         out.append(d)
@@ -204,11 +236,11 @@ def reopen(db: sqlite3.Connection, rid: str, reason: str) -> None:
                    "WHERE id=? AND status='finished'", (f"finished before, but {reason}; trained again", rid))
 
 
-def restore(db: sqlite3.Connection, rid: str, metrics: dict, costs: dict, finished_at: float) -> None:
+def restore(db: sqlite3.Connection, rid: str, metrics: dict, costs: dict, curve: list, finished_at: float) -> None:
     """Mark a run finished from its run directory (rebuilding a damaged store)."""
     with db:
-        db.execute("UPDATE runs SET status='finished', attempts=1, finished_at=?, metrics=?, costs=? WHERE id=?",
-                   (finished_at, json.dumps(metrics), json.dumps(costs), rid))
+        db.execute("UPDATE runs SET status='finished', attempts=1, finished_at=?, metrics=?, costs=?, curve=? "
+                   "WHERE id=?", (finished_at, json.dumps(metrics), json.dumps(costs), json.dumps(curve or []), rid))
 
 
 def set_aside(directory: Path) -> Path | None:
@@ -283,11 +315,12 @@ def renew(db: sqlite3.Connection, owner: Owner, lease_s: float, progress: dict[s
                        (now + lease_s, now, p.get("step"), p.get("total_steps"), p.get("worker"), rid, str(owner)))
 
 
-def finish(db: sqlite3.Connection, rid: str, owner: Owner, metrics: dict, costs: dict) -> None:
+def finish(db: sqlite3.Connection, rid: str, owner: Owner, metrics: dict, costs: dict,
+           curve: list | None = None) -> None:
     with db:
-        db.execute("UPDATE runs SET status='finished', finished_at=?, metrics=?, costs=?, owner=NULL, "
+        db.execute("UPDATE runs SET status='finished', finished_at=?, metrics=?, costs=?, curve=?, owner=NULL, "
                    "lease_until=NULL, error=NULL WHERE id=? AND owner=?",
-                   (time.time(), json.dumps(metrics), json.dumps(costs), rid, str(owner)))
+                   (time.time(), json.dumps(metrics), json.dumps(costs), json.dumps(curve or []), rid, str(owner)))
 
 
 def fail(db: sqlite3.Connection, rid: str, owner: Owner, error: str, max_attempts: int) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from qatune import store
 from qatune.errors import QatuneError, unreadable
+from qatune.tracking import StudyTracker
 from qatune.train import TrainConfig
 from qatune.train import config_hash as run_id
 
@@ -54,6 +55,11 @@ class Study:
     directory: Path
     runs: list[Run]
     headline: tuple[str, str] | None  # the two arms compared by the paired bootstrap
+
+
+def config_id(config: dict) -> str:
+    """A run's identity without its seed: the runs of one configuration differ only in their seeds."""
+    return run_id(config, leave_out=("seed",))
 
 
 def _parse_override(text: str) -> tuple[str | None, str, object]:
@@ -180,6 +186,7 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
     db = store.connect(study.directory)
     store.register(db, study.runs)
     ids = [r.id for r in study.runs]
+    store.register_grid(db, study.name, str(study.path), study.headline, ids)
     by_id = {r.id: r for r in study.runs}
     for rid, why in untrusted_finished(db, study).items():
         store.reopen(db, rid, why)
@@ -189,6 +196,7 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
         if n:
             say(f"retrying {n} failed run(s)")
     owner = store.Owner.new()
+    tracker = StudyTracker(study)
     free = list(launcher.slots)
     active: dict[str, object] = {}
     waiting = False
@@ -201,7 +209,10 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
         free.sort(key=lambda s: s.index)
         neighbours = shared.pop(o.run_id, 0)
         if o.status == "finished":
-            store.finish(db, o.run_id, owner, o.record.metrics, {**o.record.costs(), "shared_runs": neighbours})
+            store.finish(db, o.run_id, owner, o.record.metrics, {**o.record.costs(), "shared_runs": neighbours},
+                         o.record.curve)
+            if by_id[o.run_id].config.report_to == "mlflow":
+                tracker.log(o.run_id, by_id[o.run_id].arm, by_id[o.run_id].point, o.record)
             m = o.record.metrics
             score = f"EM {m.get('exact_match', m.get('exact', float('nan'))):.2f}, F1 {m['f1']:.2f}, " if m else ""
             say(f"  finished {o.run_id} ({by_id[o.run_id].arm}): {score}train {o.record.timing['train_s']:.0f}s")
@@ -259,6 +270,7 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
                                f"Run the same command again to continue.") from None
     finally:
         launcher.close()
+        tracker.close()
     counts: dict[str, int] = {}
     for status in store.statuses(db, ids).values():
         counts[status] = counts.get(status, 0) + 1
@@ -289,6 +301,7 @@ def rebuild_store(study: Study) -> dict[str, int]:
     aside = store.set_aside(study.directory)
     db = store.connect(study.directory)
     store.register(db, study.runs)
+    store.register_grid(db, study.name, str(study.path), study.headline, [r.id for r in study.runs])
     counts = {"finished": 0, "pending": 0}
     for run in study.runs:
         out = Path(run.config.output_dir)
@@ -296,7 +309,7 @@ def rebuild_store(study: Study) -> dict[str, int]:
         if record is None:
             counts["pending"] += 1
             continue
-        store.restore(db, run.id, record.metrics, record.costs(), (out / "run.json").stat().st_mtime)
+        store.restore(db, run.id, record.metrics, record.costs(), record.curve, (out / "run.json").stat().st_mtime)
         counts["finished"] += 1
     db.close()
     return {**counts, "set_aside": str(aside) if aside else None}
@@ -371,7 +384,27 @@ def _count_params(model_name: str, strategy: str, rank: int, alpha: float, polic
                               meta=True)
     counts = parameter_counts(model)
     emb = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
-    return {**counts, "dense_params": counts["total_params"] - emb}
+    return {**counts, "dense_params": counts["total_params"] - emb, **_lora_widths(model, rank)}
+
+
+def _lora_widths(model, rank: int) -> dict:
+    """The narrowest adapted layer, min(d_in, d_out), and how many adapted layers the rank reaches: there a
+    larger rank cannot raise the rank of the weight update any further."""
+    from peft.tuners.lora import LoraLayer
+
+    widths = [min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, LoraLayer)]
+    return {"lora_min_width": min(widths) if widths else None, "lora_layers": len(widths),
+            "lora_layers_at_full_rank": sum(rank >= w for w in widths)}
+
+
+def rank_note(widths: dict, rank: int) -> str:
+    """A short note when ``rank`` reaches min(d_in, d_out) of adapted layers, else ''."""
+    full = widths.get("lora_layers_at_full_rank") or 0
+    if not full:
+        return ""
+    which = "all" if full == widths["lora_layers"] else f"{full} of {widths['lora_layers']}"
+    return (f"r={rank} >= min(d_in, d_out) of {which} adapted layers (narrowest {widths['lora_min_width']}): "
+            f"the update's rank cannot grow there")
 
 
 def estimate_windows(source: str, split: str, articles: str | None, questions, seed: int) -> float:

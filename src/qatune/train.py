@@ -46,10 +46,12 @@ from qatune.models import (
     parameter_counts,
 )
 from qatune.record import RunRecord, write_json_atomic
+from qatune.tracking import REPORT_TO, tensorboard_writer
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_PAD_MULTIPLE = 64  # torch.compile: few distinct batch widths, so few recompilations / CUDA graphs
 PROGRESS_EVERY_S = 2.0
+CURVE_SEED = 0  # one learning-curve subset for every run and seed, so curves compare
 
 
 class TrainingError(QatuneError, RuntimeError):
@@ -98,11 +100,13 @@ class TrainConfig:
     save_steps: int = _f(200, "checkpoint every N optimizer steps (and at the end)")
     keep_checkpoints: int = _f(1, "how many recent checkpoints to keep")
     logging_steps: int = _f(10, "log loss every N steps")
+    eval_steps: int = _f(0, "learning curve: F1 on eval_subset every N optimizer steps and at the end (0: off)")
+    eval_subset: int | None = _f(500, "learning-curve questions: up to this many of the evaluation data (fixed draw)")
     n_best: int = _f(20, "start/end candidates per window when decoding")
     max_answer_length: int = _f(30, "longest answer in tokens")
     null_threshold: float = _f(0.0, "SQuAD v2: answer '' when null score - best span > this")
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
-    report_to: str = _f("none", "none | tensorboard")
+    report_to: str = _f("none", "none | tensorboard | mlflow")
     feature_cache_dir: str | None = _f(None, "reuse tokenised windows across runs from this directory")
     compile: bool = _f(False, "torch.compile the model (batches padded to multiples of 64 to bound recompiles)")
 
@@ -126,7 +130,7 @@ class TrainConfig:
 # Allowed values and ranges, checked whenever a TrainConfig is built (CLI, TOML, study files, Python):
 # a bad value is refused before any data or weights load, with the option, the value and what is allowed.
 CHOICES = {"strategy": ("full", "lora"), "alpha_policy": ("fixed", "proportional", "rslora"),
-           "precision": PRECISIONS, "report_to": ("none", "tensorboard")}
+           "precision": PRECISIONS, "report_to": REPORT_TO}
 AT_LEAST_1 = ("lora_rank", "max_steps_if_set", "batch_size", "grad_accum", "eval_batch_size", "save_steps",
               "keep_checkpoints", "logging_steps", "n_best", "max_answer_length")
 
@@ -187,6 +191,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise bad("max_seq_length", f"must be >= {MIN_SEQ_LENGTH} tokens")
     if not 0 <= cfg.doc_stride < cfg.max_seq_length:
         raise bad("doc_stride", f"must be >= 0 and smaller than max_seq_length ({cfg.max_seq_length})")
+    if cfg.eval_steps < 0:
+        raise bad("eval_steps", "must be >= 0 (0: no learning curve)")
+    if cfg.eval_subset is not None and cfg.eval_subset < 1:
+        raise bad("eval_subset", "must be >= 1 question (or unset for all evaluation questions)")
     if cfg.max_steps == 0 and cfg.epochs <= 0:
         raise bad("epochs", "must be > 0 (or set max_steps)")
     if cfg.learning_rate is not None and not 0 < cfg.learning_rate < 1:
@@ -218,12 +226,16 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile")  # where/how a run goes
+# Options added later: part of a run's identity only when set, so the runs of existing studies keep their ids.
+IN_HASH_WHEN_SET = ("eval_steps", "eval_subset")
 
 
-def config_hash(cfg: TrainConfig | dict) -> str:
+def config_hash(cfg: TrainConfig | dict, leave_out: tuple[str, ...] = ()) -> str:
     """What one run *is*: a hash of its configuration without where or how it runs (a study's run id)."""
     d = asdict(cfg) if isinstance(cfg, TrainConfig) else cfg
-    d = {k: v for k, v in d.items() if k not in NOT_IN_HASH}
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.name in IN_HASH_WHEN_SET}
+    d = {k: v for k, v in d.items() if k not in NOT_IN_HASH and k not in leave_out
+         and not (k in defaults and v == defaults[k])}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -607,6 +619,11 @@ class Recipe:
                                      cfg.seed, cfg.repair_answers, "eval") if cfg.eval_data else None)
         self.feats = cached_features(self.train_data.examples, self.tokenizer, cfg.max_seq_length, cfg.doc_stride,
                                      cfg.feature_cache_dir)
+        if cfg.eval_steps and self.eval_data is None:
+            raise TrainingError("eval_steps needs eval_data: the learning curve is measured on evaluation questions")
+        if cfg.eval_steps:  # up to eval_subset questions (all when None), the same draw for every run
+            n = min(cfg.eval_subset or len(self.eval_data), len(self.eval_data))
+            self.curve_data = self.eval_data.with_examples(subsample(self.eval_data.examples, n, CURVE_SEED))
 
         model = load_qa_model(cfg.model)
         self.model_type = model.config.model_type
@@ -688,6 +705,8 @@ class Recipe:
             self.optimizer.found_inf, self.optimizer.grad_scale = self.bad, None
         loss_sum, loss_n = torch.zeros((), device=device), 0
         self.curve: list[list[float]] = []
+        self.eval_curve = self._stored_curve()
+        self.curve_eval_s = 0.0
         self.windows_seen = self.tokens_seen = 0
         self._batch_cache: dict = {}
         graceful = self.world == 1  # with several ranks a stop would need agreeing on the step: they just end
@@ -737,6 +756,8 @@ class Recipe:
                     if self.writer:
                         self.writer.add_scalar("train/loss", mean, done)
                         self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], done)
+                if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == self.total_steps):
+                    self._curve_point(done)
                 stopping = graceful and STOP.is_set()
                 if done % cfg.save_steps == 0 or done == self.total_steps or stopping:
                     self._raise_if_nonfinite()
@@ -751,12 +772,47 @@ class Recipe:
             prefetch.close()
             bar.close()
         self._raise_if_nonfinite()
-        self.train_s = time.perf_counter() - t0
+        self.train_s = time.perf_counter() - t0 - self.curve_eval_s
         self.load = load.read()
         if events is not None:
             torch.cuda.synchronize()
             self.load["device_s"] = sum(a.elapsed_time(b) for a, b in events) / 1000
         self._write_progress(self.total_steps, t0)
+
+    def windows_through(self, step: int) -> int:
+        """Training windows (all ranks) that went into optimizer steps [0, step): every epoch passes each once."""
+        epochs, batches = divmod(step * self.cfg.grad_accum, self.n_batches)
+        return epochs * len(self.feats) + min(batches * self.cfg.batch_size * self.world, len(self.feats))
+
+    def _stored_curve(self) -> list[dict]:
+        """Learning-curve points of an interrupted attempt, up to the checkpoint this one resumed from."""
+        path = self.out / "curve.json"
+        if not (self.cfg.eval_steps and self.start_step and path.exists()):
+            return []
+        try:
+            return [p for p in json.loads(path.read_text(encoding="utf-8")) if p["step"] <= self.start_step]
+        except (ValueError, TypeError, KeyError):
+            return []
+
+    def _curve_point(self, step: int) -> None:
+        """F1/EM of the model as it is now on the learning-curve questions (its time is not training time)."""
+        if self.main:
+            from qatune.inference import evaluate
+
+            t = time.perf_counter()
+            cfg = self.cfg
+            m, _ = evaluate(self.acc.unwrap_model(self.model), self.tokenizer, self.curve_data, cfg.max_seq_length,
+                            cfg.doc_stride, cfg.eval_batch_size, self.precision, cfg.n_best, cfg.max_answer_length,
+                            cfg.null_threshold, cache_dir=cfg.feature_cache_dir)
+            point = {"step": step, "windows": self.windows_through(step),
+                     "exact_match": m.get("exact_match", m.get("exact")), "f1": m["f1"]}
+            self.eval_curve.append(point)
+            write_json_atomic(self.out / "curve.json", self.eval_curve, durable=False)
+            if self.writer:
+                self.writer.add_scalar("curve/f1", point["f1"], step)
+                self.writer.add_scalar("curve/exact_match", point["exact_match"], step)
+            self.curve_eval_s += time.perf_counter() - t
+        self.acc.wait_for_everyone()
 
     def _flag_nonfinite(self, loss: torch.Tensor, m: int) -> None:
         """Record a non-finite loss on the device (no host sync); every rank sees the same flag."""
@@ -844,10 +900,12 @@ class Recipe:
                         "train_flops": run_flops,
                         "train_flop_per_s": attempt_flops / train_s if train_s else None,
                         "process_cpu_s": self.load["process_cpu_s"], "device_s": self.load.get("device_s"),
-                        "others_cores": self.load["others_cores"], "cores": self.load["cores"]},
+                        "others_cores": self.load["others_cores"], "cores": self.load["cores"],
+                        "curve_eval_s": self.curve_eval_s},
                 memory=peak_memory(self.acc.device),
                 environment=environment(self.acc.device),
                 loss={"final": self.curve[-1][1] if self.curve else None, "curve": self.curve},
+                curve=self.eval_curve,
             )
             write_json_atomic(out / "metrics.json", metrics)
             record.save(out / "run.json")
@@ -865,7 +923,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunRecord | None:
     done = recipe.setup()
     if done is not None:
         return done
-    recipe.writer = _tensorboard(cfg, recipe.out) if recipe.main else None
+    recipe.writer = tensorboard_writer(cfg.report_to, recipe.out) if recipe.main else None
     try:
         recipe.train()
         return recipe.finish()
@@ -894,15 +952,3 @@ def save_trained(model, tokenizer, model_dir: Path, cfg: TrainConfig) -> None:
 
 def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or "layernorm" in name.lower()
-
-
-def _tensorboard(cfg: TrainConfig, out: Path):
-    if cfg.report_to == "none":
-        return None
-    if cfg.report_to != "tensorboard":
-        raise ModelError(f"unknown report_to {cfg.report_to!r}; choose none or tensorboard")
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ModelError("report_to=tensorboard needs: pip install tensorboard") from e
-    return SummaryWriter(str(out / "tensorboard"))

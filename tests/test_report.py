@@ -1,0 +1,302 @@
+"""Reports on constructed results (predictions written directly, no training) and one tiny trained v2 study."""
+
+import base64
+import hashlib
+import json
+import re
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qatune import store
+from qatune.cli import main
+from qatune.data import load_squad, write_squad_json
+from qatune.metrics import squad_v1, squad_v2
+from qatune.report import selection_part
+from qatune.study import config_id, load_study, run_study
+from tests.conftest import make_examples, save_tiny_model
+
+ARMS = """
+[study]
+name = "constructed"
+headline = ["full", "lora"]
+
+[defaults]
+train_data = "{data}"
+eval_data = "{data}"
+max_steps = 2
+
+[[arms]]
+name = "full"
+model = "minilm-l6"
+strategy = "full"
+
+[[arms]]
+name = "lora"
+model = "minilm-l6"
+strategy = "lora"
+
+[grid]
+{grid}
+"""
+
+
+def write_eval(tmp_path: Path, version: str = "1.1") -> Path:
+    path = tmp_path / f"eval-{version}.json"
+    write_squad_json(make_examples(n_articles=10, per_article=12, unanswerable=30 if version == "2.0" else 0), path,
+                     version=version)
+    return path
+
+
+def construct(tmp_path: Path, grid: str, accuracy, arms: str = ARMS, curve=None, version: str = "1.1",
+              directory: str = "s", key=lambda run: [run.arm, run.point]) -> Path:
+    """A study whose runs "finished" with predictions drawn from ``accuracy(run, qid) -> P(correct)``, with
+    random draws seeded by ``key(run)`` (runs with one key and one accuracy predict alike)."""
+    data = write_eval(tmp_path, version)
+    path = tmp_path / "study.toml"
+    path.write_text(arms.format(data=data, grid=grid))
+    study = load_study(path, directory=tmp_path / directory)
+    db = store.connect(study.directory)
+    store.register(db, study.runs)
+    store.register_grid(db, study.name, str(path), study.headline, [r.id for r in study.runs])
+    examples = load_squad(data).examples
+    refs = {ex.id: [a.text for a in ex.answers] for ex in examples}
+    for run in study.runs:
+        # seeded by what the run is, not by its id (which depends on this test's temporary paths)
+        text = json.dumps(key(run), sort_keys=True)
+        rng = np.random.default_rng(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16))
+        preds = {}
+        for ex in examples:
+            right = rng.random() < accuracy(run, ex.id)
+            preds[ex.id] = (ex.answers[0].text if ex.answers else "") if right else "a wrong answer"
+        out = Path(run.config.output_dir)
+        out.mkdir(parents=True)
+        (out / "predictions.json").write_text(json.dumps(preds))
+        metrics = squad_v2(refs, preds, na_probs=dict.fromkeys(preds, 0.0)) if version == "2.0" else squad_v1(refs, preds)
+        costs = {"trainable_params": 1000, "total_params": 10000, "trainable_percent": 10.0, "train_s": 5.0,
+                 "train_questions": run.point.get("train_questions", 100), "train_flops": 1e12,
+                 "train_flop_per_s": 2e11, "train_windows_per_s": 10.0, "peak_rss_mb": 100.0}
+        db.execute("UPDATE runs SET status='finished', metrics=?, costs=?, curve=? WHERE id=?",
+                   (json.dumps(metrics), json.dumps(costs), json.dumps(curve(run) if curve else []), run.id))
+    db.close()
+    return path
+
+
+def report_json(capsys, directory: Path, *extra: str) -> dict:
+    assert main(["report", str(directory), "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_learning_rate_grid_gives_separate_configurations_and_removed_values_leave_the_report(tmp_path, capsys):
+    grid = "learning_rate = [1e-3, 2e-3]\nseed = [1]"
+    full_only = re.sub(r'headline = .*\n|\[\[arms\]\]\nname = "lora"\n.*\n.*\n\n', "", ARMS)
+    path = construct(tmp_path, grid, lambda run, q: 0.5, arms=full_only)
+    out = report_json(capsys, tmp_path / "s")
+    assert [c["seeds"] for c in out["configurations"]] == [1, 1]
+    assert sorted(c["point"]["learning_rate"] for c in out["configurations"]) == [1e-3, 2e-3]
+    assert all("seed" not in c["point"] and len(c["run_ids"]) == 1 for c in out["configurations"])
+    # the study file loses a grid value; running it again registers its grid, and the report follows it
+    path.write_text(path.read_text().replace("[1e-3, 2e-3]", "[1e-3]"))
+    assert run_study(load_study(path, directory=tmp_path / "s"), progress=False) == {"finished": 1}
+    out = report_json(capsys, tmp_path / "s")
+    assert [c["point"]["learning_rate"] for c in out["configurations"]] == [1e-3]
+    assert out["other_rows"] == 1
+    assert "1 other row(s)" in (tmp_path / "s" / "report.md").read_text()
+    assert len(report_json(capsys, tmp_path / "s", "--all-runs")["configurations"]) == 2
+
+
+def test_seeds_of_one_configuration_are_averaged_and_nothing_else(tmp_path, capsys):
+    construct(tmp_path, "lora_rank = [2]\nseed = [1, 2, 3]", lambda run, q: 0.6)
+    out = report_json(capsys, tmp_path / "s")
+    by_arm = {c["arm"]: c for c in out["configurations"]}
+    assert by_arm["lora"]["seeds"] == by_arm["full"]["seeds"] == 3
+    ids = {config_id(r["config"]) for r in store.rows(store.connect(tmp_path / "s")) if r["arm"] == "lora"}
+    assert ids == {by_arm["lora"]["id"]}
+    f1 = by_arm["lora"]["f1"]
+    assert f1["ci_low"] < f1["mean"] < f1["ci_high"]
+
+
+def test_headline_chooses_on_selection_questions_and_tests_on_the_rest(tmp_path, capsys):
+    """r=4 is best on the selection questions, r=8 on the test questions and overall: the report must pick r=4
+    (chosen blind to the test part) and test full − r=4 on test questions only."""
+    def accuracy(run, q):
+        if run.arm == "full":
+            return 0.7
+        sel = selection_part(q)
+        return {2: 0.5, 4: 1.0 if sel else 0.3, 8: 0.85 if sel else 1.0}[run.config.lora_rank]
+
+    construct(tmp_path, "lora_rank = [2, 4, 8]\nseed = [1]", accuracy)
+    out = report_json(capsys, tmp_path / "s")
+    rank_of = {c["id"]: c["point"].get("lora_rank") for c in out["configurations"]}
+    overall = max((c for c in out["configurations"] if c["arm"] == "lora"), key=lambda c: c["f1"]["mean"])
+    assert overall["point"]["lora_rank"] == 8
+    (comp,) = out["comparisons"]
+    assert rank_of[comp["b"]] == 4 and comp["candidates"] == [1, 3]
+    split = json.loads((tmp_path / "s" / "split.json").read_text())
+    selection, test = set(split["selection"]), set(split["test"])
+    assert not selection & test and len(selection) == comp["selection_questions"] > 0
+    assert len(test) == comp["test_questions"] == comp["f1"]["questions"] > 0
+    assert len(selection | test) == out["questions"] == 120
+    rows = {r["id"]: r for r in store.rows(store.connect(tmp_path / "s"))}
+    full = next(c for c in out["configurations"] if c["arm"] == "full")
+    data = load_squad(tmp_path / "eval-1.1.json")
+    refs = {ex.id: [a.text for a in ex.answers] for ex in data.examples if ex.id in test}
+
+    def f1_on_test(config):
+        preds = json.loads((Path(rows[config["run_ids"][0]]["output_dir"]) / "predictions.json").read_text())
+        return squad_v1(refs, {q: p for q, p in preds.items() if q in test})["f1"]
+
+    b = next(c for c in out["configurations"] if c["id"] == comp["b"])
+    assert comp["f1"]["diff"] == pytest.approx(f1_on_test(full) - f1_on_test(b))
+    assert comp["f1"]["ci_low"] <= comp["f1"]["diff"] <= comp["f1"]["ci_high"]
+    assert "chosen on the other" in (tmp_path / "s" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.45])
+def test_findings_claim_only_what_the_interval_supports(tmp_path, capsys, gap):
+    # no gap: both arms answer alike; a gap: the full arm is right far more often
+    construct(tmp_path, "lora_rank = [2]\nseed = [1]", lambda run, q: 0.5 + (gap if run.arm == "full" else 0.0),
+              key=lambda run: [run.point["seed"], run.arm if gap else ""])
+    out = report_json(capsys, tmp_path / "s")
+    f1 = out["comparisons"][-1]["f1"]
+    supported = f1["ci_low"] > 0 or f1["ci_high"] < 0
+    text = (tmp_path / "s" / "report.md").read_text()
+    findings = text.split("## Findings")[1].split("## Figures")[0]
+    assert supported == (gap > 0)  # the constructed cases: no difference, and a large one
+    assert ("beats" in findings) == supported
+    assert ("not distinguishable" in findings) == (not supported)
+
+
+def test_rank_family_is_holm_adjusted_and_volume_interaction_has_an_interval(tmp_path, capsys):
+    def accuracy(run, q):
+        v = run.point["train_questions"]
+        if run.arm == "full":
+            return 0.2 if v == 100 else 0.95  # full fine-tuning gains much more from data
+        return 0.5
+
+    construct(tmp_path, "lora_rank = [2, 4]\nalpha_policy = ['fixed', 'rslora']\ntrain_questions = [100, 400]\n"
+                        "seed = [1]", accuracy)
+    out = report_json(capsys, tmp_path / "s")
+    ranks = out["tests"]["rank"]
+    assert len(ranks) == 4  # 2 policies x 2 volumes
+    raw = sorted(t["p"] for t in ranks)
+    assert min(t["p_holm"] for t in ranks) == pytest.approx(min(1.0, 4 * raw[0]))
+    assert all(t["p_holm"] >= t["p"] for t in ranks)
+    inter = out["tests"]["volume_interaction"]
+    assert inter["train_questions"] == [100, 400]
+    assert inter["f1"]["ci_low"] > 30  # the gap grows by about 75 points: the interval says so
+    assert "More data helps **full** more" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_html_is_one_page_with_every_figure_inline(tmp_path, capsys):
+    construct(tmp_path, "lora_rank = [2, 4]\ntrain_questions = [100, 400]\nseed = [1]", lambda run, q: 0.6,
+              curve=lambda run: [{"step": 1, "windows": 10, "exact_match": 20.0, "f1": 30.0},
+                                 {"step": 2, "windows": 20, "exact_match": 40.0, "f1": 50.0}])
+    out = report_json(capsys, tmp_path / "s")
+    assert set(out["figures"]) == {"rank_sweep.png", "data_volume.png", "learning_curves.png", "pareto.png"}
+    page = Path(out["html"]).read_text()
+    sources = re.findall(r'<img[^>]* src="([^"]+)"', page)
+    assert len(sources) == len(out["figures"])
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<table>" in page and "Findings" in page
+    assert "not converged" in page.lower()  # every run's curve still rose 20 points over its last interval
+    assert all(c["converged"] == [False] for c in out["configurations"])
+
+
+def test_rank_at_layer_width_is_marked(tmp_path, capsys):
+    construct(tmp_path, "lora_rank = [2, 384]\nseed = [1]", lambda run, q: 0.5)
+    out = report_json(capsys, tmp_path / "s")
+    notes = {c["point"].get("lora_rank"): c["notes"] for c in out["configurations"]}
+    assert notes[2] == [] and "min(d_in, d_out)" in notes[384][0]  # MiniLM-L6's 384-wide layers
+    assert "r=384 ‡" in (tmp_path / "s" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_tiny_v2_study_curves_mlflow_and_report(tmp_path, capsys):
+    """Two tiny trained runs on SQuAD v2 data with learning curves, logged to MLflow by the study driver."""
+    model = save_tiny_model(tmp_path / "distilbert", "distilbert")
+    data = tmp_path / "v2.json"
+    write_squad_json(make_examples(n_articles=4, per_article=5, unanswerable=6), data, version="2.0")
+    path = tmp_path / "v2.toml"
+    path.write_text(f"""
+[study]
+name = "tiny-v2"
+
+[defaults]
+train_data = "{data}"
+train_articles = "2-4"
+eval_data = "{data}"
+eval_articles = "1-2"
+max_seq_length = 96
+doc_stride = 32
+batch_size = 4
+precision = "fp32"
+max_steps = 2
+eval_steps = 1
+eval_subset = 4
+report_to = "mlflow"
+learning_rate = 1e-3
+
+[[arms]]
+name = "full"
+model = "{model}"
+strategy = "full"
+
+[[arms]]
+name = "lora"
+model = "{model}"
+strategy = "lora"
+lora_rank = 2
+""")
+    study = load_study(path, directory=tmp_path / "s")
+    assert run_study(study, poll_s=0.1, progress=False) == {"finished": 2}
+    for run in study.runs:
+        curve = json.loads((Path(run.config.output_dir) / "run.json").read_text())["curve"]
+        assert [p["step"] for p in curve] == [1, 2] and curve[1]["windows"] > curve[0]["windows"] > 0
+        assert all(0 <= p["f1"] <= 100 for p in curve)
+    db = sqlite3.connect(tmp_path / "s" / "study.sqlite")
+    assert all(len(json.loads(c)) == 2 for (c,) in db.execute("SELECT curve FROM runs"))
+
+    out = report_json(capsys, tmp_path / "s")
+    assert out["squad_version"] == "2.0" and out["questions"] == 10  # 6 unanswerable, 4 answerable
+    for c in out["configurations"]:
+        record = json.loads((tmp_path / "s" / "runs" / c["run_ids"][0] / "run.json").read_text())
+        assert c["f1"]["mean"] == pytest.approx(record["metrics"]["f1"])  # per-question v2 scores, averaged
+        assert c["squad_v2"]["NoAns_f1"] == pytest.approx(record["metrics"]["NoAns_f1"])
+        assert c["squad_v2"]["best_f1_thresh"] == pytest.approx(record["metrics"]["best_f1_thresh"])
+    assert "learning_curves.png" in out["figures"]
+    text = (tmp_path / "s" / "report.md").read_text()
+    assert "SQuAD v2.0 rules" in text and "HasAns F1" in text and "NoAns F1" in text
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 's' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny-v2")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`qatune.role` = 'study'")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(r.id for r in study.runs)
+    lora = next(c for c in children if c.data.params["arm"] == "lora")
+    assert lora.data.params["strategy"] == "lora" and lora.data.params["lora_rank"] == "2"
+    assert lora.data.params["learning_rate"] == "0.001"
+    record = json.loads((tmp_path / "s" / "runs" / lora.info.run_name / "run.json").read_text())
+    assert lora.data.metrics["f1"] == pytest.approx(record["metrics"]["f1"])
+    assert "HasAns_total" in lora.data.metrics and lora.data.metrics["train_s"] > 0
+    history = client.get_metric_history(lora.info.run_id, "curve_f1")
+    assert [m.step for m in history] == [1, 2]
+    assert len(client.get_metric_history(lora.info.run_id, "train_loss")) >= 1
+
+
+def test_finished_run_without_its_files_is_listed_not_read(tmp_path, capsys):
+    import shutil
+
+    construct(tmp_path, "lora_rank = [2]\nseed = [1, 2]", lambda run, q: 0.5)
+    victim = sorted((tmp_path / "s" / "runs").iterdir())[0]
+    shutil.rmtree(victim)
+    out = report_json(capsys, tmp_path / "s")
+    assert out["finished"] == 3 and victim.name not in {i for c in out["configurations"] for i in c["run_ids"]}
+    text = (tmp_path / "s" / "report.md").read_text()
+    assert f"`{victim.name}`" in text and "finished, files missing" in text
