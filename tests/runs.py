@@ -46,12 +46,12 @@ def tiny_lora_run(tmp_path_factory, qa_data) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_run(tmp_path_factory) -> tuple[Path, Path]:
-    """Real MiniLM-L6 weights fine-tuned briefly on generated data: (run directory, its 80-question eval file)."""
+    """Real MiniLM-L6 weights fine-tuned briefly on generated data: (run directory, its 48-question data file,
+    trained and evaluated on)."""
     root = tmp_path_factory.mktemp("minilm-run")
-    train_file, eval_file = root / "train.json", root / "eval.json"
-    write_squad_json(make_examples(n_articles=4, per_article=6), train_file)
-    write_squad_json(make_examples(n_articles=8, per_article=10, seed=7), eval_file)
-    train(TrainConfig(model="minilm-l6", train_data=str(train_file), eval_data=str(eval_file),
-                      output_dir=str(root / "run"), max_seq_length=128, doc_stride=32, batch_size=8, max_steps=40,
-                      learning_rate=3e-4, save_steps=1000, precision="fp32"), progress=False)
-    return root / "run", eval_file
+    data = root / "qa.json"
+    write_squad_json(make_examples(n_articles=6, per_article=8, seed=3), data)
+    train(TrainConfig(model="minilm-l6", train_data=str(data), eval_data=str(data), output_dir=str(root / "run"),
+                      max_seq_length=96, doc_stride=32, batch_size=8, max_steps=30, learning_rate=3e-4,
+                      save_steps=1000, precision="fp32"), progress=False)
+    return root / "run", data

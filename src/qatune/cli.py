@@ -280,8 +280,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     r = export(args.model, args.output_dir, args.format, args.quantize)
     what = args.format + (f" {args.quantize}" if args.quantize else "")
     _emit(r, args.json, [f"exported {args.model} -> {args.output_dir} ({what}, {r['size_bytes'] / 2**20:.1f} MiB)",
-                         f"  parity probe: max |logit difference| {r['max_abs_logit_diff']:.2e} "
-                         f"(tolerance {r['tolerance']:.2e})"])
+                         f"  parity probe: {r['parity_measure']} {r['parity_value']:.2e} (tolerance {r['tolerance']:.0e}; "
+                         f"largest single difference {r['max_abs_logit_diff']:.2e})"])
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -41,9 +41,10 @@ FORMATS = ("merged", "onnx")
 QUANTIZATIONS = ("int8",)
 MERGE_TOLERANCE = 1e-3  # max |logit difference|, merged vs adapter model (float rounding only)
 ONNX_TOLERANCE = 1e-3  # max |logit difference|, fp32 ONNX Runtime vs torch (kernel rounding only)
-# int8 changes the numbers by design; the probe bounds the error relative to the spread of the logits, so a
-# broken graph (wrong inputs, lost attention mask) fails while quantization noise passes.
-INT8_RELATIVE_TOLERANCE = 0.1  # max |logit difference| / (max - min logit) on the probe's tokens
+# int8 changes every logit a little by design, so the structure of the graph (inputs, attention mask, token types) is
+# checked on the fp32 model at ONNX_TOLERANCE first, and the int8 model made from it is checked for quantization error:
+# the RMS logit difference relative to the logits' range (0.03-0.07 measured on MiniLM; shuffled logits give ~0.3).
+INT8_RELATIVE_RMS_TOLERANCE = 0.15  # RMS |logit difference| / (max - min logit), start and end, over real tokens
 
 PROBE = [  # question, context: short, medium, and one longer than a window (cut into overlapping windows)
     ("Who wrote the report?", "The report was written in 1998 by the planning committee of the city."),
@@ -94,7 +95,8 @@ def export(model: str | Path, output_dir: str | Path, format: str = "merged", qu
     try:
         if format == "merged":
             module.save_pretrained(str(tmp))
-            result.update(max_abs_logit_diff=result.get("merge_max_abs_logit_diff", 0.0),
+            diff = result.get("merge_max_abs_logit_diff", 0.0)
+            result.update(max_abs_logit_diff=diff, parity_measure="max |logit difference|", parity_value=diff,
                           tolerance=MERGE_TOLERANCE)
         else:
             result.update(_export_onnx(module, probe, reference, tmp, quantize))
@@ -102,11 +104,12 @@ def export(model: str | Path, output_dir: str | Path, format: str = "merged", qu
         tokenizer.save_pretrained(str(tmp))
         settings = {k: v for k, v in about.items() if k not in InferenceConfig.__dataclass_fields__}
         settings.update(format=format, quantize=quantize, exported_from=str(model_dir.resolve()),
-                        parity={k: result[k] for k in ("max_abs_logit_diff", "tolerance") if k in result})
+                        parity={k: result[k] for k in ("parity_measure", "parity_value", "tolerance",
+                                                       "max_abs_logit_diff")})
         save_settings(tmp, config, **settings)
         result["size_bytes"] = model_files_size(tmp)
         result["total_params"] = sum(p.numel() for p in module.parameters())
-        write_model_card(tmp, model_dir, config, result)
+        write_model_card(tmp, output_dir.name, model_dir, config, result)
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -153,9 +156,10 @@ def _max_diff(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
     return float(max(np.abs(x - y)[real].max() for x, y in zip(a, b)))
 
 
-def _spread(a: tuple[np.ndarray, np.ndarray], mask: torch.Tensor) -> float:
+def _relative_rms(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], mask: torch.Tensor) -> float:
+    """RMS difference of start (and of end) logits over real tokens, relative to the reference's range; the larger."""
     real = mask.numpy().astype(bool)
-    return float(max(np.ptp(x[real]) for x in a))
+    return float(max(np.sqrt(np.mean((x - y)[real] ** 2)) / max(np.ptp(x[real]), 1e-6) for x, y in zip(a, b)))
 
 
 @contextlib.contextmanager
@@ -206,34 +210,39 @@ def _export_onnx(module, probe: dict[str, torch.Tensor], reference, out: Path, q
             raise ExportError(f"torch.onnx.export failed for this {module.config.model_type} model: {summary} "
                               f"(qatune --debug export ... shows the exporter's traceback)") from e
         target = out / ONNX_FILE
+        result = _parity(reference, OnnxModel(fp32).run(probe), probe["attention_mask"], None)
         if quantize == "int8":
             quantization = require("onnxruntime.quantization", "onnx")
             with _quiet_logging():  # "consider pre-processing": advice for static quantization
                 quantization.quantize_dynamic(str(fp32), str(target), weight_type=quantization.QuantType.QInt8)
         else:
             shutil.copy(fp32, target)
-    exported = OnnxModel(target).run(probe)
-    diff = _max_diff(reference, exported, probe["attention_mask"])
     if quantize == "int8":
-        spread = _spread(reference, probe["attention_mask"])
-        tolerance = INT8_RELATIVE_TOLERANCE * spread
-        what = f"{INT8_RELATIVE_TOLERANCE:g} x the logits' spread of {spread:.3g}"
+        result = _parity(reference, OnnxModel(target).run(probe), probe["attention_mask"], quantize)
+    return result
+
+
+def _parity(reference, exported, mask: torch.Tensor, quantize: str | None) -> dict:
+    """Compare the exported model's probe logits with the torch model's; ExportError beyond the tolerance."""
+    diff = _max_diff(reference, exported, mask)
+    if quantize == "int8":
+        measure, value = "RMS logit difference / logit range", _relative_rms(reference, exported, mask)
+        tolerance = INT8_RELATIVE_RMS_TOLERANCE
     else:
-        tolerance, what = ONNX_TOLERANCE, "kernel rounding only"
-    if not diff <= tolerance:
+        measure, value, tolerance = "max |logit difference|", diff, ONNX_TOLERANCE
+    if not value <= tolerance:
         raise ExportError(f"parity probe failed: the {quantize or 'fp32'} ONNX model's logits differ from the torch "
-                          f"model's by up to {diff:.3g} on the probe windows, beyond the tolerance {tolerance:.3g} "
-                          f"({what}); nothing was written")
-    return {"max_abs_logit_diff": diff, "tolerance": tolerance}
+                          f"model's on the probe windows: {measure} {value:.3g}, beyond the tolerance {tolerance:g} "
+                          f"(largest single difference {diff:.3g}); nothing was written")
+    return {"max_abs_logit_diff": diff, "parity_measure": measure, "parity_value": value, "tolerance": tolerance}
 
 
 # ---------------------------------------------------------------------------------------------- model card
-def write_model_card(out: Path, model_dir: Path, config: InferenceConfig, result: dict) -> None:
+def write_model_card(out: Path, name: str, model_dir: Path, config: InferenceConfig, result: dict) -> None:
     """``README.md`` in the Hugging Face model-card format: metadata (model-index with EM/F1) and a text body."""
     hub = require("huggingface_hub", "onnx")
     run = _run_record(model_dir)
     cfg, metrics, data = run.get("config", {}), run.get("metrics", {}), run.get("data", {})
-    name = out.name
     results = []
     source = data.get("eval_source")
     if metrics and source:
@@ -262,8 +271,8 @@ def write_model_card(out: Path, model_dir: Path, config: InferenceConfig, result
         lines += ["| metric | value |", "|---|---:|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in metrics.items() if k in ("exact_match", "exact", "f1", "best_f1")]
         lines += ["", f"Measured by the training run on `{source}` ({data.get('eval_questions')} questions) with the "
-                  f"PyTorch model; this export's logits match it within {result.get('tolerance', 0):.3g} on the "
-                  f"parity probe (largest difference {result.get('max_abs_logit_diff', 0):.3g})."]
+                  f"PyTorch model; on the parity probe this export's {result['parity_measure']} is "
+                  f"{result['parity_value']:.3g} (tolerance {result['tolerance']:g})."]
         if result.get("quantize") and (run.get("inference") or {}).get("int8"):
             i8 = run["inference"]["int8"]
             lines += ["", f"The run also measured an int8 ONNX export on the same questions: EM {i8['exact_match']:.2f}, "
