@@ -102,3 +102,71 @@ def measure(model_dir: str | Path, data: SquadData, questions: int = LATENCY_QUE
         return {"error": f"{type(e).__name__}: {e}"}
     result["measure_s"] = time.perf_counter() - t0
     return result
+
+
+# ---------------------------------------------------------------------------------------------- report
+def pareto_front(costs: list[float], scores: list[float]) -> list[int]:
+    """Indices of the points no other point beats (lower or equal cost and higher score), cheapest first."""
+    front, best = [], -np.inf
+    for i in sorted(range(len(costs)), key=lambda i: (costs[i], -scores[i])):
+        if scores[i] > best:
+            front.append(i)
+            best = scores[i]
+    return front
+
+
+def report_section(runs: list[dict], study_dir: Path, label) -> tuple[list[str], list[str]]:
+    """The report's inference-cost table and figure (F1 against latency and against size, Pareto fronts), from the
+    ``inference`` entry of each finished run's costs; ``label`` names a run's configuration."""
+    measured = [r for r in runs if (r["costs"].get("inference") or {}).get("int8")]
+    if not measured:
+        return [], []
+    lines = ["", "## What each model costs to run", "",
+             "Measured after each run's evaluation (`inference_cost`): latency of one question at a time (tokenise, "
+             "forward, decode) over the first questions of the evaluation data, p50/p95 in ms with 1 thread and with "
+             "the run's threads; size of the merged fp32 model and of its int8 ONNX export (ONNX Runtime dynamic "
+             "quantization); EM/F1 of the int8 export on the whole evaluation set.", "",
+             "| run | configuration | F1 | int8 F1 | int8 EM | p50 ms (1 thread) fp32 / int8 | p95 ms (1 thread) fp32 / "
+             "int8 | p50 ms (threads) fp32 / int8 | threads | fp32 MiB | int8 MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in measured:
+        c = r["costs"]["inference"]
+        t, q = c["torch"], c["int8"]
+        lines.append(f"| `{r['id']}` | {label(r)} | {r['metrics']['f1']:.2f} | {q['f1']:.2f} | {q['exact_match']:.2f} | "
+                     f"{t['p50_ms_1_thread']:.1f} / {q['p50_ms_1_thread']:.1f} | "
+                     f"{t['p95_ms_1_thread']:.1f} / {q['p95_ms_1_thread']:.1f} | {t['p50_ms']:.1f} / {q['p50_ms']:.1f} | "
+                     f"{c['threads']} | {c['merged_size_bytes'] / 2**20:.1f} | {c['int8_size_bytes'] / 2**20:.1f} |")
+    return lines, [_cost_figure(measured, study_dir, label)]
+
+
+def _cost_figure(runs: list[dict], study_dir: Path, label) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []  # (name, F1, p50 ms at 1 thread, MiB)
+    for r in runs:
+        c = r["costs"]["inference"]
+        points.append((f"{label(r)} fp32", r["metrics"]["f1"], c["torch"]["p50_ms_1_thread"],
+                       c["merged_size_bytes"] / 2**20))
+        points.append((f"{label(r)} int8", c["int8"]["f1"], c["int8"]["p50_ms_1_thread"], c["int8_size_bytes"] / 2**20))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, k, xlabel in [(axes[0], 2, "latency per question, p50 ms (batch 1, 1 thread)"),
+                          (axes[1], 3, "model size on disk (MiB)")]:
+        xs, ys = [p[k] for p in points], [p[1] for p in points]
+        ax.scatter(xs, ys, c=["tab:blue" if p[0].endswith("fp32") else "tab:orange" for p in points])
+        for p in points:
+            ax.annotate(p[0], (p[k], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = pareto_front(xs, ys)
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], "r--", label="Pareto front")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("F1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("F1 vs latency (blue fp32 PyTorch, orange int8 ONNX)")
+    axes[1].set_title("F1 vs size")
+    fig.tight_layout()
+    fig.savefig(study_dir / "inference_cost.png", dpi=120)
+    plt.close(fig)
+    return "inference_cost.png"

@@ -222,7 +222,11 @@ def write_report(study_dir: str | Path, expected: int | None = None) -> Path:
                      f"{max(r['costs']['peak_rss_mb'] for r in rs):.0f} |")
 
     lines += _cost_section(done, marks)
-    figures = _figures(study_dir, groups, top_volume)
+    from qatune.cost import report_section
+
+    inference_lines, inference_figures = report_section(done, study_dir, _config_label)
+    lines += inference_lines
+    figures = _figures(study_dir, groups, top_volume) + inference_figures
     lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
 
     refs = _Refs()
