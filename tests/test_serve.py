@@ -172,3 +172,14 @@ def test_requests_queued_together_are_answered_in_one_batch():
     assert first == [[{"text": "first", "start": 0, "end": 1, "score": 0.0, "probability": 1.0}]]
     assert [[len(a) for a in r] for r in rest] == [[1, 1], [2, 2], [1, 1], [2, 2]]  # each its own top_k
     assert [r[0][0]["text"] for r in rest] == ["q0", "q1", "q2", "q3"]
+
+
+def test_no_answer_in_the_pipeline_shape_and_first_when_abstaining():
+    from qatune.inference import _null_first_if_predicted
+
+    span = {"text": "Kestrel7", "start": 31, "end": 39, "score": 3.0, "probability": 0.4}
+    null = {"text": "", "start": -1, "end": -1, "score": 4.0, "probability": 0.6}
+    assert to_pipeline(null) == {"answer": "", "score": 0.6, "start": 0, "end": 0}
+    assert to_pipeline(span) == {"answer": "Kestrel7", "score": 0.4, "start": 31, "end": 39}
+    assert _null_first_if_predicted([null, span], abstain=True) == [null, span]
+    assert _null_first_if_predicted([null, span], abstain=False) == [span, null]  # the threshold said: answer

@@ -94,7 +94,8 @@ def export(model: str | Path, output_dir: str | Path, format: str = "merged", qu
                                 else None))
     try:
         if format == "merged":
-            module.save_pretrained(str(tmp))
+            with _quiet_logging():
+                module.save_pretrained(str(tmp))
             diff = result.get("merge_max_abs_logit_diff", 0.0)
             result.update(max_abs_logit_diff=diff, parity_measure="max |logit difference|", parity_value=diff,
                           tolerance=MERGE_TOLERANCE)
@@ -164,13 +165,18 @@ def _relative_rms(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndar
 
 @contextlib.contextmanager
 def _quiet_logging():
+    """No warnings, log lines or progress bars from the libraries doing the work (the export reports its result)."""
+    from transformers.utils import logging as hf_logging
+
     logging.disable(logging.WARNING)
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         logging.disable(logging.NOTSET)
+        hf_logging.enable_progress_bar()
 
 
 class _Logits(torch.nn.Module):
