@@ -90,8 +90,8 @@ def export(model: str | Path, output_dir: str | Path, format: str = "merged", qu
             raise ExportError(f"merging the LoRA adapter changed the logits by up to {merge_diff:.3g} on the probe "
                               f"(tolerance {MERGE_TOLERANCE:g}); the adapter does not fit its base model")
         result["merge_max_abs_logit_diff"] = merge_diff
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent if output_dir.parent.exists()
-                                else None))
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))  # beside it: rename is atomic
     try:
         if format == "merged":
             with _quiet_logging():
@@ -111,7 +111,6 @@ def export(model: str | Path, output_dir: str | Path, format: str = "merged", qu
         result["size_bytes"] = model_files_size(tmp)
         result["total_params"] = sum(p.numel() for p in module.parameters())
         write_model_card(tmp, output_dir.name, model_dir, config, result)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         tmp.rename(output_dir)

@@ -281,6 +281,9 @@ class Reader:
         ``settings`` override single fields of it (e.g. ``max_seq_length=256``)."""
         model_dir = resolve_model_dir(path)
         config = load_inference_config(model_dir)
+        if "batch_size" in settings and "max_batch_tokens" not in settings:  # a new batch size, the same bound
+            settings["max_batch_tokens"] = settings["batch_size"] * settings.get("max_seq_length",
+                                                                                 config.max_seq_length)
         if settings:
             config = replace(config, **settings)
         from qatune.models import load_tokenizer
