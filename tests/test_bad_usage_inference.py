@@ -65,7 +65,7 @@ CASES = [  # (id, argv after the command, exit code, words)
     ("predict-missing-jsonl", ["predict", "--model", "RUN", "--input", "TMP/none.jsonl"], 2,
      ["none.jsonl", "not found"]),
     ("predict-truncated-weights", ["predict", "--model", "TRUNCATED", *Q, "--context", CONTEXT], 2,
-     ["model.safetensors", "damaged model weights", "again"]),
+     ["truncated", "weights file is damaged", "copy or download the model again"]),
     ("predict-no-weights", ["predict", "--model", "NO_WEIGHTS", *Q, "--context", CONTEXT], 2,
      ["cannot load a question-answering model"]),
     ("predict-malformed-settings", ["predict", "--model", "SETTINGS", *Q, "--context", CONTEXT], 2,

@@ -91,12 +91,11 @@ def load_qa_model(name: str) -> torch.nn.Module:
 
     try:
         return AutoModelForQuestionAnswering.from_pretrained(path)
-    except SafetensorError as e:
-        weights = ", ".join(str(p) for p in Path(path).glob("*.safetensors")) or path
-        raise FileError(f"{weights}: damaged model weights ({e}); copy the model again, or train/export it "
-                        f"again") from e
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a question-answering model from {_describe(name, path)}: {e}") from e
+    except SafetensorError as e:
+        raise ModelError(f"{_describe(name, path)}: its weights file is damaged ({e}); copy or download the model "
+                         f"again") from e
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()

@@ -28,8 +28,7 @@ from qatune.errors import QatuneError
 from qatune.train import TrainConfig
 
 LORA_ONLY = ("lora_rank", "alpha_policy", "lora_alpha", "lora_dropout", "lora_targets")
-# where/how a run goes or what it measures besides, not what it is
-NOT_IN_ID = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile", "inference_cost")
+NOT_IN_ID = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile")  # where/how a run goes, not what it is
 
 # Question counts of hub data sets, for dry-run estimates when the data is not at hand (offline).
 KNOWN_SIZES = {("rajpurkar/squad", "train"): 87599, ("rajpurkar/squad", "validation"): 10570,

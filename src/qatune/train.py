@@ -12,7 +12,6 @@ of every global batch; only rank 0 writes).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.metadata
 import json
 import math
@@ -27,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -618,7 +617,7 @@ class Recipe:
                 metrics, decoded = reader.evaluate(self.eval_data, self.progress, cfg.feature_cache_dir,
                                                    tune_null_threshold=v2)
                 if v2:  # the model is saved with the threshold its predictions used
-                    infer = dataclasses.replace(infer, null_threshold=metrics["null_threshold"])
+                    infer = replace(infer, null_threshold=metrics["null_threshold"])
                     save_settings(out / "model", infer, **model_about(cfg))
                 eval_s = time.perf_counter() - t1
                 write_json_atomic(out / "predictions.json", decoded.predictions)
