@@ -26,7 +26,9 @@ def _evaluate(run, data, out, *extra):
 def test_evaluate_reproduces_the_runs_predictions(request, which, qa_data, tmp_path):
     run = request.getfixturevalue(which)
     reference = json.loads((run / "predictions.json").read_text())
-    # the run directory itself (train's --output-dir) and its model directory both load
+    # the run directory itself (train's --output-dir) and its model directory both load; the run's own
+    # config.json (a training configuration, not a model's) does not make the run directory look like a model
+    (run / "config.json").write_text(json.dumps({"config": {}}))
     assert _evaluate(run, qa_data, tmp_path / "a", "--articles", "3-4") == reference
     assert _evaluate(run / "model", qa_data, tmp_path / "b", "--articles", "3-4") == reference
     saved = json.loads((run / "model" / "qatune.json").read_text())

@@ -127,7 +127,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not path.is_dir():
         raise ModelError(f"{path}: no such directory; --model takes a run directory (train's --output-dir), its "
                          f"model/ folder or an export directory")
-    for candidate in (path, path / "model"):
+    for candidate in (path / "model", path):  # a run directory first: it holds a config.json of its own
         if any((candidate / name).exists() for name in (ONNX_FILE, "config.json", "adapter_config.json")):
             return candidate
     raise ModelError(f"{path}: not a model: expected a run directory (with model/), a model directory (config.json "
