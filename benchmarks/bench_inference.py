@@ -206,8 +206,9 @@ def main(argv=None) -> int:
     checks["PyTorch answers identical to the recipe's"] = torch_r["same_as_recipe"] == len(items)
     checks["ONNX fp32 answers identical to PyTorch's"] = \
         results["qatune Reader, ONNX fp32"]["batched_answers"] == torch_r["batched_answers"]
-    checks["batch 1 answers equal batched answers (qatune)"] = all(
-        results[n]["batch1_equals_batched"] for n in results if n.startswith("qatune"))
+    # (int8 is left out: dynamic quantization scales activations per batch, so its answers depend on the batch)
+    checks["batch 1 answers equal batched answers (qatune fp32)"] = all(
+        results[n]["batch1_equals_batched"] for n in results if n.startswith("qatune") and "int8" not in n)
     checks[f"int8 F1 within {TARGET_INT8_F1_DROP} of fp32"] = abs(int8["f1"] - torch_r["f1"]) <= TARGET_INT8_F1_DROP
     checks[f"goal: int8 >= {TARGET_INT8_SPEEDUP}x the recipe's q/s (batch 1)"] = \
         int8["batch1_qps"] >= TARGET_INT8_SPEEDUP * base["batch1_qps"]
