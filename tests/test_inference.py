@@ -132,3 +132,17 @@ def test_reader_precision_and_device_defaults(tiny_run):
     assert Reader.load(tiny_run, device="cpu", precision="bf16").precision == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         Reader.load(tiny_run, device="cpu", precision="fp16")
+
+
+def test_evaluate_during_training_leaves_the_model_in_training_mode(tiny_run, qa_data):
+    """The learning-curve evaluation of a model being trained: same answers as a Reader, mode kept."""
+    from qatune.data import load_squad
+    from qatune.inference import evaluate
+
+    reader = Reader.load(tiny_run, device="cpu")
+    data = load_squad(qa_data)
+    expected, _ = reader.evaluate(data)
+    reader.model.train()
+    got, decoded = evaluate(reader.model, reader.tokenizer, data, 96, 32)
+    assert reader.model.training
+    assert got == expected

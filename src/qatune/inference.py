@@ -362,6 +362,20 @@ class Reader:
         return self.answer_many([(question, context)], top_k)[0]
 
 
+def evaluate(model, tokenizer, data: SquadData, max_seq_length: int = 384, doc_stride: int = 128,
+             batch_size: int = 64, precision: str = "fp32", n_best: int = 20, max_answer_length: int = 30,
+             null_threshold: float = 0.0, progress: bool = False, cache_dir: str | None = None) -> tuple[dict, Decoded]:
+    """Evaluate a model while it trains (a learning-curve point): ``Reader.evaluate`` with these settings, the model
+    left on its device and in its mode (the forward passes switch to eval mode and back)."""
+    reader = Reader.__new__(Reader)
+    reader.model, reader.tokenizer = model, tokenizer
+    reader.config = InferenceConfig(max_seq_length=max_seq_length, doc_stride=doc_stride, n_best=n_best,
+                                    max_answer_length=max_answer_length, null_threshold=null_threshold,
+                                    batch_size=batch_size, max_batch_tokens=batch_size * max_seq_length)
+    reader.device, reader.precision = next(model.parameters()).device, precision
+    return reader.evaluate(data, progress, cache_dir)
+
+
 def _null_first_if_predicted(candidates: list[dict], abstain: bool) -> list[dict]:
     """Order a v2 n-best list so its head is what the threshold decided: "no answer" first when the question
     was abstained on, the best span first otherwise."""
