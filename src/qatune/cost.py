@@ -115,38 +115,53 @@ def pareto_front(costs: list[float], scores: list[float]) -> list[int]:
     return front
 
 
-def report_section(runs: list[dict], study_dir: Path, label) -> tuple[list[str], list[str]]:
-    """The report's inference-cost table and figure (F1 against latency and against size, Pareto fronts), from the
-    ``inference`` entry of each finished run's costs; ``label`` names a run's configuration."""
-    measured = [r for r in runs if (r["costs"].get("inference") or {}).get("int8")]
-    if not measured:
-        return [], []
-    lines = ["", "## What each model costs to run", "",
-             "Measured after each run's evaluation (`inference_cost`): latency of one question at a time (tokenise, "
-             "forward, decode) over the first questions of the evaluation data, p50/p95 in ms with 1 thread and with "
-             "the run's threads; size of the merged fp32 model and of its int8 ONNX export (ONNX Runtime dynamic "
-             "quantization); EM/F1 of the int8 export on the whole evaluation set.", "",
-             "| run | configuration | F1 | int8 F1 | int8 EM | p50 ms (1 thread) fp32 / int8 | p95 ms (1 thread) fp32 / "
-             "int8 | p50 ms (threads) fp32 / int8 | threads | fp32 MiB | int8 MiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in measured:
+COST_INTRO = ("Measured after each run's evaluation (`inference_cost`): latency of one question at a time (tokenise, "
+              "forward, decode) over the first questions of the evaluation data, p50/p95 in ms with 1 thread and with "
+              "the run's threads; size of the merged fp32 model and of its int8 ONNX export (ONNX Runtime dynamic "
+              "quantization); EM/F1 of the int8 export on the whole evaluation set.")
+COST_HEADER = ["run", "configuration", "F1", "int8 F1", "int8 EM", "p50 ms (1 thread) fp32 / int8",
+               "p95 ms (1 thread) fp32 / int8", "p50 ms (threads) fp32 / int8", "threads", "fp32 MiB", "int8 MiB"]
+
+
+def measured(runs: list[dict]) -> list[dict]:
+    """The runs whose costs hold an inference-cost measurement."""
+    return [r for r in runs if (r["costs"].get("inference") or {}).get("int8")]
+
+
+def cost_rows(runs: list[dict], label) -> list[list[str]]:
+    """One row per measured run, in the order of :data:`COST_HEADER`; ``label`` names a run's configuration."""
+    rows = []
+    for r in measured(runs):
         c = r["costs"]["inference"]
         t, q = c["torch"], c["int8"]
-        lines.append(f"| `{r['id']}` | {label(r)} | {r['metrics']['f1']:.2f} | {q['f1']:.2f} | {q['exact_match']:.2f} | "
-                     f"{t['p50_ms_1_thread']:.1f} / {q['p50_ms_1_thread']:.1f} | "
-                     f"{t['p95_ms_1_thread']:.1f} / {q['p95_ms_1_thread']:.1f} | {t['p50_ms']:.1f} / {q['p50_ms']:.1f} | "
-                     f"{c['threads']} | {c['merged_size_bytes'] / 2**20:.1f} | {c['int8_size_bytes'] / 2**20:.1f} |")
-    return lines, [_cost_figure(measured, study_dir, label)]
+        rows.append([f"`{r['id']}`", label(r), f"{r['metrics']['f1']:.2f}", f"{q['f1']:.2f}", f"{q['exact_match']:.2f}",
+                     f"{t['p50_ms_1_thread']:.1f} / {q['p50_ms_1_thread']:.1f}",
+                     f"{t['p95_ms_1_thread']:.1f} / {q['p95_ms_1_thread']:.1f}", f"{t['p50_ms']:.1f} / {q['p50_ms']:.1f}",
+                     str(c["threads"]), f"{c['merged_size_bytes'] / 2**20:.1f}", f"{c['int8_size_bytes'] / 2**20:.1f}"])
+    return rows
 
 
-def _cost_figure(runs: list[dict], study_dir: Path, label) -> str:
+def report_section(runs: list[dict], study_dir: Path, label) -> tuple[list[str], list[str]]:
+    """The report's markdown section on inference costs and its figure (F1 against latency and against size, with
+    the Pareto fronts); nothing when no run was measured."""
+    rows = cost_rows(runs, label)
+    if not rows:
+        return [], []
+    lines = ["", "## What each model costs to run", "", COST_INTRO, "",
+             "| " + " | ".join(COST_HEADER) + " |", "|---|---|" + "---:|" * (len(COST_HEADER) - 2)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines, [cost_figure(runs, study_dir, label)]
+
+
+def cost_figure(runs: list[dict], study_dir: Path, label) -> str:
+    """``inference_cost.png``: F1 against latency and against size, fp32 and int8 points, Pareto fronts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     points = []  # (name, F1, p50 ms at 1 thread, MiB)
-    for r in runs:
+    for r in measured(runs):
         c = r["costs"]["inference"]
         points.append((f"{label(r)} fp32", r["metrics"]["f1"], c["torch"]["p50_ms_1_thread"],
                        c["merged_size_bytes"] / 2**20))
