@@ -150,8 +150,8 @@ def test_export_merge_matches_adapter(tmp_path, tiny_models, train_file, capsys)
     out = tmp_path / "lora"
     train(cfg(tiny_models["distilbert"], train_file, out, strategy="lora", lora_rank=8, alpha_policy="rslora"),
           progress=False)
-    assert main(["export", "--model", str(out / "model"), "--merge", "--output-dir", str(tmp_path / "merged"),
-                 "--json"]) == 0
+    assert main(["export", "--model", str(out / "model"), "--format", "merged", "--output-dir",
+                 str(tmp_path / "merged"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["max_abs_logit_diff"] < 1e-4
     adapter, merged = Reader.load(out / "model"), Reader.load(tmp_path / "merged")
     assert not (tmp_path / "merged" / "adapter_config.json").exists()

@@ -166,17 +166,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from qatune.inference import Reader, evaluate
+    from qatune.inference import Reader
     from qatune.record import write_json_atomic
-    from qatune.train import load_split, resolve_precision
+    from qatune.train import load_split
 
-    reader = Reader.load(args.model, **{k: v for k, v in (("max_seq_length", args.max_seq_length),
-                                                         ("doc_stride", args.doc_stride)) if v})
+    overrides = {k: getattr(args, k) for k in ("max_seq_length", "doc_stride", "batch_size", "null_threshold")
+                 if getattr(args, k) is not None}
     data = load_split(args.data, args.split, args.articles, args.questions, args.seed, args.repair_answers)
-    device = next(reader.model.parameters()).device
-    precision = resolve_precision(args.precision, device, reader.model.config.model_type)
-    metrics, decoded = evaluate(reader.model, reader.tokenizer, data, reader.max_seq_length, reader.doc_stride,
-                                args.batch_size, precision, null_threshold=args.null_threshold, progress=True)
+    reader = Reader.load(args.model, device=args.device, precision=args.precision, **overrides)
+    metrics, decoded = reader.evaluate(data, progress=True)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "predictions.json", decoded.predictions)
@@ -189,47 +187,118 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                f"EM {metrics[key]:.2f}, F1 {metrics['f1']:.2f} -> {out}"])
 
 
+def _read_text(path: str, what: str) -> str:
+    from qatune.errors import unreadable
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise unreadable(path, what, e, "give a UTF-8 text file") from e
+
+
+def _batch_item(line: str) -> tuple[str, str, str | None]:
+    """(question, context, id) of one JSONL line; ValueError saying what is wrong with it."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object with 'question' and 'context', got {type(rec).__name__}")
+    for key in ("question", "context"):
+        if key not in rec:
+            raise ValueError(f"missing {key!r}")
+        if not isinstance(rec[key], str):
+            raise ValueError(f"{key!r} must be a string, got {type(rec[key]).__name__} {rec[key]!r:.40}")
+        if not rec[key].strip():
+            raise ValueError(f"{key!r} is empty")
+    rid = rec.get("id")
+    if rid is not None and not isinstance(rid, str | int):
+        raise ValueError(f"'id' must be a string or an integer, got {type(rid).__name__}")
+    return rec["question"], rec["context"], None if rid is None else str(rid)
+
+
+def _check_top_k(top_k: int) -> None:
+    if top_k < 1:
+        raise CliError(f"--top-k must be >= 1 (answers per question), got {top_k}")
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from qatune.inference import Reader
 
-    reader = Reader.load(args.model)
+    _check_top_k(args.top_k)
     if args.input:
-        items, ids = [], []
-        for n, line in enumerate(Path(args.input).read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                items.append((rec["question"], rec["context"]))
-                ids.append(rec.get("id", str(n)))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CliError(f"{args.input}, line {n}: expected a JSON object with 'question' and 'context' "
-                               f"({e})") from e
-        answers = reader.answer_many(items, args.top_k)
-        lines = [json.dumps({"id": i, "answers": a}, ensure_ascii=False) for i, a in zip(ids, answers)]
-        if args.output:
-            Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
-            print(f"{len(lines)} answers -> {args.output}")
-        else:
-            print("\n".join(lines))
+        _predict_batch(args)
         return
-    if not args.question or (args.context is None) == (args.context_file is None):
+    if args.question is None or (args.context is None) == (args.context_file is None):
         raise CliError("give --question and exactly one of --context / --context-file (or --input FILE.jsonl)")
-    context = args.context if args.context is not None else Path(args.context_file).read_text(encoding="utf-8")
+    if not args.question.strip():
+        raise CliError("--question is empty")
+    context = args.context if args.context is not None else _read_text(args.context_file, "context file")
     if not context.strip():
         raise CliError("the context is empty")
-    answers = reader.answer(args.question, context, args.top_k)
+    answers = Reader.load(args.model, device=args.device).answer(args.question, context, args.top_k)
     lines = [f"{k + 1}. {a['text']!r}  (p={a['probability']:.3f}, chars {a['start']}-{a['end']})"
              for k, a in enumerate(answers)] or ["(no answer)"]
     _emit({"question": args.question, "answers": answers}, args.json, lines)
 
 
-def cmd_export(args: argparse.Namespace) -> None:
-    from qatune.models import export_merged
+def _predict_batch(args: argparse.Namespace) -> None:
+    """Answer every good line of a JSONL file; report each bad line by number, then exit 2 if there was one."""
+    from qatune.errors import QatuneError
+    from qatune.inference import Reader
 
-    diff = export_merged(args.model, args.output_dir)
-    _emit({"output_dir": args.output_dir, "max_abs_logit_diff": diff}, args.json,
-          [f"merged {args.model} -> {args.output_dir} (max |logit difference| on a probe: {diff:.2e})"])
+    text = _read_text(args.input, "JSONL input")
+    numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not numbered:
+        raise CliError(f"{args.input}: no questions (the file is empty); one JSON object per line: "
+                       f'{{"id": "1", "question": "...", "context": "..."}}')
+    good, errors = [], []
+    for n, line in numbered:
+        try:
+            good.append((n, *_batch_item(line)))
+        except ValueError as e:
+            errors.append((n, str(e)))
+    answers: dict[int, list[dict]] = {}
+    if good:
+        reader = Reader.load(args.model, device=args.device)
+        try:
+            answers = dict(zip((g[0] for g in good), reader.answer_many([(q, c) for _, q, c, _ in good], args.top_k)))
+        except QatuneError:  # one question does not fit: answer them one by one to find it
+            for n, q, c, _ in good:
+                try:
+                    answers[n] = reader.answer(q, c, args.top_k)
+                except QatuneError as e:
+                    errors.append((n, str(e)))
+    lines = [json.dumps({"id": rid or str(n), "answers": answers[n]}, ensure_ascii=False)
+             for n, _, _, rid in good if n in answers]
+    if args.output:
+        Path(args.output).write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
+        print(f"{len(lines)} answers -> {args.output}")
+    elif lines:
+        print("\n".join(lines))
+    for n, message in sorted(errors):
+        print(f"error: {args.input}, line {n}: {message}", file=sys.stderr)
+    if errors:
+        raise CliError(f"{args.input}: {len(errors)} of {len(numbered)} line(s) not answered (listed above); "
+                       f"the other {len(lines)} were")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from qatune.export import export
+
+    r = export(args.model, args.output_dir, args.format, args.quantize)
+    what = args.format + (f" {args.quantize}" if args.quantize else "")
+    _emit(r, args.json, [f"exported {args.model} -> {args.output_dir} ({what}, {r['size_bytes'] / 2**20:.1f} MiB)",
+                         f"  parity probe: {r['parity_measure']} {r['parity_value']:.2e} (tolerance {r['tolerance']:.0e}; "
+                         f"largest single difference {r['max_abs_logit_diff']:.2e})"])
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from qatune.serve import serve
+
+    serve(args.model, args.host, args.port, device=args.device, threads=args.threads,
+          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_body_bytes=args.max_body_bytes,
+          max_context_chars=args.max_context_chars)
 
 
 def _table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -422,8 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="evaluate a saved model or LoRA adapter on SQuAD data")
-    e.add_argument("--model", required=True, help="a run's model directory")
+    model_help = "a run directory (train's --output-dir), a model directory or an export directory"
+    e = sub.add_parser("evaluate", help="evaluate a saved model, LoRA adapter or export on SQuAD data")
+    e.add_argument("--model", required=True, help=model_help)
     e.add_argument("--data", required=True, help="SQuAD JSON file or datasets id[:split]")
     e.add_argument("--split", default="validation")
     e.add_argument("--articles", help="1-based article ranges, e.g. 37-48")
@@ -431,31 +501,55 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=42)
     e.add_argument("--repair-answers", action="store_true")
     e.add_argument("--output-dir", required=True)
-    e.add_argument("--max-seq-length", type=int, help="default: as trained")
-    e.add_argument("--doc-stride", type=int, help="default: as trained")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--precision", default="auto")
-    e.add_argument("--null-threshold", type=float, default=0.0)
+    e.add_argument("--max-seq-length", type=int, help="default: as saved with the model")
+    e.add_argument("--doc-stride", type=int, help="default: as saved with the model")
+    e.add_argument("--batch-size", type=int, help="windows per forward pass (default: as saved with the model)")
+    e.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (default: as saved; auto = bf16 on a GPU that has "
+                                       "it, fp32 on the CPU)")
+    e.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the best available)")
+    e.add_argument("--null-threshold", type=float, help="SQuAD v2 (default: the one the run tuned and saved)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("predict", help="answer a question about a text with a trained model")
-    r.add_argument("--model", required=True)
+    r.add_argument("--model", required=True, help=model_help)
     r.add_argument("--question")
     r.add_argument("--context")
-    r.add_argument("--context-file")
+    r.add_argument("--context-file", help="UTF-8 text file holding the context")
     r.add_argument("--input", help="JSONL file of {id?, question, context} records (batch form)")
     r.add_argument("--output", help="batch form: write JSONL answers here instead of printing")
-    r.add_argument("--top-k", type=int, default=1)
+    r.add_argument("--top-k", type=int, default=1, help="answers per question, best first (default 1)")
+    r.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_predict)
 
-    x = sub.add_parser("export", help="fold a LoRA adapter into its base model and save a standalone model")
-    x.add_argument("--model", required=True, help="a LoRA run's model directory")
-    x.add_argument("--merge", action="store_true", required=True, help="merge the adapter weights (required)")
+    x = sub.add_parser("export", help="export a model to ship: merged PyTorch weights, or ONNX (optionally int8)",
+                       description="LoRA adapters are merged into their base first. A parity probe compares the "
+                                   "export's logits with the torch model's and fails beyond a stated tolerance. "
+                                   "The directory holds the model, tokenizer, inference configuration and a model "
+                                   "card (README.md).")
+    x.add_argument("--model", required=True, help=model_help)
+    x.add_argument("--format", choices=["merged", "onnx"], default="merged",
+                   help="merged: standalone PyTorch weights; onnx: an ONNX Runtime model (needs qatune[onnx])")
+    x.add_argument("--quantize", choices=["int8"], help="with --format onnx: int8 weights (dynamic quantization)")
     x.add_argument("--output-dir", required=True)
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="answer questions over HTTP: POST /answer, GET /health, docs at /docs",
+                        description="Needs qatune[serve]. Requests arriving together are answered in one batch.")
+    sv.add_argument("model", help=model_help)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
+    sv.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    sv.add_argument("--max-batch", type=int, default=32, help="questions answered together at most (default 32)")
+    sv.add_argument("--batch-wait-ms", type=float, default=2.0,
+                    help="how long a batch waits for more requests (default 2 ms)")
+    sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger requests get 413 (default 1 MB)")
+    sv.add_argument("--max-context-chars", type=int, default=100_000,
+                    help="longer contexts get 413 (default 100,000 characters)")
+    sv.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("study", help="run a declarative study (TOML): a grid of training runs, resumable")
     st.add_argument("file", help="study file, e.g. studies/offline.toml")

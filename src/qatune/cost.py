@@ -1,0 +1,175 @@
+"""What a trained model costs to run: latency per question, size on disk, and the accuracy of its int8 export.
+
+Called once per run after its evaluation (``TrainConfig.inference_cost``; the study presets turn it on), so a
+study's report can put accuracy beside the cost of shipping each arm. The model is exported the ways it would be
+shipped — merged fp32 PyTorch weights and an int8 ONNX model — into a temporary directory, and measured there:
+
+* latency of one question at a time (batch 1: tokenise, forward, decode, as ``Reader.answer`` does for a client),
+  p50 and p95 in ms over ``questions`` questions of the evaluation data, with 1 thread and with all the threads
+  the run had, for the PyTorch model and for the int8 ONNX model;
+* questions per second when the same questions go in one ``answer_many`` call (batched);
+* bytes on disk of the merged and the int8 model;
+* EM/F1 of the int8 model on the whole evaluation set (the fp32 numbers are the run's own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qatune.data import SquadData
+from qatune.errors import QatuneError
+
+LATENCY_QUESTIONS = 32
+WARMUP = 2
+
+
+def latency_ms(reader, items: list[tuple[str, str]]) -> dict[str, float]:
+    """p50/p95 wall time (ms) of answering each question alone, after a short warm-up."""
+    for q, c in items[:WARMUP]:
+        reader.answer(q, c)
+    times = []
+    for q, c in items:
+        t = time.perf_counter()
+        reader.answer(q, c)
+        times.append(1000 * (time.perf_counter() - t))
+    return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95))}
+
+
+def batched_qps(reader, items: list[tuple[str, str]]) -> float:
+    t = time.perf_counter()
+    reader.answer_many(items)
+    return len(items) / (time.perf_counter() - t)
+
+
+def _sample(data: SquadData, n: int) -> list[tuple[str, str]]:
+    return [(ex.question, ex.context) for ex in data.examples[:n]]
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run a block with ``n`` intra-op threads, restoring the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure(model_dir: str | Path, data: SquadData, questions: int = LATENCY_QUESTIONS, device=None,
+            progress: bool = False) -> dict:
+    """The inference costs of the model in ``model_dir`` (see the module docstring). A failure (an optional
+    dependency missing, an export failing its parity probe) is recorded as ``{"error": ...}``: the run it belongs to
+    has finished training and keeps its results."""
+    from qatune.export import export
+    from qatune.inference import Reader
+
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    items = _sample(data, questions)
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
+    try:
+        with tempfile.TemporaryDirectory(prefix="qatune-cost-") as tmp:
+            say("inference cost: exporting merged fp32 and int8 ONNX models ...")
+            merged = export(model_dir, Path(tmp) / "merged", "merged")
+            int8 = export(model_dir, Path(tmp) / "int8", "onnx", "int8")
+            fp32_reader = Reader.load(Path(tmp) / "merged", device=device)
+            result = {"questions": len(items), "threads": threads, "device": str(fp32_reader.device),
+                      "merged_size_bytes": merged["size_bytes"], "int8_size_bytes": int8["size_bytes"],
+                      "int8_parity_max_abs_logit_diff": int8["max_abs_logit_diff"]}
+            say("inference cost: latency of the PyTorch model ...")
+            with _torch_threads(1):
+                one = latency_ms(fp32_reader, items)
+            result["torch"] = {"precision": fp32_reader.precision,
+                               "p50_ms_1_thread": one["p50_ms"], "p95_ms_1_thread": one["p95_ms"],
+                               **latency_ms(fp32_reader, items), "batched_qps": batched_qps(fp32_reader, items)}
+            say("inference cost: latency and accuracy of the int8 ONNX model ...")
+            one = latency_ms(Reader.load(Path(tmp) / "int8", threads=1), items)
+            int8_reader = Reader.load(Path(tmp) / "int8", threads=threads)
+            metrics, _ = int8_reader.evaluate(data)
+            result["int8"] = {"p50_ms_1_thread": one["p50_ms"], "p95_ms_1_thread": one["p95_ms"],
+                              **latency_ms(int8_reader, items), "batched_qps": batched_qps(int8_reader, items),
+                              "exact_match": metrics.get("exact_match", metrics.get("exact")), "f1": metrics["f1"]}
+    except QatuneError as e:
+        say(f"inference cost not measured: {e}")
+        return {"error": f"{type(e).__name__}: {e}"}
+    result["measure_s"] = time.perf_counter() - t0
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- report
+def pareto_front(costs: list[float], scores: list[float]) -> list[int]:
+    """Indices of the points no other point beats (lower or equal cost and higher score), cheapest first."""
+    front, best = [], -np.inf
+    for i in sorted(range(len(costs)), key=lambda i: (costs[i], -scores[i])):
+        if scores[i] > best:
+            front.append(i)
+            best = scores[i]
+    return front
+
+
+COST_INTRO = ("Measured after each run's evaluation (`inference_cost`): latency of one question at a time (tokenise, "
+              "forward, decode) over the first questions of the evaluation data, p50/p95 in ms with 1 thread and with "
+              "the run's threads; size of the merged fp32 model and of its int8 ONNX export (ONNX Runtime dynamic "
+              "quantization); EM/F1 of the int8 export on the whole evaluation set.")
+COST_HEADER = ["run", "configuration", "F1", "int8 F1", "int8 EM", "p50 ms (1 thread) fp32 / int8",
+               "p95 ms (1 thread) fp32 / int8", "p50 ms (threads) fp32 / int8", "threads", "fp32 MiB", "int8 MiB"]
+
+
+def measured(runs: list[dict]) -> list[dict]:
+    """The runs whose costs hold an inference-cost measurement."""
+    return [r for r in runs if (r["costs"].get("inference") or {}).get("int8")]
+
+
+def cost_rows(runs: list[dict], label) -> list[list[str]]:
+    """One row per measured run, in the order of :data:`COST_HEADER`; ``label`` names a run's configuration."""
+    rows = []
+    for r in measured(runs):
+        c = r["costs"]["inference"]
+        t, q = c["torch"], c["int8"]
+        rows.append([f"`{r['id']}`", label(r), f"{r['metrics']['f1']:.2f}", f"{q['f1']:.2f}", f"{q['exact_match']:.2f}",
+                     f"{t['p50_ms_1_thread']:.1f} / {q['p50_ms_1_thread']:.1f}",
+                     f"{t['p95_ms_1_thread']:.1f} / {q['p95_ms_1_thread']:.1f}", f"{t['p50_ms']:.1f} / {q['p50_ms']:.1f}",
+                     str(c["threads"]), f"{c['merged_size_bytes'] / 2**20:.1f}", f"{c['int8_size_bytes'] / 2**20:.1f}"])
+    return rows
+
+
+def cost_figure(runs: list[dict], study_dir: Path, label) -> str:
+    """``inference_cost.png``: F1 against latency and against size, fp32 and int8 points, Pareto fronts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []  # (name, F1, p50 ms at 1 thread, MiB)
+    for r in measured(runs):
+        c = r["costs"]["inference"]
+        points.append((f"{label(r)} fp32", r["metrics"]["f1"], c["torch"]["p50_ms_1_thread"],
+                       c["merged_size_bytes"] / 2**20))
+        points.append((f"{label(r)} int8", c["int8"]["f1"], c["int8"]["p50_ms_1_thread"], c["int8_size_bytes"] / 2**20))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, k, xlabel in [(axes[0], 2, "latency per question, p50 ms (batch 1, 1 thread)"),
+                          (axes[1], 3, "model size on disk (MiB)")]:
+        xs, ys = [p[k] for p in points], [p[1] for p in points]
+        ax.scatter(xs, ys, c=["tab:blue" if p[0].endswith("fp32") else "tab:orange" for p in points])
+        for p in points:
+            ax.annotate(p[0], (p[k], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = pareto_front(xs, ys)
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], "r--", label="Pareto front")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("F1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("F1 vs latency (blue fp32 PyTorch, orange int8 ONNX)")
+    axes[1].set_title("F1 vs size")
+    fig.tight_layout()
+    fig.savefig(study_dir / "inference_cost.png", dpi=120)
+    plt.close(fig)
+    return "inference_cost.png"

@@ -1,0 +1,57 @@
+"""Trained runs shared by the inference, export, serve and bad-usage tests (session fixtures; import them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qatune.data import write_squad_json
+from qatune.train import TrainConfig, train
+from tests.conftest import make_examples, save_tiny_model
+
+CONTEXT = "The bridge of Marlow is called Kestrel7. Visitors often walk near the river in spring."
+
+
+def tiny_config(model, data, out, **kw) -> TrainConfig:
+    base = dict(model=str(model), train_data=str(data), eval_data=str(data), eval_articles="3-4",
+                output_dir=str(out), max_seq_length=96, doc_stride=32, batch_size=4, max_steps=4, save_steps=100,
+                precision="fp32", learning_rate=1e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def qa_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("qa") / "qa-v1.1.json"
+    write_squad_json(make_examples(n_articles=4, per_article=6), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, qa_data) -> Path:
+    """A finished full fine-tuning run of a tiny random DistilBERT (its --output-dir)."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    model = save_tiny_model(root / "base", "distilbert")
+    train(tiny_config(model, qa_data, root / "run"), progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run(tmp_path_factory, qa_data) -> Path:
+    root = tmp_path_factory.mktemp("tiny-lora")
+    model = save_tiny_model(root / "base", "distilbert")
+    train(tiny_config(model, qa_data, root / "run", strategy="lora", lora_rank=4), progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def minilm_run(tmp_path_factory) -> tuple[Path, Path]:
+    """Real MiniLM-L6 weights fine-tuned briefly on generated data: (run directory, its 48-question data file,
+    trained and evaluated on)."""
+    root = tmp_path_factory.mktemp("minilm-run")
+    data = root / "qa.json"
+    write_squad_json(make_examples(n_articles=6, per_article=8, seed=3), data)
+    train(TrainConfig(model="minilm-l6", train_data=str(data), eval_data=str(data), output_dir=str(root / "run"),
+                      max_seq_length=96, doc_stride=32, batch_size=8, max_steps=30, learning_rate=3e-4,
+                      save_steps=1000, precision="fp32"), progress=False)
+    return root / "run", data
