@@ -4,13 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForQuestionAnswering, BertConfig
 
-from qatune.flops import COUNT_WIDTHS, count_window, fit
+from qatune.flops import COUNT_WIDTHS, LoadMeter, count_window, fit
 from qatune.models import LoraSettings, apply_strategy
 
 L, D, FF, H = 2, 64, 128, 2  # tiny BERT: layers, width, feed-forward, heads
@@ -88,6 +89,10 @@ def test_a_loaded_run_counts_the_same_flops_and_is_marked(tmp_path, train_file):
     from qatune.study import load_study, run_study
     from tests.conftest import save_tiny_model
 
+    meter = LoadMeter()
+    time.sleep(2.0)
+    if (meter.read()["others_cores"] or 0) >= 0.25:  # the run meant to be alone could not be
+        pytest.skip("another process keeps this machine busy; the unloaded reference run cannot be measured")
     model = save_tiny_model(tmp_path / "m", "distilbert")
     path = tmp_path / "load.toml"
     path.write_text(STUDY.format(data=train_file, model=model, steps=300))
