@@ -60,6 +60,8 @@ def expect_error(argv, capsys, *words: str, code: int = 2) -> str:
     (["--eval-questions", "0"], ["eval_questions", ">= 1"]),
     (["--grad-accum", "0"], ["grad_accum", ">= 1"]),
     (["--report-to", "wandb"], ["report_to = 'wandb'", "none"]),
+    (["--eval-steps", "5"], ["eval_steps = 5", "needs eval_data"]),
+    (["--eval-steps", "-1", "--eval-data", "x.json"], ["eval_steps = -1", ">= 0"]),
 ])
 def test_train_option_out_of_range(tmp_path, small_squad, extra, words, capsys):
     expect_error(["train", "--train-data", small_squad, "--output-dir", tmp_path / "out", *extra], capsys, *words)
@@ -391,3 +393,10 @@ def test_debug_shows_the_traceback(tmp_path, small_squad):
 
     with pytest.raises(ConfigError, match="batch_size = 0"):
         main(["--debug", "train", "--train-data", str(small_squad), "--batch-size", "0"])
+
+
+def test_device_this_machine_lacks(finished_run, tmp_path, small_squad, capsys):
+    out, _ = finished_run
+    for device, words in (("cuda:99", "is not on this machine; it has: cpu"), ("gpu0", "is not a device name")):
+        expect_error(["evaluate", "--model", out, "--data", small_squad, "--output-dir", tmp_path / "e", "--device",
+                      device], capsys, *words)

@@ -2,8 +2,9 @@
 
 import json
 
-from qatune.cost import COST_HEADER, cost_figure, cost_rows, pareto_front
+from qatune.cost import COST_HEADER, cost_figure, cost_rows
 from qatune.record import RunRecord
+from qatune.stats import pareto_front
 from qatune.train import train
 from tests.conftest import save_tiny_model
 from tests.runs import qa_data, tiny_config  # noqa: F401 - fixtures

@@ -25,6 +25,7 @@ import torch
 
 from qatune.data import SquadData
 from qatune.errors import QatuneError
+from qatune.stats import pareto_front
 
 LATENCY_QUESTIONS = 32
 WARMUP = 2
@@ -105,16 +106,6 @@ def measure(model_dir: str | Path, data: SquadData, questions: int = LATENCY_QUE
 
 
 # ---------------------------------------------------------------------------------------------- report
-def pareto_front(costs: list[float], scores: list[float]) -> list[int]:
-    """Indices of the points no other point beats (lower or equal cost and higher score), cheapest first."""
-    front, best = [], -np.inf
-    for i in sorted(range(len(costs)), key=lambda i: (costs[i], -scores[i])):
-        if scores[i] > best:
-            front.append(i)
-            best = scores[i]
-    return front
-
-
 COST_INTRO = ("Measured after each run's evaluation (`inference_cost`): latency of one question at a time (tokenise, "
               "forward, decode) over the first questions of the evaluation data, p50/p95 in ms with 1 thread and with "
               "the run's threads; size of the merged fp32 model and of its int8 ONNX export (ONNX Runtime dynamic "

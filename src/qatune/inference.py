@@ -143,6 +143,20 @@ def best_device() -> torch.device:
     return torch.device("cpu")
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """A device this machine has, or a ConfigError naming what it has."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps)") from e
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(d.type, False) or d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + (["mps"] if available["mps"] else [])
+        raise ConfigError(f"--device {device!r} is not on this machine; it has: {', '.join(have)}")
+    return d
+
+
 def resolve_inference_precision(requested: str, device: torch.device) -> str:
     """``auto`` is bf16 on a GPU that has it and fp32 elsewhere (a CPU keeps fp32 unless told otherwise)."""
     if requested not in INFERENCE_PRECISIONS:
@@ -269,7 +283,7 @@ class Reader:
         if isinstance(model, OnnxModel):
             self.device, self.precision = torch.device("cpu"), "fp32"
         else:
-            self.device = torch.device(device) if device is not None else best_device()
+            self.device = check_device(device) if device is not None else best_device()
             model = model.to(self.device).eval()
             self.precision = resolve_inference_precision(precision or self.config.precision, self.device)
         self.model = model

@@ -31,7 +31,7 @@ import numpy as np
 
 from qatune.errors import QatuneError
 from qatune.metrics import squad_v1_scores, squad_v2_scores
-from qatune.stats import Contrast, bootstrap_contrast, equality_test, holm
+from qatune.stats import Contrast, bootstrap_contrast, equality_test, holm, pareto_front
 from qatune.store import connect, latest_grid, rows
 
 CURVE_GAIN = 1.0  # F1 points: a run whose last learning-curve interval still raised F1 by more is "not converged"
@@ -710,6 +710,15 @@ def _write(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- figures
+def _save(fig, study_dir: Path, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(study_dir / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def _figures(study_dir: Path, a: Analysis) -> list[str]:
     import matplotlib
 
@@ -748,10 +757,7 @@ def _figures(study_dir: Path, a: Analysis) -> list[str]:
             ax.set_title(f"{title} vs LoRA rank ({int(top)} questions, 95% intervals)")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(study_dir / "rank_sweep.png", dpi=110)
-        plt.close(fig)
-        names.append("rank_sweep.png")
+        names.append(_save(fig, study_dir, "rank_sweep.png"))
 
     # F1 vs training-data volume per configuration (label without the volume)
     by_label = defaultdict(list)
@@ -773,10 +779,7 @@ def _figures(study_dir: Path, a: Analysis) -> list[str]:
         ax.set_title("F1 vs training-data volume (95% intervals)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(study_dir / "data_volume.png", dpi=110)
-        plt.close(fig)
-        names.append("data_volume.png")
+        names.append(_save(fig, study_dir, "data_volume.png"))
 
     # Learning curves: F1 vs training windows for the headline configurations (each seed a line)
     shown = {id(c): c for comp in a.comparisons for c in (comp["a"], comp["b"])} or \
@@ -798,10 +801,7 @@ def _figures(study_dir: Path, a: Analysis) -> list[str]:
         ax.set_title("Learning curves of the headline configurations")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(study_dir / "learning_curves.png", dpi=110)
-        plt.close(fig)
-        names.append("learning_curves.png")
+        names.append(_save(fig, study_dir, "learning_curves.png"))
 
     # Pareto: F1 vs trainable parameters and vs training compute (counted FLOPs; wall time for older runs)
     at_top = [c for c in a.configs if c.volume == top]
@@ -818,11 +818,7 @@ def _figures(study_dir: Path, a: Analysis) -> list[str]:
         ax.scatter(xs, ys)
         for p in pts:
             ax.annotate(p[0], (p[k], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front, best = [], -np.inf
-        for i in np.argsort(xs):
-            if ys[i] > best:
-                front.append(i)
-                best = ys[i]
+        front = pareto_front(list(xs), list(ys))
         ax.plot(xs[front], ys[front], "r--", label="Pareto front")
         ax.set_xscale("log")
         ax.margins(x=0.3, y=0.1)  # room for the labels of the outermost points
@@ -832,8 +828,5 @@ def _figures(study_dir: Path, a: Analysis) -> list[str]:
         ax.legend(fontsize=8)
     axes[0].set_title(f"F1 vs trainable parameters ({int(top)} questions)")
     axes[1].set_title(f"F1 vs {cost_label.split(' (')[0]}")
-    fig.tight_layout()
-    fig.savefig(study_dir / "pareto.png", dpi=110)
-    plt.close(fig)
-    names.append("pareto.png")
+    names.append(_save(fig, study_dir, "pareto.png"))
     return names

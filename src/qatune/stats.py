@@ -113,3 +113,13 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     out = np.empty(m)
     out[order] = adjusted
     return [float(x) for x in out]
+
+
+def pareto_front(costs: list[float], scores: list[float]) -> list[int]:
+    """Indices of the points no other point beats (lower or equal cost and higher score), cheapest first."""
+    front, best = [], -np.inf
+    for i in sorted(range(len(costs)), key=lambda i: (costs[i], -scores[i])):
+        if scores[i] > best:
+            front.append(i)
+            best = scores[i]
+    return front

@@ -196,6 +196,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise bad("doc_stride", f"must be >= 0 and smaller than max_seq_length ({cfg.max_seq_length})")
     if cfg.eval_steps < 0:
         raise bad("eval_steps", "must be >= 0 (0: no learning curve)")
+    if cfg.eval_steps and not cfg.eval_data:
+        raise bad("eval_steps", "needs eval_data: the learning curve is measured on evaluation questions")
     if cfg.eval_subset is not None and cfg.eval_subset < 1:
         raise bad("eval_subset", "must be >= 1 question (or unset for all evaluation questions)")
     if cfg.max_steps == 0 and cfg.epochs <= 0:
@@ -622,8 +624,6 @@ class Recipe:
                                      cfg.seed, cfg.repair_answers, "eval") if cfg.eval_data else None)
         self.feats = cached_features(self.train_data.examples, self.tokenizer, cfg.max_seq_length, cfg.doc_stride,
                                      cfg.feature_cache_dir)
-        if cfg.eval_steps and self.eval_data is None:
-            raise TrainingError("eval_steps needs eval_data: the learning curve is measured on evaluation questions")
         if cfg.eval_steps:  # up to eval_subset questions (all when None), the same draw for every run
             n = min(cfg.eval_subset or len(self.eval_data), len(self.eval_data))
             self.curve_data = self.eval_data.with_examples(subsample(self.eval_data.examples, n, CURVE_SEED))
