@@ -300,3 +300,18 @@ def test_finished_run_without_its_files_is_listed_not_read(tmp_path, capsys):
     assert out["finished"] == 3 and victim.name not in {i for c in out["configurations"] for i in c["run_ids"]}
     text = (tmp_path / "s" / "report.md").read_text()
     assert f"`{victim.name}`" in text and "finished, files missing" in text
+
+
+def test_runs_whose_inference_cost_failed_are_listed(tmp_path, capsys):
+    construct(tmp_path, 'lora_rank = [8]\ntrain_questions = [100]', lambda run, qid: 0.5)
+    db = sqlite3.connect(tmp_path / "s" / "study.sqlite")
+    (rid, costs), = db.execute("SELECT id, costs FROM runs WHERE arm = 'lora'").fetchall()
+    costs = json.loads(costs) | {"inference": {"error": "ExportError: merging the LoRA adapter changed the logits"}}
+    db.execute("UPDATE runs SET costs = ? WHERE id = ?", (json.dumps(costs), rid))
+    db.commit()
+    db.close()
+    summary = report_json(capsys, tmp_path / "s")
+    assert summary["inference_cost_failures"] == [{"run": rid, "error": costs["inference"]["error"]}]
+    md = (tmp_path / "s" / "report.md").read_text()
+    assert "## What each model costs to run" in md and "Not measured for 1 run(s)" in md
+    assert f"`{rid}`: ExportError: merging the LoRA adapter changed the logits" in md

@@ -130,6 +130,8 @@ def poison_third_forward(monkeypatch, factor: float) -> None:
         model = real(name)
 
         def hook(module, inputs, output):
+            if not module.training:  # setup's input probe, evaluation: not training steps
+                return output
             calls["n"] += 1
             return output * factor if calls["n"] == 3 else output
 

@@ -119,6 +119,12 @@ def measured(runs: list[dict]) -> list[dict]:
     return [r for r in runs if (r["costs"].get("inference") or {}).get("int8")]
 
 
+def not_measured(runs: list[dict]) -> list[tuple[str, str]]:
+    """(run id, error) of each run whose inference-cost measurement was attempted and failed."""
+    return [(r["id"], str(c["error"])) for r in runs if isinstance(c := r["costs"].get("inference"), dict)
+            and c.get("error")]
+
+
 def cost_rows(runs: list[dict], label) -> list[list[str]]:
     """One row per measured run, in the order of :data:`COST_HEADER`; ``label`` names a run's configuration."""
     rows = []

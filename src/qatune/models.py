@@ -1,7 +1,11 @@
 """Models: resolve names, load QA models and tokenizers, and apply a fine-tuning strategy.
 
-Strategies: ``full`` trains every weight; ``lora`` wraps the encoder with PEFT LoRA adapters (task type
-question answering, so the span head ``qa_outputs`` trains in full beside the adapters). The alpha
+Strategies: ``full`` trains every weight; ``lora`` wraps the encoder with PEFT LoRA adapters, the span head
+``qa_outputs`` trained in full beside them (``modules_to_save``). The wrapper is PEFT's generic ``PeftModel``,
+not the question-answering task type: ``PeftModelForQuestionAnswering.forward`` (peft 0.21.2) takes
+``token_type_ids`` by name and does not pass it on, so a BERT-family model would see every token as segment 0;
+the generic forward hands every input to the base model unchanged. :func:`check_segment_inputs` proves it for
+each model before it trains or answers. The alpha
 policy sets LoRA's scaling for rank sweeps: ``fixed`` (alpha as given, scale alpha/r), ``proportional``
 (alpha = 2r, scale 2) and ``rslora`` (scale alpha/sqrt(r), PEFT's ``use_rslora``).
 """
@@ -9,6 +13,7 @@ policy sets LoRA's scaling for rank sweeps: ``fixed`` (alpha as given, scale alp
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +149,7 @@ def apply_strategy(model: torch.nn.Module, strategy: str, lora: LoraSettings | N
         return model
     if strategy != "lora":
         raise ModelError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     lora = lora or LoraSettings()
     if lora.alpha_policy not in ALPHA_POLICIES:
@@ -153,7 +158,8 @@ def apply_strategy(model: torch.nn.Module, strategy: str, lora: LoraSettings | N
         raise ModelError(f"LoRA rank must be >= 1, got {lora.rank}")
     alpha = 2.0 * lora.rank if lora.alpha_policy == "proportional" else lora.alpha
     config = LoraConfig(
-        task_type=TaskType.QUESTION_ANS,
+        task_type=None,  # the generic PeftModel: its forward passes every input (see the module docstring)
+        modules_to_save=["qa_outputs"],
         r=lora.rank,
         lora_alpha=alpha,
         lora_dropout=lora.dropout,
@@ -179,7 +185,7 @@ def load_trained(path: str | Path) -> torch.nn.Module:
     if not path.is_dir():
         raise ModelError(f"{path}: no such model directory (expected the 'model' folder of a training run)")
     if is_adapter_dir(path):
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
         from safetensors import SafetensorError
 
         config_file = path / "adapter_config.json"
@@ -189,9 +195,60 @@ def load_trained(path: str | Path) -> torch.nn.Module:
             raise unreadable(config_file, "LoRA adapter configuration", e,
                              "it needs base_model_name_or_path; train or copy the adapter again") from e
         base = load_qa_model(base_name)
+        config = PeftConfig.from_pretrained(str(path))
+        if config.task_type is not None:
+            # qatune before the fix saved adapters with the question-answering task type, whose forward drops
+            # token_type_ids: load them through the generic wrapper too, and say what that means
+            if has_segment_embeddings(base):
+                print(f"warning: {path} was trained by an earlier qatune whose LoRA runs never saw segment ids "
+                      f"(token_type_ids); it now answers with them and may differ from its run's predictions: "
+                      f"train it again", file=sys.stderr)
+            config.task_type = None
         try:
-            return PeftModel.from_pretrained(base, str(path))
+            model = PeftModel.from_pretrained(base, str(path), config=config)
         except SafetensorError as e:
             raise FileError(f"{path / 'adapter_model.safetensors'}: damaged adapter weights ({e}); copy the "
                             f"adapter again, or train it again") from e
-    return load_qa_model(str(path))
+    else:
+        model = load_qa_model(str(path))
+    check_segment_inputs(model)
+    return model
+
+
+def has_segment_embeddings(model: torch.nn.Module) -> bool:
+    """Whether the architecture embeds segment ids (BERT, MiniLM, MobileBERT: two types; DistilBERT: none)."""
+    return getattr(model.config, "type_vocab_size", 0) > 1
+
+
+@torch.no_grad()
+def check_segment_inputs(model: torch.nn.Module, tokenizer=None) -> None:
+    """Refuse a model whose forward ignores the segment ids its architecture embeds (or uses ones it has not).
+
+    One probe window typed question/context and the same window typed all 0 must give different logits exactly
+    when the architecture has segment embeddings; a wrapper that drops ``token_type_ids`` (PEFT's question-answering
+    task type) fails this. With ``tokenizer``, a tokenizer that does not produce them for such a model is refused too.
+    """
+    segments = has_segment_embeddings(model)
+    if tokenizer is not None and segments and "token_type_ids" not in tokenizer.model_input_names:
+        raise ModelError(f"this {model.config.model_type} model embeds segment ids (token_type_ids) but its tokenizer "
+                         f"does not produce them; use the tokenizer the model was trained with")
+    n = 16
+    ids = (torch.arange(n) * 7 % (model.config.vocab_size - 1) + 1).unsqueeze(0)  # any real tokens, no padding
+    typed = torch.cat([torch.zeros(1, n // 2), torch.ones(1, n - n // 2)], dim=1).long()
+    mask = torch.ones_like(ids)
+    device = next(model.parameters()).device
+    training = model.training
+    model.eval()
+    try:
+        a = model(input_ids=ids.to(device), attention_mask=mask.to(device), token_type_ids=typed.to(device))
+        b = model(input_ids=ids.to(device), attention_mask=mask.to(device), token_type_ids=torch.zeros_like(typed).to(device))
+    finally:
+        model.train(training)
+    changed = bool((a.start_logits - b.start_logits).abs().max() > 0 or (a.end_logits - b.end_logits).abs().max() > 0)
+    if segments and not changed:
+        raise ModelError(f"this {model.config.model_type} model embeds segment ids, but its forward ignores the "
+                         f"input token_type_ids (the logits do not change with them: {type(model).__name__} does "
+                         f"not pass it on): it would train and answer as if every token were in the question")
+    if not segments and changed:
+        raise ModelError(f"this {model.config.model_type} model has no segment embeddings, yet its logits change "
+                         f"with token_type_ids; its forward uses an input its architecture does not define")

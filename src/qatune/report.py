@@ -526,14 +526,20 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
     b += [("h2", "Findings"), ("ul", _findings(a) or ["Not enough finished runs for a comparison yet."])]
     b += [("h2", "Figures")] + [("img", name) for name in figures]
     b += _cost_blocks(a.done, marks)
-    from qatune.cost import COST_HEADER, COST_INTRO, cost_figure, cost_rows
+    from qatune.cost import COST_HEADER, COST_INTRO, cost_figure, cost_rows, not_measured
 
     def label(r: dict) -> str:
         return _label(r["arm"], r["point"])
 
-    if measured := cost_rows(a.done, label):
-        b += [("h2", "What each model costs to run"), ("p", COST_INTRO), ("table", COST_HEADER, measured),
-              ("img", cost_figure(a.done, study_dir, label))]
+    measured, failed = cost_rows(a.done, label), not_measured(a.done)
+    if measured or failed:
+        b += [("h2", "What each model costs to run"), ("p", COST_INTRO)]
+    if measured:
+        b += [("table", COST_HEADER, measured), ("img", cost_figure(a.done, study_dir, label))]
+    if failed:
+        b += [("p", f"Not measured for {len(failed)} run(s): the measurement failed (the runs' training and "
+                    f"evaluation results stand; the cause is in each run's `run.json` → `inference`):"),
+              ("ul", [f"`{rid}`: {error}" for rid, error in failed])]
     return b
 
 
@@ -654,6 +660,8 @@ def to_html(blocks: list[tuple], figure_dir: Path) -> str:
 # ---------------------------------------------------------------------------------------------- JSON
 def summary(a: Analysis) -> dict:
     """The machine-readable report (``qatune report --json``)."""
+    from qatune.cost import not_measured
+
     def interval(c: Contrast) -> dict:
         return {"mean": c.estimate, "ci_low": c.ci_low, "ci_high": c.ci_high}
 
@@ -680,7 +688,8 @@ def summary(a: Analysis) -> dict:
                                        "f1": contrast(a.interaction["f1"]), "em": contrast(a.interaction["em"])}
     return {"squad_version": a.scores.version, "runs": len(a.covered), "finished": len(a.done),
             "other_rows": a.other_rows, "questions": len(a.questions), "configurations": configs,
-            "comparisons": comparisons, "tests": tests}
+            "comparisons": comparisons, "tests": tests,
+            "inference_cost_failures": [{"run": rid, "error": e} for rid, e in not_measured(a.done)]}
 
 
 # ---------------------------------------------------------------------------------------------- entry point

@@ -216,6 +216,9 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
             m = o.record.metrics
             score = f"EM {m.get('exact_match', m.get('exact', float('nan'))):.2f}, F1 {m['f1']:.2f}, " if m else ""
             say(f"  finished {o.run_id} ({by_id[o.run_id].arm}): {score}train {o.record.timing['train_s']:.0f}s")
+            if (o.record.inference or {}).get("error"):
+                say(f"  inference cost of {o.run_id} not measured: {o.record.inference['error']} (kept in its "
+                    f"run.json and listed in the report)")
         elif o.status == "interrupted":
             store.release(db, o.run_id, owner)
         else:

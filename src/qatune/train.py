@@ -41,6 +41,7 @@ from qatune.models import (
     LoraSettings,
     ModelError,
     apply_strategy,
+    check_segment_inputs,
     load_qa_model,
     load_tokenizer,
     parameter_counts,
@@ -241,6 +242,8 @@ def config_hash(cfg: TrainConfig | dict, leave_out: tuple[str, ...] = ()) -> str
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.name in IN_HASH_WHEN_SET}
     d = {k: v for k, v in d.items() if k not in NOT_IN_HASH and k not in leave_out
          and not (k in defaults and v == defaults[k])}
+    if d.get("strategy") == "lora":  # LoRA runs before this mark never saw segment ids: they are other runs
+        d["lora_forward"] = "all inputs"
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -638,6 +641,7 @@ class Recipe:
         self.acc = acc = Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(self.precision, self.precision))
         lora = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.alpha_policy, cfg.lora_targets)
         model = apply_strategy(model, cfg.strategy, lora)
+        check_segment_inputs(model, self.tokenizer)  # the model sees every input a window has, or no run
         self.counts = parameter_counts(model)
         self.window_flops = flops.for_config(cfg)  # counted on the architecture, on the meta device
 
