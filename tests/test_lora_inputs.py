@@ -10,10 +10,16 @@ import torch
 from qatune.cli import main
 from qatune.export import probe_batch
 from qatune.inference import load_inference_config
-from qatune.models import ModelError, apply_strategy, check_segment_inputs, has_segment_embeddings, load_trained
+from qatune.models import (
+    ModelError,
+    apply_strategy,
+    check_segment_inputs,
+    has_segment_embeddings,
+    load_trained,
+)
 from qatune.train import config_hash, train
-from tests.runs import qa_data, tiny_config  # noqa: F401 - fixtures
 from tests.conftest import save_tiny_model
+from tests.runs import qa_data, tiny_config  # noqa: F401 - fixtures
 
 POLICIES = ("fixed", "rslora", "proportional")
 
