@@ -114,7 +114,8 @@ def batch1(answer_many, items) -> tuple[list[str], list[float]]:
 
 
 def train_model(work: Path, data: Path) -> Path:
-    from qatune.train import TrainConfig, train
+    from qatune.config import TrainConfig
+    from qatune.train import train
 
     run = work / "minilm-full"
     if (run / "run.json").exists():

@@ -32,11 +32,13 @@ import numpy as np
 import torch
 from _table import markdown_table  # sibling module: scripts run as python benchmarks/x.py
 
-from qatune.data import load_squad, subsample
+from qatune.batches import epoch_batches
+from qatune.config import TrainConfig
+from qatune.data import load_split, load_squad, subsample
 from qatune.features import build_features, collate
 from qatune.inference import autocast_context
+from qatune.machine import cpu_has_bf16
 from qatune.models import load_qa_model, load_tokenizer
-from qatune.train import TrainConfig, cpu_has_bf16, epoch_batches, load_split
 from qatune.train import train as qatune_train
 
 TARGET_VS_TRAINER = 3.0

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from qatune.config import TrainConfig
 from qatune.data import write_squad_json
-from qatune.train import TrainConfig, train
+from qatune.train import train
 from tests.conftest import make_examples, save_tiny_model
 
 CONTEXT = "The bridge of Marlow is called Kestrel7. Visitors often walk near the river in spring."

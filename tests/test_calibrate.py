@@ -12,16 +12,15 @@ from qatune.calibrate import (
     EVAL_STEP_FRACTION,
     TYPICAL_PADDED_WIDTH,
     TYPICAL_PADDED_WIDTH_COMPILED,
-    ModelConfigError,
     StepKey,
     calibrate,
     makespan,
-    model_from_config,
     project_run_seconds,
     time_step,
 )
-from qatune.models import LoraSettings, ModelError, parameter_counts
-from qatune.train import TrainConfig, resolve_precision
+from qatune.config import TrainConfig
+from qatune.machine import resolve_precision
+from qatune.models import LoraSettings, ModelConfigError, ModelError, model_from_config, parameter_counts
 from tests.conftest import save_tiny_model
 
 

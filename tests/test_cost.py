@@ -2,7 +2,8 @@
 
 import json
 
-from qatune.cost import COST_HEADER, cost_figure, cost_rows
+from qatune.cost import COST_HEADER, cost_rows
+from qatune.figures import cost_figure
 from qatune.record import RunRecord
 from qatune.stats import pareto_front
 from qatune.train import train

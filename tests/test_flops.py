@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForQuestionAnswering, BertConfig
 
-from qatune.flops import COUNT_WIDTHS, LoadMeter, count_window, fit
+from qatune.flops import COUNT_WIDTHS, count_window, fit
+from qatune.machine import LoadMeter
 from qatune.models import LoraSettings, apply_strategy
 
 L, D, FF, H = 2, 64, 128, 2  # tiny BERT: layers, width, feed-forward, heads

@@ -137,12 +137,11 @@ def test_reader_precision_and_device_defaults(tiny_run):
 def test_evaluate_during_training_leaves_the_model_in_training_mode(tiny_run, qa_data):
     """The learning-curve evaluation of a model being trained: same answers as a Reader, mode kept."""
     from qatune.data import load_squad
-    from qatune.inference import evaluate
 
     reader = Reader.load(tiny_run, device="cpu")
     data = load_squad(qa_data)
     expected, _ = reader.evaluate(data)
     reader.model.train()
-    got, decoded = evaluate(reader.model, reader.tokenizer, data, 96, 32)
+    got, decoded = Reader.live(reader.model, reader.tokenizer, reader.config, "fp32").evaluate(data)
     assert reader.model.training
     assert got == expected

@@ -56,7 +56,7 @@ def wait_for(predicate, timeout=300, what="condition"):
 # ---------------------------------------------------------------------------------------------- the store
 class _Run:
     def __init__(self, rid):
-        from qatune.train import TrainConfig
+        from qatune.config import TrainConfig
 
         self.id, self.arm, self.point = rid, "a", {}
         self.config = TrainConfig(output_dir=f"/tmp/{rid}")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qatune.cli import main
+from qatune.config import config_hash
 from qatune.export import probe_batch
 from qatune.inference import load_inference_config
 from qatune.models import (
@@ -17,7 +18,7 @@ from qatune.models import (
     has_segment_embeddings,
     load_trained,
 )
-from qatune.train import config_hash, train
+from qatune.train import train
 from tests.conftest import save_tiny_model
 from tests.runs import qa_data, tiny_config  # noqa: F401 - fixtures
 
@@ -166,7 +167,7 @@ def test_lora_runs_have_new_ids_full_runs_keep_theirs(qa_data, tmp_path):
     import hashlib
     from dataclasses import asdict
 
-    from qatune.train import IN_HASH_WHEN_SET, NOT_IN_HASH
+    from qatune.config import IN_HASH_WHEN_SET, NOT_IN_HASH
 
     def before_fix(cfg) -> str:
         d = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_HASH and not (k in IN_HASH_WHEN_SET and

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from qatune import store
+from qatune.analysis import selection_part
 from qatune.cli import main
 from qatune.data import load_squad, write_squad_json
 from qatune.metrics import squad_v1, squad_v2
-from qatune.report import selection_part
 from qatune.study import config_id, load_study, run_study
 from tests.conftest import make_examples, save_tiny_model
 

@@ -6,7 +6,8 @@ import pytest
 
 from qatune import tracking
 from qatune.cli import main
-from qatune.train import TrainConfig, train
+from qatune.config import TrainConfig
+from qatune.train import train
 
 
 def test_tensorboard_gets_loss_learning_curve_and_final_metrics(tmp_path, tiny_models, train_file):

@@ -5,11 +5,13 @@ import torch
 from safetensors.torch import load_file
 
 from qatune.cli import main
+from qatune.config import TrainConfig
 from qatune.data import SquadDataError
+from qatune.errors import TrainingError
 from qatune.features import build_features
 from qatune.inference import Reader, window_logits
 from qatune.models import LoraSettings, ModelError, apply_strategy, load_qa_model
-from qatune.train import TrainConfig, TrainingError, train
+from qatune.train import train
 
 
 def cfg(model, data, out, **kw):

@@ -6,45 +6,37 @@ Step time depends on the architecture, the strategy and the tensor shapes, not o
 each model is built from its config with random weights: this works offline for hub ids whose config is
 the transformers default (the seed study's models) and for local directories.
 
-torch and transformers are imported inside the functions, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-import inspect
 import statistics
 import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatune.models import ModelError
+from qatune.models import model_config, model_from_config, random_batch
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PretrainedConfig
 
+    from qatune.config import TrainConfig
     from qatune.models import LoraSettings
-    from qatune.train import TrainConfig
 
 # Mean padded width of a training batch at max_seq_length 384 / doc_stride 128. SQuAD v1.1 dev windows
 # (MiniLM/BERT uncased WordPiece) average 176 tokens (p50 164, p95 304); qatune pads each batch to its
 # longest window rounded up to a multiple of 8 and groups windows of similar length, which gives batches
-# 183-186 tokens wide on average for batch sizes 4-64 (measured with qatune.train.epoch_batches).
+# 183-186 tokens wide on average for batch sizes 4-64 (measured with qatune.batches.epoch_batches).
 TYPICAL_PADDED_WIDTH = 184
 # The same with ``compile``, which pads to multiples of 64 (qatune.train.COMPILE_PAD_MULTIPLE): 211-214.
 TYPICAL_PADDED_WIDTH_COMPILED = 216
 
 # A forward pass costs about a third of a training step (backward is about twice the forward).
 EVAL_STEP_FRACTION = 1 / 3
-
-
-class ModelConfigError(ModelError):
-    """A model whose config cannot be read offline; the message names it and says what to do."""
 
 
 @dataclass(frozen=True)
@@ -98,53 +90,6 @@ class StepKey:
                 f"{self.precision}{' compiled' if self.compile else ''}")
 
 
-# ---------------------------------------------------------------------------------------------- models
-def model_config(name: str) -> PretrainedConfig:
-    """The transformers config of ``name`` without its weights and without network for the known hub ids.
-
-    A local directory of the same name wins over the built-in defaults, as it does when training.
-    """
-    from transformers import AutoConfig
-
-    from qatune.models import _known_configs, resolve_model
-
-    known = _known_configs()
-    if name in known and not Path(name).exists():
-        return known[name]()
-    path = resolve_model(name)
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelConfigError(f"cannot read the config of model {name!r} offline ({e.__class__.__name__}); "
-                               f"give a local directory holding its config.json (a downloaded copy of the "
-                               f"model) instead") from None
-
-
-def model_from_config(name: str, strategy: str = "full", lora: LoraSettings | None = None,
-                      meta: bool = False) -> torch.nn.Module:
-    """A question-answering model of ``name``'s architecture with random weights, ready for ``strategy``.
-
-    ``meta=True`` allocates nothing (for counting parameters). Otherwise the weights are properly
-    initialised (uninitialised memory may hold denormals, which would slow CPU matmuls) under a forked
-    RNG, so the caller's random state is left as it was.
-    """
-    import torch
-    from transformers import AutoModelForQuestionAnswering
-    from transformers.utils import logging as hf_logging
-
-    from qatune.models import apply_strategy
-
-    mcfg = model_config(name)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with torch.device("meta") if meta else torch.random.fork_rng(devices=[]):
-            model = AutoModelForQuestionAnswering.from_config(mcfg)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return apply_strategy(model, strategy, lora)
-
-
 # ---------------------------------------------------------------------------------------------- timing
 def _lora_settings(key: StepKey) -> LoraSettings:
     from qatune.models import LoraSettings
@@ -152,25 +97,6 @@ def _lora_settings(key: StepKey) -> LoraSettings:
     # alpha and its policy only scale the adapter output: they do not change the cost of a step
     return LoraSettings(rank=key.lora_rank, alpha=32.0, dropout=key.lora_dropout,
                         targets=list(key.lora_targets) if key.lora_targets else None)
-
-
-def _random_batch(model: torch.nn.Module, batch_size: int, width: int, device: torch.device) -> dict:
-    """Random token ids in the vocabulary, a full attention mask, token types where the model takes them
-    (question then context, as the tokenizer would mark them) and random span labels."""
-    import torch
-
-    cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(0, cfg.vocab_size, (batch_size, width), generator=g),
-             "attention_mask": torch.ones(batch_size, width, dtype=torch.long),
-             "start_positions": torch.randint(0, width, (batch_size,), generator=g)}
-    batch["end_positions"] = batch["start_positions"]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "token_type_ids" in inspect.signature(base.forward).parameters:
-        types = torch.zeros(batch_size, width, dtype=torch.long)
-        types[:, width // 8:] = 1
-        batch["token_type_ids"] = types
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def time_step(key: StepKey, threads: int | None = None, steps: int = 3, warmup: int = 1,
@@ -186,7 +112,7 @@ def time_step(key: StepKey, threads: int | None = None, steps: int = 3, warmup: 
     import torch
 
     from qatune.inference import autocast_context
-    from qatune.train import resolve_precision
+    from qatune.machine import resolve_precision
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
@@ -203,7 +129,7 @@ def time_step(key: StepKey, threads: int | None = None, steps: int = 3, warmup: 
         model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
-        batch = _random_batch(model, key.batch_size, key.width, device)
+        batch = random_batch(model, key.batch_size, key.width, device)
         forward = torch.compile(model) if key.compile else model
         times = []
         for i in range(warmup + steps):
@@ -232,7 +158,7 @@ def _canonical(key: StepKey, device: str | torch.device) -> StepKey:
     """The key with its precision resolved on ``device`` ('auto' and 'bf16' are one shape on a bf16 CPU)."""
     import torch
 
-    from qatune.train import resolve_precision
+    from qatune.machine import resolve_precision
 
     model_type = getattr(model_config(key.model), "model_type", "")
     return dataclasses.replace(key, precision=resolve_precision(key.precision, torch.device(device), model_type))

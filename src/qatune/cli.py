@@ -1,4 +1,4 @@
-"""The `qatune` command line: a thin layer over the Python API.
+"""The `qatune` command line: each command parses its flags, calls the Python API and prints what it returned.
 
 Every command prints a human-readable summary; with ``--json`` the last line printed is one JSON object,
 so scripts can read the result with ``tail -n 1``.
@@ -135,7 +135,8 @@ def load_toml(path: str) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from qatune.train import TrainConfig, stop_on_signals, train
+    from qatune.config import TrainConfig
+    from qatune.train import stop_on_signals, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "json", "debug")}
     values = {**(load_toml(args.config) if args.config else {}), **given}
@@ -166,9 +167,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from qatune.data import load_split
     from qatune.inference import Reader
-    from qatune.record import write_json_atomic
-    from qatune.train import load_split
+    from qatune.rundir import write_evaluation
 
     overrides = {k: getattr(args, k) for k in ("max_seq_length", "doc_stride", "batch_size", "null_threshold")
                  if getattr(args, k) is not None}
@@ -177,14 +178,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     metrics, decoded = reader.evaluate(data, progress=True)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "predictions.json", decoded.predictions)
-    write_json_atomic(out / "nbest.json", dict(decoded.nbest))
-    if data.version.startswith("2"):
-        write_json_atomic(out / "null_odds.json", decoded.null_odds)
-    write_json_atomic(out / "metrics.json", metrics)
-    key = "exact_match" if "exact_match" in metrics else "exact"
+    write_evaluation(out, metrics, decoded, data.version.startswith("2"))
     _emit(metrics, args.json, [f"{args.model} on {data.source} ({len(data)} questions): "
-                               f"EM {metrics[key]:.2f}, F1 {metrics['f1']:.2f} -> {out}"])
+                               f"EM {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} -> {out}"])
 
 
 def _read_text(path: str, what: str) -> str:
@@ -415,9 +411,10 @@ def _hours(seconds: float) -> str:
 
 def _study_status(study, as_json: bool) -> None:
     from qatune.store import connect, rows
+    from qatune.store import exists as store_exists
 
     by_id = {}
-    if (study.directory / "study.sqlite").exists():  # a study not started yet: nothing to create for a look
+    if store_exists(study.directory):  # a study not started yet: nothing to create for a look
         db = connect(study.directory)
         by_id = {r["id"]: r for r in rows(db)}
         db.close()
@@ -482,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_data_check)
 
-    from qatune.train import TrainConfig
+    from qatune.config import TrainConfig
 
     t = sub.add_parser("train", help="fine-tune a model (full or LoRA) and evaluate it",
                        description="Every option can also come from a TOML file (--config); flags override it.")
@@ -585,8 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from qatune.errors import Interrupted
     from qatune.study import StudyInterrupted
-    from qatune.train import Interrupted
 
     try:
         args.func(args)

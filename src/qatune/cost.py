@@ -21,11 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from qatune.data import SquadData
 from qatune.errors import QatuneError
-from qatune.stats import pareto_front
 
 LATENCY_QUESTIONS = 32
 WARMUP = 2
@@ -56,6 +54,8 @@ def _sample(data: SquadData, n: int) -> list[tuple[str, str]]:
 @contextlib.contextmanager
 def _torch_threads(n: int):
     """Run a block with ``n`` intra-op threads, restoring the previous setting."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -69,6 +69,8 @@ def measure(model_dir: str | Path, data: SquadData, questions: int = LATENCY_QUE
     """The inference costs of the model in ``model_dir`` (see the module docstring). A failure (an optional
     dependency missing, an export failing its parity probe) is recorded as ``{"error": ...}``: the run it belongs to
     has finished training and keeps its results."""
+    import torch
+
     from qatune.export import export
     from qatune.inference import Reader
 
@@ -136,37 +138,3 @@ def cost_rows(runs: list[dict], label) -> list[list[str]]:
                      f"{t['p95_ms_1_thread']:.1f} / {q['p95_ms_1_thread']:.1f}", f"{t['p50_ms']:.1f} / {q['p50_ms']:.1f}",
                      str(c["threads"]), f"{c['merged_size_bytes'] / 2**20:.1f}", f"{c['int8_size_bytes'] / 2**20:.1f}"])
     return rows
-
-
-def cost_figure(runs: list[dict], study_dir: Path, label) -> str:
-    """``inference_cost.png``: F1 against latency and against size, fp32 and int8 points, Pareto fronts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = []  # (name, F1, p50 ms at 1 thread, MiB)
-    for r in measured(runs):
-        c = r["costs"]["inference"]
-        points.append((f"{label(r)} fp32", r["metrics"]["f1"], c["torch"]["p50_ms_1_thread"],
-                       c["merged_size_bytes"] / 2**20))
-        points.append((f"{label(r)} int8", c["int8"]["f1"], c["int8"]["p50_ms_1_thread"], c["int8_size_bytes"] / 2**20))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, k, xlabel in [(axes[0], 2, "latency per question, p50 ms (batch 1, 1 thread)"),
-                          (axes[1], 3, "model size on disk (MiB)")]:
-        xs, ys = [p[k] for p in points], [p[1] for p in points]
-        ax.scatter(xs, ys, c=["tab:blue" if p[0].endswith("fp32") else "tab:orange" for p in points])
-        for p in points:
-            ax.annotate(p[0], (p[k], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front = pareto_front(xs, ys)
-        ax.plot([xs[i] for i in front], [ys[i] for i in front], "r--", label="Pareto front")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("F1")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_title("F1 vs latency (blue fp32 PyTorch, orange int8 ONNX)")
-    axes[1].set_title("F1 vs size")
-    fig.tight_layout()
-    fig.savefig(study_dir / "inference_cost.png", dpi=120)
-    plt.close(fig)
-    return "inference_cost.png"

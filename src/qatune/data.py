@@ -329,3 +329,24 @@ def write_squad_json(examples: Iterable[QAExample], path: str | Path, version: s
         paras[-1]["qas"].append(qa)
     Path(path).write_text(json.dumps({"version": version, "data": list(articles.values())}, ensure_ascii=False),
                           encoding="utf-8")
+
+
+def load_split(source: str, split: str, articles: str | None, questions, seed: int, repair: bool,
+               role: str = "") -> SquadData:
+    """The articles, then the questions, of one data source; ``role`` (train/eval) names the options in errors."""
+    data = load_squad(source, split=split, repair=repair)
+    try:
+        data = select_articles(data, articles)
+        return data.with_examples(subsample(data.examples, questions, seed))
+    except SquadDataError as e:
+        if not role:
+            raise
+        raise SquadDataError(f"{role}_articles / {role}_questions: {e}") from e
+
+
+def load_role(cfg, role: str) -> SquadData:
+    """The ``role`` ("train" or "eval") data of a training configuration: its ``{role}_data``, ``_split``,
+    ``_articles`` and ``_questions`` options with the run's seed (``cfg`` a TrainConfig or its dict)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    return load_split(get(f"{role}_data"), get(f"{role}_split"), get(f"{role}_articles"), get(f"{role}_questions"),
+                      get("seed"), get("repair_answers"), role)

@@ -18,6 +18,18 @@ class ConfigError(QatuneError, ValueError):
     """An option or configuration value is of the wrong type or out of range."""
 
 
+class ModelError(ConfigError):
+    """A model name, path, precision or option that cannot be used with this model; the message says what to do."""
+
+
+class TrainingError(QatuneError, RuntimeError):
+    """A run that cannot go on; the message says at which step and what was kept."""
+
+
+class Interrupted(TrainingError):
+    """A run was asked to stop (Ctrl-C, SIGTERM) and saved a checkpoint first; ``--resume`` continues it."""
+
+
 class FileError(QatuneError, OSError):
     """A file is missing, unreadable, damaged or of the wrong format."""
 

@@ -309,8 +309,6 @@ def write_model_card(out: Path, name: str, model_dir: Path, config: InferenceCon
 
 def _run_record(model_dir: Path) -> dict:
     """The run.json of the run a model directory belongs to (its parent), or {}."""
-    path = model_dir.parent / "run.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    except (OSError, ValueError):
-        return {}
+    from qatune.rundir import RunDir
+
+    return RunDir(model_dir.parent).read_record_dict()

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qatune.config import MIN_SEQ_LENGTH
 from qatune.data import QAExample
 from qatune.errors import QatuneError
 
@@ -60,7 +61,6 @@ class Features:
         return out
 
 
-MIN_SEQ_LENGTH = 32  # room for [CLS] question [SEP] some context [SEP]
 
 
 def check_window_settings(max_seq_length: int, doc_stride: int) -> None:

@@ -11,11 +11,8 @@ included, since the model computes on it.
 from __future__ import annotations
 
 import functools
-import os
-import time
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 COUNT_WIDTHS = (8, 16)  # any two widths determine a*w + b*w^2
 
@@ -46,11 +43,11 @@ def count_window(model, width: int) -> tuple[int, int]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from qatune.calibrate import _random_batch
+    from qatune.models import random_batch
 
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[]):
-        batch = _random_batch(model, 1, width, torch.device("cpu"))
+        batch = random_batch(model, 1, width, torch.device("cpu"))
         # All-ones: changes no FLOPs, and without it the model builds no mask (which meta tensors cannot).
         batch.pop("attention_mask")
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -75,47 +72,15 @@ def fit(model) -> WindowFlops:
     return WindowFlops(*solve(f1, f2), *solve(g1, g2))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def window_flops(model_name: str, strategy: str, rank: int, alpha: float, policy: str, targets: tuple) -> WindowFlops:
     """The run shape's per-window FLOPs, counted on its architecture built from its config on the meta device
     (shapes only: no memory, no arithmetic, the same counts)."""
-    from qatune.calibrate import model_from_config
-    from qatune.models import LoraSettings
+    from qatune.models import meta_model
 
-    lora = LoraSettings(rank, alpha, 0.0, policy, list(targets) or None) if strategy == "lora" else None
-    model = model_from_config(model_name, strategy, lora, meta=True)
-    return fit(model)
+    return fit(meta_model(model_name, strategy, rank, alpha, policy, targets))
 
 
 def for_config(cfg) -> WindowFlops:
     return window_flops(cfg.model, cfg.strategy, cfg.lora_rank, cfg.lora_alpha, cfg.alpha_policy,
                         tuple(cfg.lora_targets or ()))
-
-
-# ---------------------------------------------------------------------------------------------- machine load
-def _busy_cpu_s() -> float | None:
-    """Seconds of CPU time the whole machine has spent busy since boot (Linux /proc/stat), or None."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except (OSError, IndexError):
-        return None
-    ticks = [int(x) for x in fields]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-class LoadMeter:
-    """How much CPU the rest of the machine used while this process ran: (machine busy time - this process's
-    CPU time) / wall time, in cores. Immediate, unlike the load average's one-minute smoothing."""
-
-    def __init__(self):
-        self.t0, self.cpu0, self.busy0 = time.perf_counter(), time.process_time(), _busy_cpu_s()
-
-    def read(self) -> dict:
-        wall = time.perf_counter() - self.t0
-        cpu = time.process_time() - self.cpu0
-        busy = _busy_cpu_s()
-        others = None
-        if busy is not None and self.busy0 is not None and wall > 0:
-            others = max(0.0, (busy - self.busy0 - cpu) / wall)
-        return {"process_cpu_s": cpu, "others_cores": others, "cores": os.cpu_count()}

@@ -20,14 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qatune.config import PRECISIONS
 from qatune.data import QAExample, SquadData
 from qatune.decode import Decoded, decode
 from qatune.errors import ConfigError, FileError, QatuneError, unreadable
 from qatune.features import Features, build_features, cached_features, collate
+from qatune.machine import best_device, check_device, resolve_precision
+from qatune.rundir import MODEL
 
 SETTINGS_FILE = "qatune.json"  # the inference configuration (plus what the model is) in every model directory
 ONNX_FILE = "model.onnx"
-INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUESTIONS_PER_CHUNK = 1024  # answer_many tokenises and decodes this many questions at a time (bounded memory)
 
 
@@ -72,9 +74,17 @@ class InferenceConfig:
             raise ConfigError(f"inference setting null_threshold must be a finite number, got {self.null_threshold!r}")
         if not isinstance(self.version_2, bool):
             raise ConfigError(f"inference setting version_2 must be true or false, got {self.version_2!r}")
-        if self.precision not in INFERENCE_PRECISIONS:
-            raise ConfigError(f"inference setting precision must be one of {INFERENCE_PRECISIONS}, "
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"inference setting precision must be one of {PRECISIONS}, "
                               f"got {self.precision!r}")
+
+    @classmethod
+    def for_run(cls, cfg, version_2: bool) -> InferenceConfig:
+        """How a training run's model answers (its window and decode settings; ``cfg`` a TrainConfig): saved with
+        the model and used by the run's own evaluation and learning curve."""
+        return cls(max_seq_length=cfg.max_seq_length, doc_stride=cfg.doc_stride, n_best=cfg.n_best,
+                   max_answer_length=cfg.max_answer_length, version_2=version_2, null_threshold=cfg.null_threshold,
+                   batch_size=cfg.eval_batch_size, max_batch_tokens=cfg.eval_batch_size * cfg.max_seq_length)
 
     @classmethod
     def from_dict(cls, d: dict) -> InferenceConfig:
@@ -127,7 +137,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not path.is_dir():
         raise ModelError(f"{path}: no such directory; --model takes a run directory (train's --output-dir), its "
                          f"model/ folder or an export directory")
-    for candidate in (path / "model", path):  # a run directory first: it holds a config.json of its own
+    for candidate in (path / MODEL, path):  # a run directory first: it holds a config.json of its own
         if any((candidate / name).exists() for name in (ONNX_FILE, "config.json", "adapter_config.json")):
             return candidate
     raise ModelError(f"{path}: not a model: expected a run directory (with model/), a model directory (config.json "
@@ -135,39 +145,6 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- devices
-def best_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """A device this machine has, or a ConfigError naming what it has."""
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps)") from e
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
-    if not available.get(d.type, False) or d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
-        have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + (["mps"] if available["mps"] else [])
-        raise ConfigError(f"--device {device!r} is not on this machine; it has: {', '.join(have)}")
-    return d
-
-
-def resolve_inference_precision(requested: str, device: torch.device) -> str:
-    """``auto`` is bf16 on a GPU that has it and fp32 elsewhere (a CPU keeps fp32 unless told otherwise)."""
-    if requested not in INFERENCE_PRECISIONS:
-        raise ConfigError(f"unknown precision {requested!r}; choose from {INFERENCE_PRECISIONS}")
-    if requested == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if requested == "fp16" and device.type == "cpu":
-        raise ConfigError("fp16 needs a GPU; on the CPU use --precision fp32 or bf16")
-    return requested
-
-
 def autocast_context(device: torch.device, precision: str):
     """Autocast for bf16/fp16 on the model's device, or nothing for fp32."""
     if precision in ("bf16", "fp16"):
@@ -285,7 +262,7 @@ class Reader:
         else:
             self.device = check_device(device) if device is not None else best_device()
             model = model.to(self.device).eval()
-            self.precision = resolve_inference_precision(precision or self.config.precision, self.device)
+            self.precision = resolve_precision(precision or self.config.precision, self.device, training=False)
         self.model = model
 
     @classmethod
@@ -308,6 +285,15 @@ class Reader:
         from qatune.models import load_trained
 
         return cls(load_trained(model_dir), tokenizer, config, device, precision)
+
+    @classmethod
+    def live(cls, model, tokenizer, config: InferenceConfig, precision: str) -> Reader:
+        """A reader of a model while it trains (a learning-curve point): the model stays on its device and in its
+        mode (the forward passes switch to eval mode and back), at the training precision."""
+        reader = cls.__new__(cls)
+        reader.model, reader.tokenizer, reader.config = model, tokenizer, config
+        reader.device, reader.precision = next(model.parameters()).device, precision
+        return reader
 
     @property
     def is_onnx(self) -> bool:
@@ -351,7 +337,9 @@ class Reader:
                 spans = self.decode(data.examples, feats, start, end, True, 0, null_threshold=np.inf)
                 threshold = squad_v2(refs, spans.predictions, na_probs=spans.null_odds)["best_f1_thresh"]
             decoded = self.decode(data.examples, feats, start, end, True, null_threshold=threshold)
-            metrics = {**squad_v2(refs, decoded.predictions, na_probs=decoded.null_odds), "null_threshold": threshold}
+            metrics = squad_v2(refs, decoded.predictions, na_probs=decoded.null_odds)
+            # one key for exact match whatever the version (the official v2 script calls it "exact")
+            metrics = {"exact_match": metrics.pop("exact"), **metrics, "null_threshold": threshold}
         return {**metrics, "questions": len(data.examples), "windows": len(feats)}, decoded
 
     def answer_many(self, items: Sequence[tuple[str, str]], top_k: int = 1) -> list[list[dict]]:
@@ -374,20 +362,6 @@ class Reader:
 
     def answer(self, question: str, context: str, top_k: int = 1) -> list[dict]:
         return self.answer_many([(question, context)], top_k)[0]
-
-
-def evaluate(model, tokenizer, data: SquadData, max_seq_length: int = 384, doc_stride: int = 128,
-             batch_size: int = 64, precision: str = "fp32", n_best: int = 20, max_answer_length: int = 30,
-             null_threshold: float = 0.0, progress: bool = False, cache_dir: str | None = None) -> tuple[dict, Decoded]:
-    """Evaluate a model while it trains (a learning-curve point): ``Reader.evaluate`` with these settings, the model
-    left on its device and in its mode (the forward passes switch to eval mode and back)."""
-    reader = Reader.__new__(Reader)
-    reader.model, reader.tokenizer = model, tokenizer
-    reader.config = InferenceConfig(max_seq_length=max_seq_length, doc_stride=doc_stride, n_best=n_best,
-                                    max_answer_length=max_answer_length, null_threshold=null_threshold,
-                                    batch_size=batch_size, max_batch_tokens=batch_size * max_seq_length)
-    reader.device, reader.precision = next(model.parameters()).device, precision
-    return reader.evaluate(data, progress, cache_dir)
 
 
 def _null_first_if_predicted(candidates: list[dict], abstain: bool) -> list[dict]:

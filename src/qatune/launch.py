@@ -76,14 +76,6 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def read_progress(run_dir: Path) -> dict:
-    """A run's last progress report (written by the training loop every few seconds), or {}."""
-    try:
-        return json.loads((run_dir / "progress.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
 class LocalLauncher:
     """Worker processes on this machine, one fresh process per run (``python -m qatune.worker``)."""
 

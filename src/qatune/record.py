@@ -1,6 +1,7 @@
 """The run record: what one training run hands back (to the CLI, a study driver or a launcher), as `run.json`.
 
-Kept free of torch so a study driver can read and store records without loading a model stack.
+Free of torch (the ground floor: it imports nothing of qatune), so the study driver, the report and the command
+line read and store records without loading a model stack; the run directory around it is :mod:`qatune.rundir`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ class RunRecord:
     resolved: dict  # what the run decided: learning rate, precision, steps, attention implementation, ...
     seed: int
     data: dict  # sources, question and window counts
-    params: dict  # trainable_params, total_params, trainable_percent
+    params: dict  # trainable_params, total_params, trainable_percent; lora_min_width, lora_layers(_at_full_rank)
     metrics: dict  # the official SQuAD metric on the evaluation data ({} without evaluation)
-    timing: dict  # setup_s, train_s, eval_s, steps_run, resumed_from_step, windows/s, tokens/s
+    # setup_s, train_s, eval_s, steps_run, resumed_from_step, train_windows_per_s, train_tokens_per_s, train_flops,
+    # train_flop_per_s, process_cpu_s, device_s (GPU), others_cores, cores, curve_eval_s
+    timing: dict
     memory: dict  # peak_rss_mb, cuda_peak_mb on a GPU
     environment: dict  # library versions and hardware
     loss: dict = field(default_factory=dict)  # final (last logging window's mean) and curve [[step, mean]]

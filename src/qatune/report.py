@@ -17,327 +17,31 @@ What a reviewer needs to trust each sentence:
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import html
 import json
-import re
 from collections import defaultdict
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from qatune.errors import QatuneError
-from qatune.metrics import squad_v1_scores, squad_v2_scores
-from qatune.stats import Contrast, bootstrap_contrast, equality_test, holm, pareto_front
-from qatune.store import connect, latest_grid, rows
-
-CURVE_GAIN = 1.0  # F1 points: a run whose last learning-curve interval still raised F1 by more is "not converged"
-SPLIT_SEED = 0
-SELECTION_SHARE = 0.5  # of the evaluation questions, by a hash of their id, for choosing configurations
-N_TABLE = 2000  # bootstrap resamples for the per-configuration intervals (comparisons use N_BOOT)
-SLOW_FRACTION = 0.8  # a run below this share of its configuration's isolated FLOP/s is marked
-LOADED_CORES = 0.25  # other processes using this many cores on average while a run trained: "machine loaded"
-SHORT = {"lora_rank": "r", "learning_rate": "lr"}
-
-
-class ReportError(QatuneError, RuntimeError):
-    """A study directory that cannot be reported; the message says what is missing."""
-
-
-# ---------------------------------------------------------------------------------------------- configurations
-@dataclass
-class Config:
-    """The runs of one configuration (they differ only in their seeds)."""
-
-    id: str
-    arm: str
-    point: dict  # the grid point without the seed
-    volume: float  # training questions
-    runs: list[dict]
-    label: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def strategy(self) -> str:
-        return self.runs[0]["config"]["strategy"]
-
-    @property
-    def rank(self) -> int | None:
-        return self.runs[0]["config"]["lora_rank"] if self.strategy == "lora" else None
-
-
-def _volume(row: dict) -> float:
-    return float(row["costs"]["train_questions"])
-
-
-def _label(arm: str, point: dict) -> str:
-    parts = []
-    for k, v in point.items():
-        if k in ("seed", "train_questions"):
-            continue
-        parts.append(str(v) if k == "alpha_policy" else f"{SHORT.get(k, k)}={v}")
-    return " ".join([arm, *parts])
-
-
-def configurations(done: list[dict]) -> list[Config]:
-    """Group finished runs by configuration id; labels say what differs (made unique with the id if needed)."""
-    from qatune.study import config_id
-
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in done:
-        groups[config_id(r["config"])].append(r)
-    configs = []
-    for cid, rs in groups.items():
-        rs.sort(key=lambda r: r["config"]["seed"])
-        point = {k: v for k, v in rs[0]["point"].items() if k != "seed"}
-        configs.append(Config(cid, rs[0]["arm"], point, _volume(rs[0]), rs, _label(rs[0]["arm"], point)))
-    seen = defaultdict(list)
-    for c in configs:
-        seen[(c.label, c.volume)].append(c)
-    for same in seen.values():
-        if len(same) > 1:
-            for c in same:
-                c.label += f" [{c.id[:6]}]"
-    return sorted(configs, key=lambda c: (-c.volume, c.arm, c.label))
-
-
-# ---------------------------------------------------------------------------------------------- per question
-class Scores:
-    """Per-question (EM, F1) x 100 of every run, with the rules of its data's SQuAD version; loaded once."""
-
-    def __init__(self):
-        self._refs: dict[tuple, tuple[dict, str]] = {}
-        self._runs: dict[str, dict[str, tuple[float, float]]] = {}
-        self.version = "1.1"
-
-    def refs(self, cfg: dict) -> tuple[dict, str]:
-        from qatune.train import load_split
-
-        key = (cfg["eval_data"], cfg["eval_split"], cfg["eval_articles"], json.dumps(cfg["eval_questions"]),
-               cfg["seed"] if cfg["eval_questions"] is not None else None, cfg["repair_answers"])
-        if key not in self._refs:
-            data = load_split(cfg["eval_data"], cfg["eval_split"], cfg["eval_articles"], cfg["eval_questions"],
-                              cfg["seed"], cfg["repair_answers"])
-            self._refs[key] = (data.references(), data.version)
-        return self._refs[key]
-
-    def run(self, row: dict) -> dict[str, tuple[float, float]]:
-        if row["id"] not in self._runs:
-            path = Path(row["output_dir"]) / "predictions.json"
-            try:
-                preds = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise ReportError(f"{path}: the predictions of finished run {row['id']} cannot be read ({e}); "
-                                  f"rerun the study to train it again") from e
-            refs, version = self.refs(row["config"])
-            v2 = version.startswith("2")
-            self.version = version if v2 else self.version
-            raw = squad_v2_scores(refs, preds) if v2 else squad_v1_scores(refs, preds)
-            self._runs[row["id"]] = {q: (100 * em, 100 * f1) for q, (em, f1) in raw.items()}
-        return self._runs[row["id"]]
-
-    def questions(self, runs: list[dict]) -> list[str]:
-        """Questions scored in every one of ``runs`` (sorted)."""
-        common = None
-        for r in runs:
-            ids = set(self.run(r))
-            common = ids if common is None else common & ids
-        return sorted(common or ())
-
-    def matrix(self, config: Config, qids: list[str], metric: str) -> np.ndarray:
-        """(seeds, questions) scores of one configuration."""
-        k = 0 if metric == "em" else 1
-        return np.array([[self.run(r)[q][k] for q in qids] for r in config.runs])
-
-
-def selection_part(qid: str) -> bool:
-    """A fixed, seeded split: the question's share from a hash of its id, so it is the same in every run."""
-    h = int(hashlib.sha256(f"{SPLIT_SEED}:{qid}".encode()).hexdigest()[:8], 16) / 2**32
-    return h < SELECTION_SHARE
-
-
-# ---------------------------------------------------------------------------------------------- convergence
-def converged(curve: list[dict] | None) -> bool | None:
-    """False when the last learning-curve interval still raised F1 by more than CURVE_GAIN; None without a curve."""
-    if not curve or len(curve) < 2:
-        return None
-    return curve[-1]["f1"] - curve[-2]["f1"] <= CURVE_GAIN
-
-
-def _convergence(c: Config) -> str:
-    flags = [converged(r.get("curve")) for r in c.runs]
-    known = [f for f in flags if f is not None]
-    if not known:
-        return "—"
-    bad = sum(not f for f in known)
-    return "yes" if not bad else f"**no** ({bad}/{len(known)})"
-
-
-# ---------------------------------------------------------------------------------------------- costs
-def _shape(row: dict) -> tuple:
-    """What sets a run's speed (not its data volume or seed): runs of one shape should train at one FLOP/s."""
-    c = row["config"]
-    return (c["model"], c["strategy"], c.get("lora_rank") if c["strategy"] == "lora" else None, c["max_seq_length"],
-            c["batch_size"], row["costs"].get("precision"), c.get("pad_to_max_length"), c.get("compile"))
-
-
-def cost_marks(runs: list[dict]) -> dict[str, str]:
-    """Runs that trained markedly slower (counted FLOP/s) than their shape's runs that had the machine to
-    themselves, with the evidence recorded: other runs on the same device, or other load on the machine."""
-    by_shape: dict[tuple, list[dict]] = defaultdict(list)
-    for r in runs:
-        if r["costs"].get("train_flop_per_s"):
-            by_shape[_shape(r)].append(r)
-    marks = {}
-    for rs in by_shape.values():
-        alone = [r for r in rs if not r["costs"].get("shared_runs") and
-                 (r["costs"].get("others_cores") or 0) < LOADED_CORES]
-        reference = max(r["costs"]["train_flop_per_s"] for r in (alone or rs))
-        for r in rs:
-            c = r["costs"]
-            if c["train_flop_per_s"] >= SLOW_FRACTION * reference:
-                continue
-            why = []
-            if c.get("shared_runs"):
-                why.append(f"shared device with {c['shared_runs']} run(s)")
-            if (c.get("others_cores") or 0) >= LOADED_CORES:
-                why.append(f"machine loaded ({c['others_cores']:.1f} cores busy elsewhere)")
-            marks[r["id"]] = (", ".join(why) or "slower than its configuration alone") + \
-                f": {c['train_flop_per_s'] / reference:.0%} of the isolated rate"
-    return marks
-
-
-def _rank_notes(configs: list[Config]) -> None:
-    """Note the LoRA configurations whose rank reaches min(d_in, d_out) of adapted layers."""
-    from qatune.study import count_params, rank_note
-    from qatune.train import TrainConfig
-
-    for c in configs:
-        if c.strategy != "lora":
-            continue
-        cfg = {k: v for k, v in c.runs[0]["config"].items() if k in TrainConfig.__dataclass_fields__}
-        try:
-            note = rank_note(count_params(TrainConfig.from_dict(cfg)), c.rank)
-        except Exception:  # noqa: BLE001 - the model's config may not be reachable here; the note is optional
-            note = ""
-        if note:
-            c.notes.append("‡ " + note)
-
-
-# ---------------------------------------------------------------------------------------------- analysis
-@dataclass
-class Analysis:
-    covered: list[dict]
-    done: list[dict]
-    grid: dict | None
-    other_rows: int
-    configs: list[Config]
-    scores: Scores
-    intervals: dict[str, dict[str, Contrast]]  # config id -> em/f1
-    questions: list[str]
-    comparisons: list[dict]
-    rank_tests: list[dict]
-    interaction: dict | None
-    headline: tuple[str, str] | None
-    split: dict | None
-
-
-def _pair(cfgs: list[Config], qids: list[str], scores: Scores, choose: bool) -> Config:
-    """The configuration of an arm to compare: the only one, or the best on the selection questions."""
-    if len(cfgs) == 1 or not choose:
-        return cfgs[0]
-    return max(cfgs, key=lambda c: scores.matrix(c, qids, "f1").mean())
-
-
-def _contrast(cells: list[tuple[Config, float]], qids: list[str], scores: Scores, seed: int) -> dict[str, Contrast]:
-    return {m: bootstrap_contrast([scores.matrix(c, qids, m) for c, _ in cells], [w for _, w in cells], seed=seed)
-            for m in ("f1", "em")}
-
-
-def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
-    """Everything the report says, computed once: configurations, intervals, comparisons and tests."""
-    if not (study_dir / "study.sqlite").exists():
-        raise ReportError(f"{study_dir}: no study.sqlite here (run `qatune study FILE` first, or pass the "
-                          f"study's directory)")
-    db = connect(study_dir)
-    every = rows(db)
-    grid = latest_grid(db)
-    db.close()
-    for r in every:  # a finished run whose files were deleted is reported as such, not read
-        if r["status"] == "finished" and not (Path(r["output_dir"]) / "predictions.json").is_file():
-            r["status"], r["error"] = "finished, files missing", (
-                f"{r['output_dir']} has no predictions.json; `qatune study FILE` trains the run again")
-    if grid is not None and not all_runs:
-        wanted = set(grid["run_ids"])
-        covered = [r for r in every if r["id"] in wanted]
-    else:
-        covered = every
-    done = [r for r in covered if r["status"] == "finished" and r["metrics"]]
-    configs = configurations(done)
-    scores = Scores()
-    _rank_notes(configs)
-    intervals = {}
-    for c in configs:
-        qids = scores.questions(c.runs)
-        intervals[c.id] = {m: bootstrap_contrast([scores.matrix(c, qids, m)], [1.0], n_resamples=N_TABLE)
-                           for m in ("em", "f1")}
-    questions = scores.questions(done) if done else []
-    arms = list(dict.fromkeys(c.arm for c in configs))
-    headline = tuple(grid["headline"]) if grid and grid.get("headline") else (
-        tuple(arms[:2]) if len(arms) >= 2 else None)
-    comparisons, interaction, split = [], None, None
-    if headline and all(a in arms for a in headline) and questions:
-        by = defaultdict(list)
-        for c in configs:
-            by[(c.arm, c.volume)].append(c)
-        volumes = sorted(v for v in {c.volume for c in configs}
-                         if by.get((headline[0], v)) and by.get((headline[1], v)))
-        choose = any(len(by[(a, v)]) > 1 for a in headline for v in volumes)
-        selection = [q for q in questions if selection_part(q)] if choose else []
-        test = [q for q in questions if not selection_part(q)] if choose else questions
-        split = {"seed": SPLIT_SEED, "selection_share": SELECTION_SHARE, "selection": len(selection),
-                 "test": len(test), "chosen": choose, "selection_ids": selection, "test_ids": test}
-        pairs = {}
-        for v in volumes:
-            if not test:
-                break
-            a, b = (_pair(by[(arm, v)], selection, scores, choose) for arm in headline)
-            pairs[v] = (a, b)
-            comparisons.append({"volume": v, "a": a, "b": b, "candidates": [len(by[(arm, v)]) for arm in headline],
-                                **_contrast([(a, 1.0), (b, -1.0)], test, scores, seed=int(v))})
-        if len(pairs) >= 2:
-            lo, hi = min(pairs), max(pairs)
-            cells = [(pairs[hi][0], 1.0), (pairs[hi][1], -1.0), (pairs[lo][0], -1.0), (pairs[lo][1], 1.0)]
-            interaction = {"volumes": (lo, hi), "pairs": (pairs[lo], pairs[hi]),
-                           **_contrast(cells, test, scores, seed=1)}
-    rank_tests = _rank_tests(configs, questions, scores)
-    return Analysis(covered, done, grid, len(every) - len(covered), configs, scores, intervals, questions,
-                    comparisons, rank_tests, interaction, headline, split)
-
-
-def _rank_tests(configs: list[Config], qids: list[str], scores: Scores) -> list[dict]:
-    """Per LoRA arm, volume and everything else fixed: does rank change F1? One family, Holm-adjusted."""
-    groups: dict[tuple, dict[int, Config]] = defaultdict(dict)
-    for c in configs:
-        if c.strategy == "lora":
-            rest = tuple((k, v) for k, v in c.point.items() if k != "lora_rank")
-            groups[(c.arm, c.volume, rest)][c.rank] = c
-    tests = []
-    for (arm, volume, rest), by_rank in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], str(kv[0][2]))):
-        if len(by_rank) < 2 or not qids:
-            continue
-        ranks = sorted(by_rank)
-        cells = [scores.matrix(by_rank[r], qids, "f1") for r in ranks]
-        p, method = equality_test(cells)
-        tests.append({"arm": arm, "volume": volume, "fixed": dict(rest), "ranks": ranks,
-                      "configs": [by_rank[r].id for r in ranks], "f1": [float(c.mean()) for c in cells],
-                      "p": p, "method": method})
-    for t, adj in zip(tests, holm([t["p"] for t in tests])):
-        t["p_holm"] = adj
-    return tests
+from qatune.analysis import (
+    CURVE_GAIN,
+    SELECTION_SHARE,
+    SHORT,
+    SLOW_FRACTION,
+    SPLIT_SEED,
+    Analysis,
+    Config,
+    analyse,
+    config_label,
+    converged,
+    convergence_text,
+    cost_marks,
+    volume_of,
+)
+from qatune.figures import figures
+from qatune.render import to_html, to_markdown
+from qatune.stats import Contrast
 
 
 # ---------------------------------------------------------------------------------------------- text blocks
@@ -439,7 +143,7 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
     if missing:
         b.append(("p", "**Incomplete study** — these runs have no results yet, so every figure and statistic "
                        "below covers only the finished ones:"))
-        b.append(("ul", [f"`{r['id']}` {_label(r['arm'], r['point'])}, "
+        b.append(("ul", [f"`{r['id']}` {config_label(r['arm'], r['point'])}, "
                          f"{r['point'].get('train_questions', 'all')} training questions, seed {r['config']['seed']}: "
                          f"{r['status']}" + (f" ({r['error'].splitlines()[0]})" if r["error"] else "")
                          for r in missing]))
@@ -491,7 +195,7 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
             row += [f"{m['HasAns_f1']:.1f}" if "HasAns_f1" in m else "—", f"{m['NoAns_f1']:.1f}" if "NoAns_f1" in m
                     else "—", f"{m['best_f1']:.1f} ({m['best_f1_thresh']:.2f})" if "best_f1" in m else "—"]
         slowed = sum(r["id"] in marks for r in c.runs)
-        row += [_convergence(c), f"{c.runs[0]['costs']['trainable_percent']:.2f}", _pflop(c.runs),
+        row += [convergence_text(c), f"{c.runs[0]['costs']['trainable_percent']:.2f}", _pflop(c.runs),
                 f"{np.mean([r['costs']['train_s'] for r in c.runs]):.0f}" + (f" †{slowed}" if slowed else "")]
         body.append(row)
     b.append(("table", header, body))
@@ -526,10 +230,11 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
     b += [("h2", "Findings"), ("ul", _findings(a) or ["Not enough finished runs for a comparison yet."])]
     b += [("h2", "Figures")] + [("img", name) for name in figures]
     b += _cost_blocks(a.done, marks)
-    from qatune.cost import COST_HEADER, COST_INTRO, cost_figure, cost_rows, not_measured
+    from qatune.cost import COST_HEADER, COST_INTRO, cost_rows, not_measured
+    from qatune.figures import cost_figure
 
     def label(r: dict) -> str:
-        return _label(r["arm"], r["point"])
+        return config_label(r["arm"], r["point"])
 
     measured, failed = cost_rows(a.done, label), not_measured(a.done)
     if measured or failed:
@@ -566,7 +271,7 @@ def _cost_blocks(runs: list[dict], marks: dict[str, str]) -> list[tuple]:
     body = []
     for r in runs:
         c = r["costs"]
-        body.append([f"`{r['id']}`", _label(r["arm"], r["point"]), f"{int(_volume(r))}", str(r["config"]["seed"]),
+        body.append([f"`{r['id']}`", config_label(r["arm"], r["point"]), f"{int(volume_of(r))}", str(r["config"]["seed"]),
                      num(c.get("train_flops") and c["train_flops"] / 1e15, ".3f"), f"{c['train_s']:.0f}",
                      num(c.get("train_flop_per_s") and c["train_flop_per_s"] / 1e9, ".1f"),
                      num(c.get("process_cpu_s"), ".0f"), num(c.get("device_s"), ".1f"), num(c.get("others_cores"), ".2f"),
@@ -578,83 +283,6 @@ def _cost_blocks(runs: list[dict], marks: dict[str, str]) -> list[tuple]:
                   "evidence."),
             ("table", ["run", "configuration", "train q", "seed", "train PFLOP", "train s", "GFLOP/s", "CPU s",
                        "device s", "other load (cores)", "runs sharing its device", "mark"], body)]
-
-
-def to_markdown(blocks: list[tuple]) -> str:
-    out = []
-    for kind, *rest in blocks:
-        if kind == "h1":
-            out += [f"# {rest[0]}", ""]
-        elif kind == "h2":
-            out += [f"## {rest[0]}", ""]
-        elif kind == "p":
-            out += [rest[0], ""]
-        elif kind == "ul":
-            out += [f"- {item}" for item in rest[0]] + [""]
-        elif kind == "table":
-            header, body = rest
-            numeric = [all(_numeric(row[i]) for row in body) and body for i in range(len(header))]
-            out += ["| " + " | ".join(header) + " |",
-                    "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
-            out += ["| " + " | ".join(str(x) for x in row) + " |" for row in body] + [""]
-        elif kind == "img":
-            out += [f"![{rest[0]}]({rest[0]})", ""]
-    return "\n".join(out)
-
-
-def _numeric(text: str) -> bool:
-    return bool(re.fullmatch(r"[-+]?[\d,.]+( †\d+)?|n/a", str(text)))
-
-
-def _inline(text: str) -> str:
-    """Markdown's bold and code spans as HTML, everything else escaped."""
-    text = html.escape(str(text))
-    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
-
-CSS = """
-body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2430; margin: 0;
-       background: #f6f7f9; }
-main { max-width: 1240px; margin: 0 auto; padding: 24px 32px 48px; background: #fff; }
-h1 { font-size: 26px; margin: 8px 0 12px; } h2 { font-size: 19px; margin: 28px 0 8px; border-bottom: 1px solid #dde1e6;
-  padding-bottom: 4px; }
-table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; display: block; overflow-x: auto; }
-th, td { padding: 4px 8px; border-bottom: 1px solid #e5e8ec; text-align: left; white-space: nowrap; vertical-align: top; }
-th { background: #eef1f5; white-space: normal; vertical-align: bottom; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td:last-child { white-space: normal; min-width: 160px; } tr:hover td { background: #f8fafc; } code { font-size: 12px; background: #f0f2f5; padding: 1px 4px; border-radius: 3px; }
-figure { margin: 12px 0 24px; } figure img { max-width: 100%; border: 1px solid #e5e8ec; }
-figcaption { font-size: 12px; color: #5b6573; } ul { padding-left: 22px; } li { margin: 4px 0; }
-"""
-
-
-def to_html(blocks: list[tuple], figure_dir: Path) -> str:
-    """The report as one page: figures embedded as base64 PNG, so the file can be mailed or archived alone."""
-    title = next((rest[0] for kind, *rest in blocks if kind == "h1"), "Study report")
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body><main>"]
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2"):
-            out.append(f"<{kind}>{_inline(rest[0])}</{kind}>")
-        elif kind == "p":
-            out.append(f"<p>{_inline(rest[0])}</p>")
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in rest[0]) + "</ul>")
-        elif kind == "table":
-            header, body = rest
-            numeric = [all(_numeric(row[i]) for row in body) and bool(body) for i in range(len(header))]
-            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in header) + "</tr></thead><tbody>")
-            for row in body:
-                out.append("<tr>" + "".join(f'<td class="num">{_inline(x)}</td>' if n else f"<td>{_inline(x)}</td>"
-                                            for x, n in zip(row, numeric)) + "</tr>")
-            out.append("</tbody></table>")
-        elif kind == "img":
-            data = base64.b64encode((figure_dir / rest[0]).read_bytes()).decode()
-            out.append(f'<figure><img alt="{html.escape(rest[0])}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{html.escape(rest[0])}</figcaption></figure>")
-    out.append("</main></body></html>")
-    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------- JSON
@@ -698,8 +326,8 @@ def write_report(study_dir: str | Path, all_runs: bool = False) -> dict:
     study. Returns the JSON summary with the paths written."""
     study_dir = Path(study_dir)
     a = analyse(study_dir, all_runs)
-    figures = _figures(study_dir, a) if a.done else []
-    blocks = _blocks(a, study_dir, figures)
+    written = figures(study_dir, a) if a.done else []
+    blocks = _blocks(a, study_dir, written)
     md, page = study_dir / "report.md", study_dir / "report.html"
     _write(md, to_markdown(blocks))
     _write(page, to_html(blocks, study_dir))
@@ -709,7 +337,7 @@ def write_report(study_dir: str | Path, all_runs: bool = False) -> dict:
                                                        "test": a.split["test_ids"]}, indent=1))
     else:  # nothing was chosen: a split from an earlier report would describe nothing here
         (study_dir / "split.json").unlink(missing_ok=True)
-    return {"report": str(md), "html": str(page), "figures": figures, **summary(a)}
+    return {"report": str(md), "html": str(page), "figures": written, **summary(a)}
 
 
 def _write(path: Path, text: str) -> None:
@@ -718,124 +346,3 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-# ---------------------------------------------------------------------------------------------- figures
-def _save(fig, study_dir: Path, name: str) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(study_dir / name, dpi=110)
-    plt.close(fig)
-    return name
-
-
-def _figures(study_dir: Path, a: Analysis) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    top = max(c.volume for c in a.configs)
-    err = lambda iv: [[iv.estimate - iv.ci_low], [iv.ci_high - iv.estimate]]  # noqa: E731
-
-    # F1/EM vs LoRA rank at the largest volume, one line per arm and setting; full fine-tuning as a band
-    lines = defaultdict(list)
-    for c in a.configs:
-        if c.volume == top and c.strategy == "lora":
-            rest = " ".join(str(v) for k, v in c.point.items() if k not in ("lora_rank", "train_questions"))
-            lines[f"{c.arm} {rest}".strip()].append(c)
-    if lines:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for ax, metric, title in [(axes[0], "f1", "F1"), (axes[1], "em", "Exact match")]:
-            for c in a.configs:
-                if c.volume == top and c.strategy == "full":
-                    iv = a.intervals[c.id][metric]
-                    ax.axhspan(iv.ci_low, iv.ci_high, alpha=0.15, color="grey")
-                    ax.axhline(iv.estimate, color="grey", linestyle="--", label=f"{c.label} (full FT)")
-            for name, cs in sorted(lines.items()):
-                cs.sort(key=lambda c: c.rank)
-                ivs = [a.intervals[c.id][metric] for c in cs]
-                ax.errorbar([c.rank for c in cs], [iv.estimate for iv in ivs],
-                            yerr=np.hstack([err(iv) for iv in ivs]), marker="o", capsize=3, label=name)
-            ax.set_xscale("log", base=2)
-            ranks = sorted({c.rank for cs in lines.values() for c in cs})
-            ax.set_xticks(ranks, [str(r) for r in ranks])
-            ax.minorticks_off()
-            ax.set_xlabel("LoRA rank")
-            ax.set_ylabel(title)
-            ax.set_title(f"{title} vs LoRA rank ({int(top)} questions, 95% intervals)")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        names.append(_save(fig, study_dir, "rank_sweep.png"))
-
-    # F1 vs training-data volume per configuration (label without the volume)
-    by_label = defaultdict(list)
-    for c in a.configs:
-        by_label[c.label].append(c)
-    if any(len(cs) > 1 for cs in by_label.values()):
-        fig, ax = plt.subplots(figsize=(8, 4.4))
-        for label, cs in sorted(by_label.items()):
-            cs.sort(key=lambda c: c.volume)
-            ivs = [a.intervals[c.id]["f1"] for c in cs]
-            ax.errorbar([c.volume for c in cs], [iv.estimate for iv in ivs], yerr=np.hstack([err(iv) for iv in ivs]),
-                        marker="o", capsize=3, label=label)
-        ax.set_xscale("log")
-        volumes = sorted({c.volume for c in a.configs})
-        ax.set_xticks(volumes, [f"{int(v):,}" for v in volumes])
-        ax.minorticks_off()
-        ax.set_xlabel("training questions")
-        ax.set_ylabel("F1")
-        ax.set_title("F1 vs training-data volume (95% intervals)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        names.append(_save(fig, study_dir, "data_volume.png"))
-
-    # Learning curves: F1 vs training windows for the headline configurations (each seed a line)
-    shown = {id(c): c for comp in a.comparisons for c in (comp["a"], comp["b"])} or \
-        {id(c): c for c in a.configs if c.volume == top}
-    curved = [c for c in shown.values() if any(r.get("curve") for r in c.runs)]
-    if curved:
-        fig, ax = plt.subplots(figsize=(8, 4.4))
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for k, c in enumerate(sorted(curved, key=lambda c: (c.volume, c.label))):
-            for j, r in enumerate(c.runs):
-                pts = r.get("curve") or []
-                if pts:
-                    flag = "" if converged(pts) is not False else " (not converged)"
-                    ax.plot([p["windows"] for p in pts], [p["f1"] for p in pts], marker=".",
-                            color=colors[k % len(colors)], alpha=0.9 if j == 0 else 0.5,
-                            label=f"{c.label}, {int(c.volume)} q{flag}" if j == 0 else None)
-        ax.set_xlabel("training windows seen")
-        ax.set_ylabel("F1 (learning-curve questions)")
-        ax.set_title("Learning curves of the headline configurations")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        names.append(_save(fig, study_dir, "learning_curves.png"))
-
-    # Pareto: F1 vs trainable parameters and vs training compute (counted FLOPs; wall time for older runs)
-    at_top = [c for c in a.configs if c.volume == top]
-    counted = all(r["costs"].get("train_flops") for c in at_top for r in c.runs)
-    cost_key, cost_label = (("train_flops", "training compute (counted PFLOP)") if counted
-                            else ("train_s", "training wall time (s)"))
-    scale = 1e15 if counted else 1.0
-    pts = [(c.label, a.intervals[c.id]["f1"].estimate, np.mean([r["costs"]["trainable_params"] for r in c.runs]),
-            np.mean([r["costs"][cost_key] for r in c.runs]) / scale) for c in at_top]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, k, xlabel in [(axes[0], 2, "trainable parameters"), (axes[1], 3, cost_label)]:
-        xs = np.array([p[k] for p in pts])
-        ys = np.array([p[1] for p in pts])
-        ax.scatter(xs, ys)
-        for p in pts:
-            ax.annotate(p[0], (p[k], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front = pareto_front(list(xs), list(ys))
-        ax.plot(xs[front], ys[front], "r--", label="Pareto front")
-        ax.set_xscale("log")
-        ax.margins(x=0.3, y=0.1)  # room for the labels of the outermost points
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("F1")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_title(f"F1 vs trainable parameters ({int(top)} questions)")
-    axes[1].set_title(f"F1 vs {cost_label.split(' (')[0]}")
-    names.append(_save(fig, study_dir, "pareto.png"))
-    return names

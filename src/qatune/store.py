@@ -104,6 +104,14 @@ class StoreError(QatuneError, RuntimeError):
     """A study database that cannot be used; the message names the file and what to do."""
 
 
+DB_FILE = "study.sqlite"
+
+
+def exists(directory: Path) -> bool:
+    """Whether ``directory`` holds a study database (a look at a study must not create one)."""
+    return (Path(directory) / DB_FILE).exists()
+
+
 def connect(directory: Path, wait_s: float = 60.0) -> sqlite3.Connection:
     """Open (or create) the study database. Several drivers may open it at once: a lock held by another one
     is waited for; a file that is not a usable database is refused with what to do."""
@@ -112,7 +120,7 @@ def connect(directory: Path, wait_s: float = 60.0) -> sqlite3.Connection:
     except OSError as e:
         raise StoreError(f"cannot create the study directory {directory} ({e.strerror or e}); give a directory you "
                          f"can write to (--dir)") from e
-    path = directory / "study.sqlite"
+    path = directory / DB_FILE
     deadline = time.time() + wait_s
     while True:
         try:
@@ -245,7 +253,7 @@ def restore(db: sqlite3.Connection, rid: str, metrics: dict, costs: dict, curve:
 
 def set_aside(directory: Path) -> Path | None:
     """Move a damaged study.sqlite (with its WAL files) aside; returns its new name."""
-    path = directory / "study.sqlite"
+    path = directory / DB_FILE
     if not path.exists():
         return None
     aside = path.with_name(f"study.sqlite.damaged-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -23,10 +23,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from qatune import store
+from qatune.config import TrainConfig
+from qatune.config import config_hash as run_id
 from qatune.errors import QatuneError, unreadable
+from qatune.rundir import RunDir
 from qatune.tracking import StudyTracker
-from qatune.train import TrainConfig
-from qatune.train import config_hash as run_id
 
 LORA_ONLY = ("lora_rank", "alpha_policy", "lora_alpha", "lora_dropout", "lora_targets")
 
@@ -179,7 +180,7 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
     many) may work on one study at once. A failed or lost attempt is retried up to ``max_attempts`` (the
     run resumes from its checkpoint); a failure is recorded with its error. Returns run counts by status.
     """
-    from qatune.launch import LocalLauncher, read_progress
+    from qatune.launch import LocalLauncher
 
     launcher = launcher or LocalLauncher(workers=1)
     say = (lambda text: print(text, flush=True)) if progress else (lambda text: None)
@@ -246,7 +247,7 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
             for rid, slot in active.items():
                 others = sum(launcher.shares_device(slot, s) for r, s in active.items() if r != rid)
                 shared[rid] = max(shared.get(rid, 0), others)
-            reports = {rid: read_progress(Path(by_id[rid].config.output_dir)) for rid in active}
+            reports = {rid: RunDir(by_id[rid].config.output_dir).read_progress() for rid in active}
             store.renew(db, owner, lease_s, {rid: {"step": p.get("step"), "total_steps": p.get("total_steps"),
                                                    "worker": _where(active[rid], p)}
                                              for rid, p in reports.items()})
@@ -284,13 +285,11 @@ def run_study(study: Study, launcher=None, max_attempts: int = 3, retry_failed: 
 def untrusted_finished(db, study: Study) -> dict[str, str]:
     """Finished runs of this study whose run directory no longer holds what the report needs (deleted,
     damaged, or another configuration's files), with the reason."""
-    from qatune.train import finished_record
-
     out = {}
     by_id = {r.id: r for r in study.runs}
     for row in store.rows(db, by_id):
         if row["status"] == "finished":
-            record, why = finished_record(Path(row["output_dir"]), by_id[row["id"]].config)
+            record, why = RunDir(row["output_dir"]).finished_record(by_id[row["id"]].config)
             if record is None:
                 out[row["id"]] = why if Path(row["output_dir"]).is_dir() else "its run directory is gone"
     return out
@@ -299,20 +298,18 @@ def untrusted_finished(db, study: Study) -> dict[str, str]:
 def rebuild_store(study: Study) -> dict[str, int]:
     """A new study.sqlite from the run directories (the damaged one is moved aside): each run whose directory
     holds its finished record is finished, every other run is pending (it resumes from its checkpoints)."""
-    from qatune.train import finished_record
-
     aside = store.set_aside(study.directory)
     db = store.connect(study.directory)
     store.register(db, study.runs)
     store.register_grid(db, study.name, str(study.path), study.headline, [r.id for r in study.runs])
     counts = {"finished": 0, "pending": 0}
     for run in study.runs:
-        out = Path(run.config.output_dir)
-        record, _ = finished_record(out, run.config)
+        run_dir = RunDir(run.config.output_dir)
+        record, _ = run_dir.finished_record(run.config)
         if record is None:
             counts["pending"] += 1
             continue
-        store.restore(db, run.id, record.metrics, record.costs(), record.curve, (out / "run.json").stat().st_mtime)
+        store.restore(db, run.id, record.metrics, record.costs(), record.curve, run_dir.record.stat().st_mtime)
         counts["finished"] += 1
     db.close()
     return {**counts, "set_aside": str(aside) if aside else None}
@@ -374,30 +371,13 @@ def project(study: Study, slots: int, threads: int | None, runs_per_device: int 
 
 
 def count_params(cfg: TrainConfig) -> dict:
-    return dict(_count_params(cfg.model, cfg.strategy, cfg.lora_rank, cfg.lora_alpha, cfg.alpha_policy,
-                              tuple(cfg.lora_targets or ())))
+    """Parameter counts of a run's model (from its config, no weights) and how far its LoRA rank reaches."""
+    from qatune.models import lora_widths, meta_model_of, parameter_counts
 
-
-@functools.lru_cache(maxsize=256)
-def _count_params(model_name: str, strategy: str, rank: int, alpha: float, policy: str, targets: tuple) -> dict:
-    from qatune.calibrate import model_from_config
-    from qatune.models import LoraSettings, parameter_counts
-
-    model = model_from_config(model_name, strategy, LoraSettings(rank, alpha, 0.0, policy, list(targets) or None),
-                              meta=True)
+    model = meta_model_of(cfg)
     counts = parameter_counts(model)
     emb = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
-    return {**counts, "dense_params": counts["total_params"] - emb, **_lora_widths(model, rank)}
-
-
-def _lora_widths(model, rank: int) -> dict:
-    """The narrowest adapted layer, min(d_in, d_out), and how many adapted layers the rank reaches: there a
-    larger rank cannot raise the rank of the weight update any further."""
-    from peft.tuners.lora import LoraLayer
-
-    widths = [min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, LoraLayer)]
-    return {"lora_min_width": min(widths) if widths else None, "lora_layers": len(widths),
-            "lora_layers_at_full_rank": sum(rank >= w for w in widths)}
+    return {**counts, "dense_params": counts["total_params"] - emb, **lora_widths(model, cfg.lora_rank)}
 
 
 def rank_note(widths: dict, rank: int) -> str:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from qatune.config import REPORT_TO
 from qatune.errors import QatuneError
 
-REPORT_TO = ("none", "tensorboard", "mlflow")
 BATCH = 500  # metrics per MLflow log_batch call (its limit is 1000)
 
 
@@ -49,9 +49,9 @@ def _import_mlflow():
 
 
 def tensorboard_writer(report_to: str, out: Path):
-    """A SummaryWriter in ``out/tensorboard`` when the run reports there, else None."""
+    """A SummaryWriter writing to the directory ``out`` when the run reports there, else None."""
     check(report_to)
-    return _import_tensorboard()(str(out / "tensorboard")) if report_to == "tensorboard" else None
+    return _import_tensorboard()(str(out)) if report_to == "tensorboard" else None
 
 
 def tracking_uri(directory: Path) -> str:

@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 from qatune.record import write_json_atomic
+from qatune.rundir import RunDir
 
 OUTCOME = "outcome.json"
 
@@ -31,7 +32,7 @@ OUTCOME = "outcome.json"
 def run_lock(run_dir: Path):
     """Hold an exclusive lock on ``run_dir/.lock`` (waits for an earlier holder of the same run to exit)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as f:
+    with open(RunDir(run_dir).lock, "a+") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -46,7 +47,9 @@ def execute(config: dict, threads: int | None = None) -> dict:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
-    from qatune.train import Interrupted, TrainConfig, train
+    from qatune.config import TrainConfig
+    from qatune.errors import Interrupted
+    from qatune.train import train
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,0 +1,329 @@
+"""A study's results analysed once: configurations, per-question scores, intervals, the headline comparison and the
+tests the report states (see :mod:`qatune.report` for what a reviewer needs to trust each sentence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qatune.errors import QatuneError
+from qatune.metrics import squad_v1_scores, squad_v2_scores
+from qatune.rundir import PREDICTIONS, RunDir
+from qatune.stats import Contrast, bootstrap_contrast, equality_test, holm
+from qatune.store import connect, latest_grid, rows
+from qatune.store import exists as store_exists
+
+CURVE_GAIN = 1.0  # F1 points: a run whose last learning-curve interval still raised F1 by more is "not converged"
+SPLIT_SEED = 0
+SELECTION_SHARE = 0.5  # of the evaluation questions, by a hash of their id, for choosing configurations
+N_TABLE = 2000  # bootstrap resamples for the per-configuration intervals (comparisons use N_BOOT)
+SLOW_FRACTION = 0.8  # a run below this share of its configuration's isolated FLOP/s is marked
+LOADED_CORES = 0.25  # other processes using this many cores on average while a run trained: "machine loaded"
+SHORT = {"lora_rank": "r", "learning_rate": "lr"}
+
+
+class ReportError(QatuneError, RuntimeError):
+    """A study directory that cannot be reported; the message says what is missing."""
+
+
+# ---------------------------------------------------------------------------------------------- configurations
+@dataclass
+class Config:
+    """The runs of one configuration (they differ only in their seeds)."""
+
+    id: str
+    arm: str
+    point: dict  # the grid point without the seed
+    volume: float  # training questions
+    runs: list[dict]
+    label: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def strategy(self) -> str:
+        return self.runs[0]["config"]["strategy"]
+
+    @property
+    def rank(self) -> int | None:
+        return self.runs[0]["config"]["lora_rank"] if self.strategy == "lora" else None
+
+
+def volume_of(row: dict) -> float:
+    return float(row["costs"]["train_questions"])
+
+
+def config_label(arm: str, point: dict) -> str:
+    parts = []
+    for k, v in point.items():
+        if k in ("seed", "train_questions"):
+            continue
+        parts.append(str(v) if k == "alpha_policy" else f"{SHORT.get(k, k)}={v}")
+    return " ".join([arm, *parts])
+
+
+def configurations(done: list[dict]) -> list[Config]:
+    """Group finished runs by configuration id; labels say what differs (made unique with the id if needed)."""
+    from qatune.study import config_id
+
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in done:
+        groups[config_id(r["config"])].append(r)
+    configs = []
+    for cid, rs in groups.items():
+        rs.sort(key=lambda r: r["config"]["seed"])
+        point = {k: v for k, v in rs[0]["point"].items() if k != "seed"}
+        configs.append(Config(cid, rs[0]["arm"], point, volume_of(rs[0]), rs, config_label(rs[0]["arm"], point)))
+    seen = defaultdict(list)
+    for c in configs:
+        seen[(c.label, c.volume)].append(c)
+    for same in seen.values():
+        if len(same) > 1:
+            for c in same:
+                c.label += f" [{c.id[:6]}]"
+    return sorted(configs, key=lambda c: (-c.volume, c.arm, c.label))
+
+
+# ---------------------------------------------------------------------------------------------- per question
+class Scores:
+    """Per-question (EM, F1) x 100 of every run, with the rules of its data's SQuAD version; loaded once."""
+
+    def __init__(self):
+        self._refs: dict[tuple, tuple[dict, str]] = {}
+        self._runs: dict[str, dict[str, tuple[float, float]]] = {}
+        self.version = "1.1"
+
+    def refs(self, cfg: dict) -> tuple[dict, str]:
+        from qatune.data import load_role
+
+        key = (cfg["eval_data"], cfg["eval_split"], cfg["eval_articles"], json.dumps(cfg["eval_questions"]),
+               cfg["seed"] if cfg["eval_questions"] is not None else None, cfg["repair_answers"])
+        if key not in self._refs:
+            data = load_role(cfg, "eval")
+            self._refs[key] = (data.references(), data.version)
+        return self._refs[key]
+
+    def run(self, row: dict) -> dict[str, tuple[float, float]]:
+        if row["id"] not in self._runs:
+            path = RunDir(row["output_dir"]).predictions
+            try:
+                preds = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ReportError(f"{path}: the predictions of finished run {row['id']} cannot be read ({e}); "
+                                  f"rerun the study to train it again") from e
+            refs, version = self.refs(row["config"])
+            v2 = version.startswith("2")
+            self.version = version if v2 else self.version
+            raw = squad_v2_scores(refs, preds) if v2 else squad_v1_scores(refs, preds)
+            self._runs[row["id"]] = {q: (100 * em, 100 * f1) for q, (em, f1) in raw.items()}
+        return self._runs[row["id"]]
+
+    def questions(self, runs: list[dict]) -> list[str]:
+        """Questions scored in every one of ``runs`` (sorted)."""
+        common = None
+        for r in runs:
+            ids = set(self.run(r))
+            common = ids if common is None else common & ids
+        return sorted(common or ())
+
+    def matrix(self, config: Config, qids: list[str], metric: str) -> np.ndarray:
+        """(seeds, questions) scores of one configuration."""
+        k = 0 if metric == "em" else 1
+        return np.array([[self.run(r)[q][k] for q in qids] for r in config.runs])
+
+
+def selection_part(qid: str) -> bool:
+    """A fixed, seeded split: the question's share from a hash of its id, so it is the same in every run."""
+    h = int(hashlib.sha256(f"{SPLIT_SEED}:{qid}".encode()).hexdigest()[:8], 16) / 2**32
+    return h < SELECTION_SHARE
+
+
+# ---------------------------------------------------------------------------------------------- convergence
+def converged(curve: list[dict] | None) -> bool | None:
+    """False when the last learning-curve interval still raised F1 by more than CURVE_GAIN; None without a curve."""
+    if not curve or len(curve) < 2:
+        return None
+    return curve[-1]["f1"] - curve[-2]["f1"] <= CURVE_GAIN
+
+
+def convergence_text(c: Config) -> str:
+    flags = [converged(r.get("curve")) for r in c.runs]
+    known = [f for f in flags if f is not None]
+    if not known:
+        return "—"
+    bad = sum(not f for f in known)
+    return "yes" if not bad else f"**no** ({bad}/{len(known)})"
+
+
+# ---------------------------------------------------------------------------------------------- costs
+def _shape(row: dict) -> tuple:
+    """What sets a run's speed (not its data volume or seed): runs of one shape should train at one FLOP/s."""
+    c = row["config"]
+    return (c["model"], c["strategy"], c.get("lora_rank") if c["strategy"] == "lora" else None, c["max_seq_length"],
+            c["batch_size"], row["costs"].get("precision"), c.get("pad_to_max_length"), c.get("compile"))
+
+
+def cost_marks(runs: list[dict]) -> dict[str, str]:
+    """Runs that trained markedly slower (counted FLOP/s) than their shape's runs that had the machine to
+    themselves, with the evidence recorded: other runs on the same device, or other load on the machine."""
+    by_shape: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        if r["costs"].get("train_flop_per_s"):
+            by_shape[_shape(r)].append(r)
+    marks = {}
+    for rs in by_shape.values():
+        alone = [r for r in rs if not r["costs"].get("shared_runs") and
+                 (r["costs"].get("others_cores") or 0) < LOADED_CORES]
+        reference = max(r["costs"]["train_flop_per_s"] for r in (alone or rs))
+        for r in rs:
+            c = r["costs"]
+            if c["train_flop_per_s"] >= SLOW_FRACTION * reference:
+                continue
+            why = []
+            if c.get("shared_runs"):
+                why.append(f"shared device with {c['shared_runs']} run(s)")
+            if (c.get("others_cores") or 0) >= LOADED_CORES:
+                why.append(f"machine loaded ({c['others_cores']:.1f} cores busy elsewhere)")
+            marks[r["id"]] = (", ".join(why) or "slower than its configuration alone") + \
+                f": {c['train_flop_per_s'] / reference:.0%} of the isolated rate"
+    return marks
+
+
+def _rank_notes(configs: list[Config]) -> None:
+    """Note the LoRA configurations whose rank reaches min(d_in, d_out) of adapted layers."""
+    from qatune.config import TrainConfig
+    from qatune.study import count_params, rank_note
+
+    for c in configs:
+        if c.strategy != "lora":
+            continue
+        widths = c.runs[0]["costs"]  # recorded by the run (its params); runs of older versions: from the config
+        if "lora_layers" not in widths:
+            cfg = {k: v for k, v in c.runs[0]["config"].items() if k in TrainConfig.__dataclass_fields__}
+            try:
+                widths = count_params(TrainConfig.from_dict(cfg))
+            except Exception:  # noqa: BLE001 - the model's config may not be reachable here; the note is optional
+                widths = {}
+        note = rank_note(widths, c.rank)
+        if note:
+            c.notes.append("‡ " + note)
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+@dataclass
+class Analysis:
+    covered: list[dict]
+    done: list[dict]
+    grid: dict | None
+    other_rows: int
+    configs: list[Config]
+    scores: Scores
+    intervals: dict[str, dict[str, Contrast]]  # config id -> em/f1
+    questions: list[str]
+    comparisons: list[dict]
+    rank_tests: list[dict]
+    interaction: dict | None
+    headline: tuple[str, str] | None
+    split: dict | None
+
+
+def _pair(cfgs: list[Config], qids: list[str], scores: Scores, choose: bool) -> Config:
+    """The configuration of an arm to compare: the only one, or the best on the selection questions."""
+    if len(cfgs) == 1 or not choose:
+        return cfgs[0]
+    return max(cfgs, key=lambda c: scores.matrix(c, qids, "f1").mean())
+
+
+def _contrast(cells: list[tuple[Config, float]], qids: list[str], scores: Scores, seed: int) -> dict[str, Contrast]:
+    return {m: bootstrap_contrast([scores.matrix(c, qids, m) for c, _ in cells], [w for _, w in cells], seed=seed)
+            for m in ("f1", "em")}
+
+
+def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
+    """Everything the report says, computed once: configurations, intervals, comparisons and tests."""
+    if not store_exists(study_dir):
+        raise ReportError(f"{study_dir}: no study.sqlite here (run `qatune study FILE` first, or pass the "
+                          f"study's directory)")
+    db = connect(study_dir)
+    every = rows(db)
+    grid = latest_grid(db)
+    db.close()
+    for r in every:  # a finished run whose files were deleted is reported as such, not read
+        if r["status"] == "finished" and not RunDir(r["output_dir"]).predictions.is_file():
+            r["status"], r["error"] = "finished, files missing", (
+                f"{r['output_dir']} has no {PREDICTIONS}; `qatune study FILE` trains the run again")
+    if grid is not None and not all_runs:
+        wanted = set(grid["run_ids"])
+        covered = [r for r in every if r["id"] in wanted]
+    else:
+        covered = every
+    done = [r for r in covered if r["status"] == "finished" and r["metrics"]]
+    configs = configurations(done)
+    scores = Scores()
+    _rank_notes(configs)
+    intervals = {}
+    for c in configs:
+        qids = scores.questions(c.runs)
+        intervals[c.id] = {m: bootstrap_contrast([scores.matrix(c, qids, m)], [1.0], n_resamples=N_TABLE)
+                           for m in ("em", "f1")}
+    questions = scores.questions(done) if done else []
+    arms = list(dict.fromkeys(c.arm for c in configs))
+    headline = tuple(grid["headline"]) if grid and grid.get("headline") else (
+        tuple(arms[:2]) if len(arms) >= 2 else None)
+    comparisons, interaction, split = [], None, None
+    if headline and all(a in arms for a in headline) and questions:
+        by = defaultdict(list)
+        for c in configs:
+            by[(c.arm, c.volume)].append(c)
+        volumes = sorted(v for v in {c.volume for c in configs}
+                         if by.get((headline[0], v)) and by.get((headline[1], v)))
+        choose = any(len(by[(a, v)]) > 1 for a in headline for v in volumes)
+        selection = [q for q in questions if selection_part(q)] if choose else []
+        test = [q for q in questions if not selection_part(q)] if choose else questions
+        split = {"seed": SPLIT_SEED, "selection_share": SELECTION_SHARE, "selection": len(selection),
+                 "test": len(test), "chosen": choose, "selection_ids": selection, "test_ids": test}
+        pairs = {}
+        for v in volumes:
+            if not test:
+                break
+            a, b = (_pair(by[(arm, v)], selection, scores, choose) for arm in headline)
+            pairs[v] = (a, b)
+            comparisons.append({"volume": v, "a": a, "b": b, "candidates": [len(by[(arm, v)]) for arm in headline],
+                                **_contrast([(a, 1.0), (b, -1.0)], test, scores, seed=int(v))})
+        if len(pairs) >= 2:
+            lo, hi = min(pairs), max(pairs)
+            cells = [(pairs[hi][0], 1.0), (pairs[hi][1], -1.0), (pairs[lo][0], -1.0), (pairs[lo][1], 1.0)]
+            interaction = {"volumes": (lo, hi), "pairs": (pairs[lo], pairs[hi]),
+                           **_contrast(cells, test, scores, seed=1)}
+    rank_tests = _rank_tests(configs, questions, scores)
+    return Analysis(covered, done, grid, len(every) - len(covered), configs, scores, intervals, questions,
+                    comparisons, rank_tests, interaction, headline, split)
+
+
+def _rank_tests(configs: list[Config], qids: list[str], scores: Scores) -> list[dict]:
+    """Per LoRA arm, volume and everything else fixed: does rank change F1? One family, Holm-adjusted."""
+    groups: dict[tuple, dict[int, Config]] = defaultdict(dict)
+    for c in configs:
+        if c.strategy == "lora":
+            rest = tuple((k, v) for k, v in c.point.items() if k != "lora_rank")
+            groups[(c.arm, c.volume, rest)][c.rank] = c
+    tests = []
+    for (arm, volume, rest), by_rank in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], str(kv[0][2]))):
+        if len(by_rank) < 2 or not qids:
+            continue
+        ranks = sorted(by_rank)
+        cells = [scores.matrix(by_rank[r], qids, "f1") for r in ranks]
+        p, method = equality_test(cells)
+        tests.append({"arm": arm, "volume": volume, "fixed": dict(rest), "ranks": ranks,
+                      "configs": [by_rank[r].id for r in ranks], "f1": [float(c.mean()) for c in cells],
+                      "p": p, "method": method})
+    for t, adj in zip(tests, holm([t["p"] for t in tests])):
+        t["p_holm"] = adj
+    return tests
+
+

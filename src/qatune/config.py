@@ -1,0 +1,221 @@
+"""A training run's configuration: the options, their checks, and the run's identity.
+
+Free of torch, so the study driver, the report and the command line can read and compare configurations without
+loading a model stack. ``TrainConfig`` is checked whenever it is built (command line, ``--config`` TOML, study
+files, Python): a bad value is refused before any data or weights load, naming the option, the value and what is
+allowed. ``config_hash`` is what a run *is* (a study's run id); ``config_differences`` is what ``--resume`` refuses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from qatune.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REPORT_TO = ("none", "tensorboard", "mlflow")
+STRATEGIES = ("full", "lora")
+ALPHA_POLICIES = ("fixed", "proportional", "rslora")
+MIN_SEQ_LENGTH = 32  # room for [CLS] question [SEP] some context [SEP]
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (what `run.json` records and a study varies)."""
+
+    model: str = _f("minilm-l6", "hub id, local directory or alias (minilm-l6)")
+    strategy: str = _f("full", "full | lora")
+    lora_rank: int = _f(32, "LoRA rank r")
+    lora_alpha: float = _f(32.0, "LoRA alpha (ignored by the proportional policy, which uses 2r)")
+    alpha_policy: str = _f("fixed", "fixed (alpha/r) | proportional (alpha=2r) | rslora (alpha/sqrt(r))")
+    lora_dropout: float = _f(0.1, "dropout on the LoRA input")
+    lora_targets: list[str] | None = _f(None, "module-name suffixes to adapt (default: per architecture)")
+    train_data: str = _f("", "SQuAD JSON file or datasets id[:split]")
+    train_split: str = _f("train", "split when train_data is a datasets id")
+    train_articles: str | None = _f(None, "1-based article ranges in file order, e.g. 1-36")
+    train_questions: int | float | None = _f(None, "question count (int) or fraction (float) drawn with the seed")
+    eval_data: str | None = _f(None, "SQuAD JSON file or datasets id[:split]; none skips evaluation")
+    eval_split: str = _f("validation", "split when eval_data is a datasets id")
+    eval_articles: str | None = _f(None, "1-based article ranges, e.g. 37-48")
+    eval_questions: int | float | None = _f(None, "question count or fraction drawn with the seed")
+    repair_answers: bool = _f(False, "move answers not found at answer_start to the nearest occurrence")
+    output_dir: str = _f("runs/qatune", "where checkpoints, the model and results go")
+    max_seq_length: int = _f(384, "tokens per window")
+    doc_stride: int = _f(128, "overlap between windows, in tokens")
+    epochs: float = _f(2.0, "passes over the training windows (ignored when max_steps > 0)")
+    max_steps: int = _f(0, "optimizer steps; 0 means use epochs")
+    learning_rate: float | None = _f(None, "peak learning rate (default 1e-4 full, 5e-4 lora)")
+    warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not on biases and LayerNorm)")
+    batch_size: int = _f(32, "windows per batch per process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    eval_batch_size: int = _f(64, "windows per evaluation batch")
+    seed: int = _f(42, "seed for data subsets, order, initialisation and dropout")
+    precision: str = _f("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware has it)")
+    pad_to_max_length: bool = _f(False, "pad every batch to max_seq_length (for comparisons)")
+    group_by_length: bool = _f(True, "batch windows of similar length together")
+    save_steps: int = _f(200, "checkpoint every N optimizer steps (and at the end)")
+    keep_checkpoints: int = _f(1, "how many recent checkpoints to keep")
+    logging_steps: int = _f(10, "log loss every N steps")
+    eval_steps: int = _f(0, "learning curve: F1 on eval_subset every N optimizer steps and at the end (0: off)")
+    eval_subset: int | None = _f(500, "learning-curve questions: up to this many of the evaluation data (fixed draw)")
+    n_best: int = _f(20, "start/end candidates per window when decoding")
+    max_answer_length: int = _f(30, "longest answer in tokens")
+    null_threshold: float = _f(0.0, "SQuAD v2: answer '' when null score - best span > this (with v2 evaluation "
+                                    "data the run tunes it for the best F1 and saves that with the model)")
+    resume: bool = _f(False, "continue from the last checkpoint in output_dir")
+    report_to: str = _f("none", "none | tensorboard | mlflow")
+    feature_cache_dir: str | None = _f(None, "reuse tokenised windows across runs from this directory")
+    compile: bool = _f(False, "torch.compile the model (batches padded to multiples of 64 to bound recompiles)")
+    inference_cost: bool = _f(False, "after evaluation, measure what the model costs to run: latency, size on disk, "
+                                     "int8 ONNX accuracy (needs qatune[onnx]; the study presets turn it on)")
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    def resolved_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.strategy == "full" else 5e-4
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# Allowed values and ranges, checked whenever a TrainConfig is built (CLI, TOML, study files, Python):
+# a bad value is refused before any data or weights load, with the option, the value and what is allowed.
+CHOICES = {"strategy": STRATEGIES, "alpha_policy": ALPHA_POLICIES,
+           "precision": PRECISIONS, "report_to": REPORT_TO}
+AT_LEAST_1 = ("lora_rank", "max_steps_if_set", "batch_size", "grad_accum", "eval_batch_size", "save_steps",
+              "keep_checkpoints", "logging_steps", "n_best", "max_answer_length")
+
+
+def _type_ok(value, hint) -> bool:
+    import types
+    import typing
+
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+
+
+def _type_name(hint) -> str:
+    import typing
+
+    return str(hint).replace("typing.", "") if typing.get_args(hint) else hint.__name__
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse a configuration with a wrong type or an out-of-range value; the message names the option
+    (as in a TOML file; the flag is the same with dashes), the value and what is allowed."""
+    import typing
+
+    from qatune.data import SquadDataError, parse_ranges
+
+    def bad(name: str, allowed: str) -> ConfigError:
+        return ConfigError(f"option {name} = {getattr(cfg, name)!r} is not allowed: {allowed} "
+                           f"(flag --{name.replace('_', '-')})")
+
+    for f, hint in typing.get_type_hints(type(cfg)).items():
+        value = getattr(cfg, f)
+        if not _type_ok(value, hint):
+            raise bad(f, f"expected {_type_name(hint)}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad(f, "must be a finite number")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise bad(name, f"choose one of {', '.join(allowed)}")
+    for name in AT_LEAST_1:
+        if name == "max_steps_if_set":
+            if cfg.max_steps < 0:
+                raise bad("max_steps", "must be >= 0 (0 trains for --epochs)")
+        elif getattr(cfg, name) < 1:
+            raise bad(name, "must be a whole number >= 1")
+    if not cfg.model.strip():
+        raise bad("model", "give a hub id, a local directory or the alias minilm-l6")
+    if cfg.max_seq_length < MIN_SEQ_LENGTH:
+        raise bad("max_seq_length", f"must be >= {MIN_SEQ_LENGTH} tokens")
+    if not 0 <= cfg.doc_stride < cfg.max_seq_length:
+        raise bad("doc_stride", f"must be >= 0 and smaller than max_seq_length ({cfg.max_seq_length})")
+    if cfg.eval_steps < 0:
+        raise bad("eval_steps", "must be >= 0 (0: no learning curve)")
+    if cfg.eval_steps and not cfg.eval_data:
+        raise bad("eval_steps", "needs eval_data: the learning curve is measured on evaluation questions")
+    if cfg.eval_subset is not None and cfg.eval_subset < 1:
+        raise bad("eval_subset", "must be >= 1 question (or unset for all evaluation questions)")
+    if cfg.max_steps == 0 and cfg.epochs <= 0:
+        raise bad("epochs", "must be > 0 (or set max_steps)")
+    if cfg.learning_rate is not None and not 0 < cfg.learning_rate < 1:
+        raise bad("learning_rate", "must be in (0, 1), e.g. 1e-4")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise bad("warmup_ratio", "must be in [0, 1)")
+    if cfg.weight_decay < 0:
+        raise bad("weight_decay", "must be >= 0")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise bad("lora_dropout", "must be in [0, 1)")
+    if cfg.lora_alpha <= 0:
+        raise bad("lora_alpha", "must be > 0")
+    if cfg.lora_targets is not None and not all(t.strip() for t in cfg.lora_targets) or cfg.lora_targets == []:
+        raise bad("lora_targets", "give module-name suffixes such as q_lin v_lin, or leave it unset")
+    for name in ("train_questions", "eval_questions"):
+        q = getattr(cfg, name)
+        if isinstance(q, float) and not 0 < q <= 1:
+            raise bad(name, "a fraction must be in (0, 1]; a question count is a whole number >= 1")
+        if isinstance(q, int) and q < 1:
+            raise bad(name, "a question count must be >= 1 (or a fraction in (0, 1])")
+    for name in ("train_articles", "eval_articles"):
+        spec = getattr(cfg, name)
+        if spec is not None:
+            try:
+                parse_ranges(spec)
+            except SquadDataError as e:
+                raise bad(name, str(e)) from None
+
+
+
+NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile", "inference_cost")  # where/how
+# Options added later: part of a run's identity only when set, so the runs of existing studies keep their ids.
+IN_HASH_WHEN_SET = ("eval_steps", "eval_subset")
+
+
+def config_hash(cfg: TrainConfig | dict, leave_out: tuple[str, ...] = ()) -> str:
+    """What one run *is*: a hash of its configuration without where or how it runs (a study's run id)."""
+    d = asdict(cfg) if isinstance(cfg, TrainConfig) else cfg
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.name in IN_HASH_WHEN_SET}
+    d = {k: v for k, v in d.items() if k not in NOT_IN_HASH and k not in leave_out
+         and not (k in defaults and v == defaults[k])}
+    if d.get("strategy") == "lora":  # LoRA runs before this mark never saw segment ids: they are other runs
+        d["lora_forward"] = "all inputs"
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def config_differences(stored: dict, cfg: TrainConfig) -> list[str]:
+    """The settings in which a stored run differs from ``cfg`` ("name: stored -> given")."""
+    given = asdict(cfg)
+    try:  # fill options an older version did not record with their defaults
+        stored = asdict(TrainConfig.from_dict({k: v for k, v in stored.items() if k in given}))
+    except ValueError:
+        pass
+    return [f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in given.items()
+            if k not in NOT_IN_HASH and stored.get(k) != v]

@@ -1,0 +1,165 @@
+"""The report's figures (PNG, written beside report.md): rank sweep, data volume, learning curves, Pareto fronts."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from qatune.analysis import Analysis, converged
+from qatune.stats import pareto_front
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def _save(fig, study_dir: Path, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(study_dir / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def figures(study_dir: Path, a: Analysis) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    top = max(c.volume for c in a.configs)
+    err = lambda iv: [[iv.estimate - iv.ci_low], [iv.ci_high - iv.estimate]]  # noqa: E731
+
+    # F1/EM vs LoRA rank at the largest volume, one line per arm and setting; full fine-tuning as a band
+    lines = defaultdict(list)
+    for c in a.configs:
+        if c.volume == top and c.strategy == "lora":
+            rest = " ".join(str(v) for k, v in c.point.items() if k not in ("lora_rank", "train_questions"))
+            lines[f"{c.arm} {rest}".strip()].append(c)
+    if lines:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, metric, title in [(axes[0], "f1", "F1"), (axes[1], "em", "Exact match")]:
+            for c in a.configs:
+                if c.volume == top and c.strategy == "full":
+                    iv = a.intervals[c.id][metric]
+                    ax.axhspan(iv.ci_low, iv.ci_high, alpha=0.15, color="grey")
+                    ax.axhline(iv.estimate, color="grey", linestyle="--", label=f"{c.label} (full FT)")
+            for name, cs in sorted(lines.items()):
+                cs.sort(key=lambda c: c.rank)
+                ivs = [a.intervals[c.id][metric] for c in cs]
+                ax.errorbar([c.rank for c in cs], [iv.estimate for iv in ivs],
+                            yerr=np.hstack([err(iv) for iv in ivs]), marker="o", capsize=3, label=name)
+            ax.set_xscale("log", base=2)
+            ranks = sorted({c.rank for cs in lines.values() for c in cs})
+            ax.set_xticks(ranks, [str(r) for r in ranks])
+            ax.minorticks_off()
+            ax.set_xlabel("LoRA rank")
+            ax.set_ylabel(title)
+            ax.set_title(f"{title} vs LoRA rank ({int(top)} questions, 95% intervals)")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        names.append(_save(fig, study_dir, "rank_sweep.png"))
+
+    # F1 vs training-data volume per configuration (label without the volume)
+    by_label = defaultdict(list)
+    for c in a.configs:
+        by_label[c.label].append(c)
+    if any(len(cs) > 1 for cs in by_label.values()):
+        fig, ax = plt.subplots(figsize=(8, 4.4))
+        for label, cs in sorted(by_label.items()):
+            cs.sort(key=lambda c: c.volume)
+            ivs = [a.intervals[c.id]["f1"] for c in cs]
+            ax.errorbar([c.volume for c in cs], [iv.estimate for iv in ivs], yerr=np.hstack([err(iv) for iv in ivs]),
+                        marker="o", capsize=3, label=label)
+        ax.set_xscale("log")
+        volumes = sorted({c.volume for c in a.configs})
+        ax.set_xticks(volumes, [f"{int(v):,}" for v in volumes])
+        ax.minorticks_off()
+        ax.set_xlabel("training questions")
+        ax.set_ylabel("F1")
+        ax.set_title("F1 vs training-data volume (95% intervals)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        names.append(_save(fig, study_dir, "data_volume.png"))
+
+    # Learning curves: F1 vs training windows for the headline configurations (each seed a line)
+    shown = {id(c): c for comp in a.comparisons for c in (comp["a"], comp["b"])} or \
+        {id(c): c for c in a.configs if c.volume == top}
+    curved = [c for c in shown.values() if any(r.get("curve") for r in c.runs)]
+    if curved:
+        fig, ax = plt.subplots(figsize=(8, 4.4))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for k, c in enumerate(sorted(curved, key=lambda c: (c.volume, c.label))):
+            for j, r in enumerate(c.runs):
+                pts = r.get("curve") or []
+                if pts:
+                    flag = "" if converged(pts) is not False else " (not converged)"
+                    ax.plot([p["windows"] for p in pts], [p["f1"] for p in pts], marker=".",
+                            color=colors[k % len(colors)], alpha=0.9 if j == 0 else 0.5,
+                            label=f"{c.label}, {int(c.volume)} q{flag}" if j == 0 else None)
+        ax.set_xlabel("training windows seen")
+        ax.set_ylabel("F1 (learning-curve questions)")
+        ax.set_title("Learning curves of the headline configurations")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        names.append(_save(fig, study_dir, "learning_curves.png"))
+
+    # Pareto: F1 vs trainable parameters and vs training compute (counted FLOPs; wall time for older runs)
+    at_top = [c for c in a.configs if c.volume == top]
+    counted = all(r["costs"].get("train_flops") for c in at_top for r in c.runs)
+    cost_key, cost_label = (("train_flops", "training compute (counted PFLOP)") if counted
+                            else ("train_s", "training wall time (s)"))
+    scale = 1e15 if counted else 1.0
+    pts = [(c.label, a.intervals[c.id]["f1"].estimate, np.mean([r["costs"]["trainable_params"] for r in c.runs]),
+            np.mean([r["costs"][cost_key] for r in c.runs]) / scale) for c in at_top]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, k, xlabel in [(axes[0], 2, "trainable parameters"), (axes[1], 3, cost_label)]:
+        scatter_with_front(ax, [p[k] for p in pts], [p[1] for p in pts], [p[0] for p in pts], xlabel, log=True)
+    axes[0].set_title(f"F1 vs trainable parameters ({int(top)} questions)")
+    axes[1].set_title(f"F1 vs {cost_label.split(' (')[0]}")
+    names.append(_save(fig, study_dir, "pareto.png"))
+    return names
+
+
+def scatter_with_front(ax, xs: list[float], ys: list[float], labels: list[str], xlabel: str, colors=None,
+                       log: bool = False) -> None:
+    """Points labelled on ``ax`` (F1 against a cost) with their Pareto front: the cheapest point at each F1."""
+    xs_, ys_ = np.array(xs, dtype=float), np.array(ys, dtype=float)
+    ax.scatter(xs_, ys_, c=colors)
+    for x, y, text in zip(xs_, ys_, labels):
+        ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = pareto_front(list(xs_), list(ys_))
+    ax.plot(xs_[front], ys_[front], "r--", label="Pareto front")
+    if log:
+        ax.set_xscale("log")
+        ax.margins(x=0.3, y=0.1)  # room for the labels of the outermost points
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("F1")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def cost_figure(runs: list[dict], study_dir: Path, label) -> str:
+    """``inference_cost.png``: F1 against latency and against size, fp32 and int8 points, Pareto fronts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qatune.cost import measured
+
+    points = []  # (name, F1, p50 ms at 1 thread, MiB)
+    for r in measured(runs):
+        c = r["costs"]["inference"]
+        points.append((f"{label(r)} fp32", r["metrics"]["f1"], c["torch"]["p50_ms_1_thread"],
+                       c["merged_size_bytes"] / 2**20))
+        points.append((f"{label(r)} int8", c["int8"]["f1"], c["int8"]["p50_ms_1_thread"], c["int8_size_bytes"] / 2**20))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = ["tab:blue" if p[0].endswith("fp32") else "tab:orange" for p in points]
+    for ax, k, xlabel in [(axes[0], 2, "latency per question, p50 ms (batch 1, 1 thread)"),
+                          (axes[1], 3, "model size on disk (MiB)")]:
+        scatter_with_front(ax, [p[k] for p in points], [p[1] for p in points], [p[0] for p in points], xlabel, colors)
+    axes[0].set_title("F1 vs latency (blue fp32 PyTorch, orange int8 ONNX)")
+    axes[1].set_title("F1 vs size")
+    return _save(fig, study_dir, "inference_cost.png")

@@ -1,0 +1,161 @@
+"""The run directory (a run's ``output_dir``): its file names, and every read and write of them.
+
+One owner, so the training recipe, the evaluation command, the study driver, the launchers, the worker and the
+export agree on what a run leaves behind and on when it can be trusted::
+
+    config.json        the configuration, written before training starts (what --resume checks against)
+    run.json           the RunRecord, written last: its presence means the run finished
+    metrics.json       EM/F1 of the evaluation (also beside `qatune evaluate` outputs)
+    predictions.json   {question id: answer}; nbest.json, null_odds.json (SQuAD v2) beside it
+    curve.json         learning-curve points so far (kept across an interruption)
+    progress.json      step, speed and where it runs, every few seconds (advisory, for --status)
+    model/             the trained model or LoRA adapter, tokenizer and inference configuration
+    checkpoints/       checkpoint-<step>/ folders
+    tensorboard/       TensorBoard events (report_to = "tensorboard")
+    .lock              held by the one process that trains the run
+
+Free of torch: the driver and the report read run directories without a model stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from qatune.config import TrainConfig, config_differences, config_hash
+from qatune.record import RunRecord, write_json_atomic
+
+CONFIG = "config.json"
+RECORD = "run.json"
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.json"
+NBEST = "nbest.json"
+NULL_ODDS = "null_odds.json"
+CURVE = "curve.json"
+PROGRESS = "progress.json"
+MODEL = "model"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+LOCK = ".lock"
+
+
+class RunDir:
+    """One run directory; paths as attributes, reads that return None/{} for a missing or damaged advisory file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.model = self.path / MODEL
+        self.checkpoints = self.path / CHECKPOINTS
+        self.record = self.path / RECORD
+        self.predictions = self.path / PREDICTIONS
+        self.tensorboard = self.path / TENSORBOARD
+        self.lock = self.path / LOCK
+
+    # ------------------------------------------------------------------ configuration and identity
+    def write_config(self, cfg: TrainConfig) -> None:
+        from dataclasses import asdict
+
+        write_json_atomic(self.path / CONFIG, {"config": asdict(cfg), "hash": config_hash(cfg)})
+
+    def stored_config(self) -> dict | None:
+        """The configuration of the run already here (config.json, else run.json), None when there is none or it
+        cannot be read."""
+        for name in (CONFIG, RECORD):
+            try:
+                config = json.loads((self.path / name).read_text(encoding="utf-8"))["config"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(config, dict):
+                return config
+        return None
+
+    def finished_record(self, cfg: TrainConfig) -> tuple[RunRecord | None, str]:
+        """The record of this configuration's finished run here and "" — or None and why it cannot be trusted
+        (missing or damaged run.json, metrics, model or predictions, another configuration)."""
+        try:
+            record = RunRecord.load(self.record)
+        except FileNotFoundError:
+            return None, f"it has no {RECORD}"
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            return None, f"its {RECORD} is damaged ({type(e).__name__})"
+        if config_differences(record.config, cfg):
+            return None, f"its {RECORD} belongs to another configuration"
+        needed = [METRICS, MODEL] + ([PREDICTIONS] if cfg.eval_data else [])
+        missing = [n for n in needed if not (self.path / n).exists()]
+        if missing:
+            return None, f"{', '.join(missing)} missing"
+        for name in (METRICS, PREDICTIONS):
+            if (self.path / name).exists():
+                try:
+                    json.loads((self.path / name).read_text(encoding="utf-8"))
+                except (OSError, ValueError) as e:
+                    return None, f"its {name} is damaged ({type(e).__name__})"
+        return record, ""
+
+    def read_record_dict(self) -> dict:
+        """run.json as a plain dict (for a model card), or {} when absent or unreadable."""
+        try:
+            return json.loads(self.record.read_text(encoding="utf-8")) if self.record.exists() else {}
+        except (OSError, ValueError):
+            return {}
+
+    # ------------------------------------------------------------------ the model
+    def save_model(self, model, tokenizer, cfg: TrainConfig, infer) -> None:
+        """The trained model or LoRA adapter, its tokenizer and inference configuration, in ``model/``, atomically."""
+        tmp = self.model.with_name(self.model.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        adapter_cfg = tmp / "adapter_config.json"
+        if adapter_cfg.exists():  # record the base by the name the user gave (an alias stays portable)
+            c = json.loads(adapter_cfg.read_text())
+            c["base_model_name_or_path"] = cfg.model
+            adapter_cfg.write_text(json.dumps(c, indent=2))
+        _save_settings(tmp, cfg, infer)
+        shutil.rmtree(self.model, ignore_errors=True)
+        os.replace(tmp, self.model)
+
+    def save_model_settings(self, cfg: TrainConfig, infer) -> None:
+        """Replace the saved model's inference configuration (a SQuAD v2 run's tuned null threshold)."""
+        _save_settings(self.model, cfg, infer)
+
+    # ------------------------------------------------------------------ while training
+    def write_progress(self, progress: dict) -> None:
+        write_json_atomic(self.path / PROGRESS, progress, durable=False)  # advisory: not fsynced
+
+    def read_progress(self) -> dict:
+        """The last progress report (written by the training loop every few seconds), or {}."""
+        try:
+            return json.loads((self.path / PROGRESS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def write_curve(self, points: list[dict]) -> None:
+        write_json_atomic(self.path / CURVE, points, durable=False)
+
+    def read_curve(self, through_step: int) -> list[dict]:
+        """Learning-curve points up to ``through_step`` (an interrupted attempt's, up to the checkpoint resumed)."""
+        try:
+            return [p for p in json.loads((self.path / CURVE).read_text(encoding="utf-8")) if p["step"] <= through_step]
+        except (OSError, ValueError, TypeError, KeyError):
+            return []
+
+
+def _save_settings(model_dir: Path, cfg: TrainConfig, infer) -> None:
+    from qatune.inference import save_settings
+
+    # what the saved model is, beside how it answers
+    save_settings(model_dir, infer, strategy=cfg.strategy, base_model=cfg.model, format="torch")
+
+
+def write_evaluation(out: Path, metrics: dict, decoded=None, version_2: bool = False) -> None:
+    """An evaluation's outputs in ``out``: predictions, n-best lists, null odds (SQuAD v2) and metrics — the same
+    files for a run's own evaluation and for `qatune evaluate` (a run without evaluation data: metrics {} only)."""
+    if decoded is not None:
+        write_json_atomic(out / PREDICTIONS, decoded.predictions)
+        write_json_atomic(out / NBEST, dict(decoded.nbest))
+        if version_2:
+            write_json_atomic(out / NULL_ODDS, decoded.null_odds)
+    write_json_atomic(out / METRICS, metrics)
