@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from qatune.config import TrainConfig, config_differences, config_hash
@@ -102,8 +103,9 @@ class RunDir:
             return {}
 
     # ------------------------------------------------------------------ the model
-    def save_model(self, model, tokenizer, cfg: TrainConfig, infer) -> None:
-        """The trained model or LoRA adapter, its tokenizer and inference configuration, in ``model/``, atomically."""
+    def save_model(self, model, tokenizer, base_model: str, write_settings: Callable[[Path], None]) -> None:
+        """The trained model or LoRA adapter, its tokenizer and (``write_settings(directory)``) its inference
+        configuration, in ``model/``, atomically."""
         tmp = self.model.with_name(self.model.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp))
@@ -111,15 +113,11 @@ class RunDir:
         adapter_cfg = tmp / "adapter_config.json"
         if adapter_cfg.exists():  # record the base by the name the user gave (an alias stays portable)
             c = json.loads(adapter_cfg.read_text())
-            c["base_model_name_or_path"] = cfg.model
+            c["base_model_name_or_path"] = base_model
             adapter_cfg.write_text(json.dumps(c, indent=2))
-        _save_settings(tmp, cfg, infer)
+        write_settings(tmp)
         shutil.rmtree(self.model, ignore_errors=True)
         os.replace(tmp, self.model)
-
-    def save_model_settings(self, cfg: TrainConfig, infer) -> None:
-        """Replace the saved model's inference configuration (a SQuAD v2 run's tuned null threshold)."""
-        _save_settings(self.model, cfg, infer)
 
     # ------------------------------------------------------------------ while training
     def write_progress(self, progress: dict) -> None:
@@ -141,13 +139,6 @@ class RunDir:
             return [p for p in json.loads((self.path / CURVE).read_text(encoding="utf-8")) if p["step"] <= through_step]
         except (OSError, ValueError, TypeError, KeyError):
             return []
-
-
-def _save_settings(model_dir: Path, cfg: TrainConfig, infer) -> None:
-    from qatune.inference import save_settings
-
-    # what the saved model is, beside how it answers
-    save_settings(model_dir, infer, strategy=cfg.strategy, base_model=cfg.model, format="torch")
 
 
 def write_evaluation(out: Path, metrics: dict, decoded=None, version_2: bool = False) -> None:

@@ -32,7 +32,7 @@ from qatune.config import TrainConfig, config_differences
 from qatune.data import load_role, subsample
 from qatune.errors import FileError, Interrupted, TrainingError
 from qatune.features import PAD_MULTIPLE, batch_width, cached_features, collate
-from qatune.inference import InferenceConfig
+from qatune.inference import InferenceConfig, save_settings
 from qatune.machine import LoadMeter, environment, peak_memory, reset_peak_memory, resolve_precision
 from qatune.models import (
     LoraSettings,
@@ -374,7 +374,7 @@ class Recipe:
         if self.main:
             # without accelerate's autocast wrapper: the evaluation runs at the inference precision, as a Reader would
             module = self.acc.unwrap_model(self.model, keep_fp32_wrapper=False)
-            self.dir.save_model(module, self.tokenizer, cfg, self.infer)
+            self.dir.save_model(module, self.tokenizer, cfg.model, self._write_settings)
             eval_s, metrics, inference = 0.0, {}, {}
             if self.eval_data is not None:
                 from qatune.inference import Reader
@@ -386,7 +386,7 @@ class Recipe:
                                                    tune_null_threshold=v2)
                 if v2:  # the model is saved with the threshold its predictions used
                     self.infer = replace(self.infer, null_threshold=metrics["null_threshold"])
-                    self.dir.save_model_settings(cfg, self.infer)
+                    self._write_settings(self.dir.model)
                 eval_s = time.perf_counter() - t1
                 write_evaluation(self.out, metrics, decoded, v2)
                 if cfg.inference_cost:
@@ -403,6 +403,10 @@ class Recipe:
                         self.writer.add_scalar(f"eval/{k}", v, self.total_steps)
         self.acc.wait_for_everyone()
         return record
+
+    def _write_settings(self, model_dir: Path) -> None:
+        """The saved model's inference configuration, and what the model is (qatune.json)."""
+        save_settings(model_dir, self.infer, strategy=self.cfg.strategy, base_model=self.cfg.model, format="torch")
 
     def _record(self, metrics: dict, eval_s: float, inference: dict) -> RunRecord:
         """What this run was and what it cost: configuration, resolved settings, data, parameters, metrics, times."""
