@@ -10,7 +10,10 @@ import gzip
 import json
 import os
 import shutil
+import socket
 import sqlite3
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +71,15 @@ def test_train_option_out_of_range(tmp_path, small_squad, extra, words, capsys):
     assert not (tmp_path / "out").exists()  # refused before anything was created or loaded
 
 
+def test_train_max_seq_length_beyond_the_models_positions(tmp_path, small_squad, tiny_models, capsys):
+    import transformers
+
+    limit = transformers.AutoConfig.from_pretrained(tiny_models["distilbert"]).max_position_embeddings
+    expect_error(["train", "--model", tiny_models["distilbert"], "--train-data", small_squad, "--output-dir",
+                  tmp_path / "o", *TINY, "--max-seq-length", str(limit + 8)], capsys,
+                 f"max_seq_length {limit + 8} is longer than", f"cover {limit} tokens", "max_position_embeddings")
+
+
 def test_train_config_file_mistakes(tmp_path, small_squad, capsys):
     base = ["train", "--train-data", small_squad, "--output-dir", tmp_path / "out", "--config"]
     expect_error([*base, tmp_path / "missing.toml"], capsys, "missing.toml", "config file not found")
@@ -115,6 +127,23 @@ def test_resume_with_other_settings_is_refused(finished_run, tmp_path, capsys):
     expect_error(args, capsys, "already holds checkpoints", "--resume")  # no silent overwrite either
     code, out_text, _ = run([*args, "--resume", "--json"], capsys)  # the same settings: the stored result
     assert code == 0 and json.loads(out_text.strip().splitlines()[-1])["steps_run"] == 3
+
+
+def test_editing_the_configuration_cannot_relabel_a_checkpoint(finished_run, tmp_path, capsys):
+    """config.json and run.json edited to claim another learning rate: the checkpoint's own copy refuses it, and
+    nothing of the run is rewritten."""
+    src, args = finished_run
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    args = [a if a != str(src) else str(out) for a in args]
+    for name in ("config.json", "run.json"):
+        stored = json.loads((out / name).read_text())
+        stored["config"]["learning_rate"] = 0.5
+        (out / name).write_text(json.dumps(stored))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    expect_error([*args, "--resume", "--learning-rate", "0.5"], capsys, "holds a run with other settings",
+                 "checkpoint-3 (the weights to resume) says learning_rate: None -> 0.5")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_damaged_last_checkpoint_falls_back_to_the_previous_one(finished_run, tmp_path, capsys):
@@ -335,6 +364,9 @@ def test_deleted_run_directory_is_reported_then_trained_again(finished_study, tm
     assert run(["report", directory], capsys)[0] == 0
     assert f"`{victim.name}`" in (directory / "report.md").read_text()
     assert "finished, files missing" in (directory / "report.md").read_text()
+    code, out, _ = run(["study", path, "--dir", directory, "--status", "--json"], capsys)  # says what is true
+    states = {r["id"]: r["status"] for r in json.loads(out.strip().splitlines()[-1])["per_run"]}
+    assert code == 0 and states[victim.name] == "to retrain" and "its run directory is gone" in out
     code, out, _ = run(["study", path, "--dir", directory, "--json"], capsys)
     assert code == 0 and f"run {victim.name} was finished but its run directory is gone" in out
     assert json.loads(out.strip().splitlines()[-1])["finished"] == 2 and (victim / "run.json").exists()
@@ -355,6 +387,29 @@ def test_damaged_database_is_rebuilt_from_the_run_directories(finished_study, tm
     code, out, _ = run(["study", path, "--dir", directory, "--status", "--json"], capsys)
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["finished"] == 2
     assert run(["report", directory], capsys)[0] == 0
+    healthy = db.read_bytes()
+    expect_error(["study", path, "--dir", directory, "--rebuild-db"], capsys, "passes SQLite's integrity check",
+                 "nothing to rebuild")  # a usable database is not moved aside as "damaged"
+    assert db.read_bytes() == healthy and len(list(directory.glob("study.sqlite.damaged-*"))) == 1
+
+
+def test_status_of_a_run_whose_driver_was_killed(finished_study, tmp_path, capsys):
+    """A run left "running" by a driver killed with -9 shows as stopped, not as running under the dead driver."""
+    path, original = finished_study
+    directory = tmp_path / "s"
+    shutil.copytree(original, directory)
+    gone = subprocess.Popen(["true"])  # a driver pid that has exited
+    gone.wait()
+    db = sqlite3.connect(directory / "study.sqlite")
+    rid = db.execute("SELECT id FROM runs ORDER BY id LIMIT 1").fetchone()[0]
+    db.execute("UPDATE runs SET status='running', owner=?, lease_until=?, step=3, total_steps=9 WHERE id=?",
+               (f"{socket.gethostname()}:{gone.pid}:abcd1234", time.time() + 600, rid))
+    db.commit()
+    db.close()
+    code, out, _ = run(["study", path, "--dir", directory, "--status", "--json"], capsys)
+    per_run = {r["id"]: r for r in json.loads(out.strip().splitlines()[-1])["per_run"]}
+    assert code == 0 and per_run[rid]["status"] == "stopped"
+    assert "is gone: the next qatune study resumes it" in out
 
 
 def test_model_that_cannot_be_loaded(tmp_path, tiny_models, small_squad, capsys):

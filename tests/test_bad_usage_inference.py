@@ -18,7 +18,7 @@ def damaged(tiny_run, tmp_path_factory):
     """Copies of the run's model with one file damaged each."""
     root = tmp_path_factory.mktemp("damaged")
     out = {}
-    for name in ("truncated", "settings", "settings_type", "no_weights"):
+    for name in ("truncated", "settings", "settings_type", "no_weights", "long"):
         d = root / name
         shutil.copytree(tiny_run / "model", d)
         out[name] = d
@@ -27,6 +27,11 @@ def damaged(tiny_run, tmp_path_factory):
     (out["settings"] / "qatune.json").write_text('{"max_seq_length": 96,')
     (out["settings_type"] / "qatune.json").write_text(json.dumps({"max_seq_length": "long", "doc_stride": 32}))
     (out["no_weights"] / "model.safetensors").unlink()
+    long = json.loads((out["long"] / "qatune.json").read_text())
+    (out["long"] / "qatune.json").write_text(json.dumps({**long, "max_seq_length": 4096}))
+    line = {"id": "1", "question": "What is the bridge of Marlow called?", "context": CONTEXT}
+    (root / "q.jsonl").write_text(json.dumps(line) + "\n")
+    (root / "surrogate.jsonl").write_text(json.dumps({**line, "question": "Who\ud800?"}) + "\n")
     (root / "latin1.txt").write_bytes("Caf\xe9 de Flore is called Kestrel7.".encode("latin-1"))
     (root / "empty.jsonl").write_text("\n\n")
     out["root"] = root
@@ -58,7 +63,7 @@ CASES = [  # (id, argv after the command, exit code, words)
     ("predict-top-k-negative", ["predict", "--model", "RUN", *Q, "--context", CONTEXT, "--top-k", "-2"], 2,
      ["--top-k must be >= 1", "got -2"]),
     ("predict-blank-question", ["predict", "--model", "RUN", "--question", "   ", "--context", CONTEXT], 2,
-     ["--question is empty"]),
+     ["--question must not be empty"]),
     ("predict-no-context", ["predict", "--model", "RUN", *Q], 2, ["exactly one of --context / --context-file"]),
     ("predict-empty-jsonl", ["predict", "--model", "RUN", "--input", "TMP/empty.jsonl"], 2,
      ["empty.jsonl", "no questions"]),
@@ -87,6 +92,33 @@ CASES = [  # (id, argv after the command, exit code, words)
     ("serve-bad-port", ["serve", "RUN", "--port", "70000"], 2, ["--port must be 0-65535"]),
     ("serve-bad-batch", ["serve", "RUN", "--max-batch", "0"], 2, ["--max-batch must be >= 1"]),
     ("serve-missing-model", ["serve", "TMP/gone"], 2, ["no such directory"]),
+    ("serve-bad-host", ["serve", "RUN", "--host", "no-such-host.invalid"], 2, ["--host", "not an address"]),
+    ("serve-foreign-host", ["serve", "RUN", "--host", "192.0.2.1"], 2, ["cannot listen on 192.0.2.1", "--host"]),
+    ("predict-output-is-input", ["predict", "--model", "RUN", "--input", "TMP/q.jsonl", "--output", "TMP/q.jsonl"], 2,
+     ["is the input", "would destroy the input"]),
+    ("predict-output-a-directory", ["predict", "--model", "RUN", "--input", "TMP/q.jsonl", "--output", "TMP"], 2,
+     ["--output", "is a directory"]),
+    ("predict-output-under-a-file", ["predict", "--model", "RUN", "--input", "TMP/q.jsonl", "--output",
+                                     "TMP/latin1.txt/a.jsonl"], 2, ["is a file, so nothing can be created under it"]),
+    ("predict-question-and-input", ["predict", "--model", "RUN", *Q, "--context", CONTEXT, "--input", "TMP/q.jsonl"],
+     2, ["--question and --context with --input", "not both"]),
+    ("predict-output-without-input", ["predict", "--model", "RUN", *Q, "--context", CONTEXT, "--output", "TMP/o"],
+     2, ["--output goes with --input"]),
+    ("predict-question-not-unicode", ["predict", "--model", "RUN", "--question", "Caf\udce9?", "--context", CONTEXT],
+     2, ["--question is not valid Unicode", "lone surrogate"]),
+    ("predict-jsonl-lone-surrogate", ["predict", "--model", "RUN", "--input", "TMP/surrogate.jsonl"], 2,
+     ["line 1: 'question': is not valid Unicode"]),
+    ("predict-longer-than-positions", ["predict", "--model", "LONG", *Q, "--context", CONTEXT], 2,
+     ["max_seq_length 4096 is longer than", "max_position_embeddings"]),
+    ("evaluate-longer-than-positions", ["evaluate", "--model", "RUN", "--data", "DATA", "--output-dir", "TMP/ev",
+                                        "--max-seq-length", "4096"], 2, ["max_seq_length 4096", "cover"]),
+    ("evaluate-output-under-a-file", ["evaluate", "--model", "RUN", "--data", "DATA", "--output-dir",
+                                      "TMP/latin1.txt/ev"], 2, ["is a file, so nothing can be created under it"]),
+    ("export-longer-than-positions", ["export", "--model", "LONG", "--output-dir", "TMP/x"], 2,
+     ["max_seq_length 4096"]),
+    ("export-under-a-file", ["export", "--model", "RUN", "--output-dir", "TMP/latin1.txt/x"], 2,
+     ["is a file, so nothing can be created under it"]),
+    ("serve-longer-than-positions", ["serve", "LONG", "--port", "0"], 2, ["max_seq_length 4096"]),
 ]
 
 
@@ -95,7 +127,7 @@ def test_bad_usage(case, tiny_run, qa_data, damaged, capsys):
     _, argv, code, words = case
     names = {"RUN": tiny_run, "DATA": qa_data, "TMP": damaged["root"], "TRUNCATED": damaged["truncated"],
              "SETTINGS": damaged["settings"], "SETTINGS_TYPE": damaged["settings_type"],
-             "NO_WEIGHTS": damaged["no_weights"]}
+             "NO_WEIGHTS": damaged["no_weights"], "LONG": damaged["long"]}
 
     def fill(a: str) -> str:
         for k, v in sorted(names.items(), key=lambda kv: -len(kv[0])):
@@ -121,8 +153,9 @@ def test_batch_reports_bad_lines_answers_the_rest_and_exits_2(tiny_run, tmp_path
     out_file = tmp_path / "answers.jsonl"
     code, out, err = run_cli(["predict", "--model", str(tiny_run), "--input", str(path), "--output", str(out_file)],
                              capsys)
-    check(code, err, 2, ["q.jsonl, line 2: not valid JSON", "line 3: 'question' must be a string, got int 5",
-                         "line 5: 'question' is empty", "line 6: expected a JSON object", "line 7: missing 'context'",
+    check(code, err, 2, ["q.jsonl, line 2: not valid JSON", "line 3: 'question': must be a string, got a number (5)",
+                         "line 5: 'question': must not be empty", "line 6: expected a JSON object",
+                         "line 7: 'context': field required",
                          "5 of 7 line(s) not answered", "the other 2 were"])
     answered = [json.loads(x) for x in out_file.read_text().splitlines()]
     assert [a["id"] for a in answered] == ["a", "7"]
@@ -137,3 +170,23 @@ def test_batch_question_too_long_for_the_windows_is_one_bad_line(tiny_run, tmp_p
     code, out, err = run_cli(["predict", "--model", str(tiny_run), "--input", str(path)], capsys)
     check(code, err, 2, ["line 1:", "tokens, leaving", "1 of 2 line(s) not answered"])
     assert len(out.strip().splitlines()) == 1 and json.loads(out)["id"] == "2"
+
+
+def test_predict_never_writes_over_its_input(tiny_run, damaged, capsys):
+    path = damaged["root"] / "q.jsonl"
+    before = path.read_bytes()
+    alias = damaged["root"] / "." / "q.jsonl"  # the same file under another spelling
+    code, _, err = run_cli(["predict", "--model", str(tiny_run), "--input", str(path), "--output", str(alias)], capsys)
+    check(code, err, 2, ["is the input"])
+    assert path.read_bytes() == before
+
+
+def test_serve_on_a_port_in_use_fails_before_loading(tiny_run, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = run_cli(["serve", str(tiny_run), "--port", str(port)], capsys)
+    check(code, err, 2, [f"cannot listen on 127.0.0.1:{port}", "the port is in use", "another --port"])

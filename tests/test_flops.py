@@ -87,7 +87,8 @@ learning_rate = [1e-3, 2e-3]
 def test_a_loaded_run_counts_the_same_flops_and_is_marked(tmp_path, train_file):
     from qatune.launch import LocalLauncher
     from qatune.report import write_report
-    from qatune.study import load_study, run_study
+    from qatune.study import run_study
+    from qatune.studyfile import load_study
     from tests.conftest import save_tiny_model
 
     meter = LoadMeter()

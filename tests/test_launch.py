@@ -12,7 +12,8 @@ import time
 import pytest
 
 from qatune import store
-from qatune.study import load_study, run_study
+from qatune.study import run_study
+from qatune.studyfile import load_study
 from tests.test_study import write_study
 
 # Four runs: full fine-tuning and LoRA r=2, each at two data volumes.
@@ -172,6 +173,28 @@ def test_worker_killed_mid_run_is_claimed_again_and_resumes(tmp_path, tiny_model
     killed = rows[run_dir.name]
     assert killed["status"] == "finished" and killed["attempts"] == 2
     assert run_json(directory, run_dir.name)["timing"]["resumed_from_step"] >= 5
+
+
+def test_a_worker_told_twice_to_stop_saves_one_checkpoint(tmp_path, tiny_model, train_file):
+    """The driver's death reaches a worker twice (SIGTERM on parent death, then its watchdog): that is one request
+    to stop, so the worker saves its checkpoint and hands the run back; it does not die mid-step."""
+    path = write_study(tmp_path, tiny_model, train_file, steps=1500, save_steps=5000)
+    directory = tmp_path / "s"
+    cmd = study_cmd(path, directory, "--set", "train_questions=[12]", "--set", "lora.strategy='full'",
+                    "--workers", "1", "--threads", "1")
+    driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    progress = wait_for(lambda: next(iter(directory.glob("runs/*/progress.json")), None), what="progress")
+    run_dir = progress.parent
+    pid = wait_for(lambda: json.loads(progress.read_text()).get("pid"), what="the worker's pid")
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGTERM)
+    out = driver.communicate(timeout=600)[0]
+    assert driver.returncode == 0, out
+    assert "KeyboardInterrupt" not in (run_dir / "train.log").read_text()
+    assert "attempt failed" not in out  # handed back, not lost
+    record = run_json(directory, run_dir.name)
+    assert 0 < record["timing"]["resumed_from_step"] < 1500  # the rerun continued from the stop's checkpoint
+    assert db_rows(directory)[run_dir.name]["attempts"] == 1
 
 
 @pytest.mark.slow

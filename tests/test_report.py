@@ -13,9 +13,11 @@ import pytest
 from qatune import store
 from qatune.analysis import selection_part
 from qatune.cli import main
+from qatune.config import config_id
 from qatune.data import load_squad, write_squad_json
 from qatune.metrics import squad_v1, squad_v2
-from qatune.study import config_id, load_study, run_study
+from qatune.study import run_study
+from qatune.studyfile import load_study
 from tests.conftest import make_examples, save_tiny_model
 
 ARMS = """

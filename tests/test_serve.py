@@ -110,6 +110,10 @@ BAD = [  # (raw body or JSON, expected status, words of the message)
     ([{"question": "Who?", "context": CONTEXT}] * 9, 413, "9 questions in one request, above the limit of 8"),
     ({"question": "Who?", "context": "y" * 1000, "pad": "z" * 30_000}, 413, "above the limit of 20,000"),
     ({"question": "why " * 120, "context": CONTEXT}, 422, "tokens, leaving"),  # too long for the model's windows
+    (b"[" * 5000 + b"]" * 5000, 422, "nested too deeply"),  # hostile: Python's parser would hit its recursion limit
+    (b'{"question": "Who?", "context": "x", "top_k": ' + b"9" * 5000 + b"}", 422, "not valid JSON"),  # huge integer
+    (b'{"question": "Who\\ud800?", "context": "x"}', 422, "body.question: is not valid Unicode"),  # lone surrogate
+    (b'{"question": "Caf\xe9?", "context": "x"}', 422, "not valid JSON"),  # a byte that is not UTF-8
 ]
 
 

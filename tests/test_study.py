@@ -11,7 +11,8 @@ import pytest
 
 from qatune.cli import main
 from qatune.report import write_report
-from qatune.study import StudyError, load_study, run_study
+from qatune.study import run_study
+from qatune.studyfile import StudyError, load_study
 from tests.conftest import save_tiny_model
 
 STUDY = """
@@ -83,6 +84,42 @@ def test_expansion_ids_and_overrides(tmp_path, tiny_distilbert, train_file):
                    .replace("doc_stride = 32", "doc_strid = 32"))
     with pytest.raises(StudyError, match=r"\[defaults\] has unknown option\(s\) \['doc_strid'\]"):
         load_study(bad)
+
+
+def test_set_on_a_grid_key_changes_that_arms_grid_and_is_checked(tmp_path, tiny_distilbert, train_file):
+    path = write_study(tmp_path, tiny_distilbert, train_file)
+    one = load_study(path, ["lora.lora_rank=[4]", "lora.seed=[5]"], directory=tmp_path / "s")
+    lora = [r for r in one.runs if r.arm == "lora"]
+    assert {r.config.lora_rank for r in lora} == {4} and {r.config.seed for r in lora} == {5}
+    assert len(lora) == 4  # 1 rank x 2 policies x 2 volumes x 1 seed
+    assert {r.config.seed for r in one.runs if r.arm == "full"} == {1}  # the other arm keeps its grid
+    both = load_study(path, ["seed=[2, 3]"], directory=tmp_path / "s")
+    assert {r.config.seed for r in both.runs} == {2, 3}
+    with pytest.raises(StudyError, match=r"arm 'lora' at .*lora_rank.*0"):
+        load_study(path, ["lora.lora_rank=0"])  # the grid value is checked like any other
+    for key in ("output_dir=/etc", "lora.resume=false", "feature_cache_dir=/tmp/x"):
+        with pytest.raises(StudyError, match="is not an option of a study run"):
+            load_study(path, [key])
+    own = tmp_path / "own.toml"
+    own.write_text(path.read_text().replace("[defaults]\n", "[defaults]\noutput_dir = \"/etc\"\n"))
+    with pytest.raises(StudyError, match=r"\[defaults\] sets output_dir.*--dir"):
+        load_study(own)
+
+
+def test_a_study_directory_belongs_to_one_study(tmp_path, tiny_distilbert, train_file, capsys):
+    path = write_study(tmp_path, tiny_distilbert, train_file, steps=1)
+    narrow = ["--set", "lora_rank=[2]", "--set", "alpha_policy=['fixed']", "--set", "train_questions=[6]",
+              "--set", "eval_questions=3"]
+    assert main(["study", str(path), "--dir", str(tmp_path / "s"), *narrow]) == 0
+    other = tmp_path / "other.toml"
+    other.write_text(path.read_text().replace('name = "tiny"', 'name = "other"'))
+    capsys.readouterr()
+    assert main(["study", str(other), "--dir", str(tmp_path / "s"), *narrow]) == 2
+    err = capsys.readouterr().err
+    assert "holds the study 'tiny'" in err and "not 'other'" in err and "its own --dir" in err
+    db = sqlite3.connect(tmp_path / "s" / "study.sqlite")
+    assert {row[0] for row in db.execute("SELECT study FROM grids")} == {"tiny"}  # nothing of 'other' recorded
+    db.close()
 
 
 def test_dry_run_lists_costs(tmp_path, tiny_distilbert, train_file, capsys):

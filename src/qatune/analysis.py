@@ -69,7 +69,7 @@ def config_label(arm: str, point: dict) -> str:
 
 def configurations(done: list[dict]) -> list[Config]:
     """Group finished runs by configuration id; labels say what differs (made unique with the id if needed)."""
-    from qatune.study import config_id
+    from qatune.config import config_id
 
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in done:
@@ -197,7 +197,7 @@ def cost_marks(runs: list[dict]) -> dict[str, str]:
 def _rank_notes(configs: list[Config]) -> None:
     """Note the LoRA configurations whose rank reaches min(d_in, d_out) of adapted layers."""
     from qatune.config import TrainConfig
-    from qatune.study import count_params, rank_note
+    from qatune.plan import count_params, rank_note
 
     for c in configs:
         if c.strategy != "lora":

@@ -1,7 +1,7 @@
 """Checkpoints of a training run: written atomically, read back whole before anything is applied.
 
 ``checkpoint-<step>/`` holds the trainable weights (safetensors) and the optimizer, scheduler and RNG states
-(``state.pt``): with the batch order a pure function of (seed, step), that is all ``--resume`` needs to continue
+(``state.pt``) and the configuration they were trained with (``config.json``): with the batch order a pure function of (seed, step), that is all ``--resume`` needs to continue
 exactly where a run stopped. A damaged newest checkpoint falls back to the previous intact one.
 """
 
@@ -16,15 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qatune.config import TrainConfig
 from qatune.errors import TrainingError
+from qatune.rundir import write_config
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
-    """Atomically write checkpoint-<step>: trainable weights (safetensors), optimizer/scheduler/RNG state."""
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, keep: int, cfg: TrainConfig) -> Path:
+    """Atomically write checkpoint-<step>: trainable weights (safetensors), optimizer/scheduler/RNG state, and
+    the configuration they were trained with (what --resume checks)."""
     from safetensors.torch import save_file
 
     final = ckpt_dir / f"checkpoint-{step}"
@@ -39,6 +42,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, keep
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }, tmp / "state.pt")
+    write_config(tmp, cfg)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

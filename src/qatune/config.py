@@ -193,7 +193,6 @@ def check_config(cfg: TrainConfig) -> None:
                 raise bad(name, str(e)) from None
 
 
-
 NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile", "inference_cost")  # where/how
 # Options added later: part of a run's identity only when set, so the runs of existing studies keep their ids.
 IN_HASH_WHEN_SET = ("eval_steps", "eval_subset")
@@ -208,6 +207,11 @@ def config_hash(cfg: TrainConfig | dict, leave_out: tuple[str, ...] = ()) -> str
     if d.get("strategy") == "lora":  # LoRA runs before this mark never saw segment ids: they are other runs
         d["lora_forward"] = "all inputs"
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def config_id(config: TrainConfig | dict) -> str:
+    """A run's identity without its seed: the runs of one configuration differ only in their seeds."""
+    return config_hash(config, leave_out=("seed",))
 
 
 def config_differences(stored: dict, cfg: TrainConfig) -> list[str]:

@@ -99,7 +99,7 @@ def measure(model_dir: str | Path, data: SquadData, questions: int = LATENCY_QUE
             metrics, _ = int8_reader.evaluate(data)
             result["int8"] = {"p50_ms_1_thread": one["p50_ms"], "p95_ms_1_thread": one["p95_ms"],
                               **latency_ms(int8_reader, items), "batched_qps": batched_qps(int8_reader, items),
-                              "exact_match": metrics.get("exact_match", metrics.get("exact")), "f1": metrics["f1"]}
+                              "exact_match": metrics["exact_match"], "f1": metrics["f1"]}
     except QatuneError as e:
         say(f"inference cost not measured: {e}")
         return {"error": f"{type(e).__name__}: {e}"}

@@ -19,6 +19,31 @@ from qatune.errors import FileError, QatuneError, read_json
 MAX_REPORTED_ERRORS = 10
 
 
+def kind(value) -> str:
+    """How a JSON value is described to the person who sent it ("a string", "a number (5)")."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), f"a number ({value!r:.40})" if isinstance(value, int | float) else type(value).__name__)
+
+
+def text_problem(record: dict, key: str) -> str | None:
+    """What is wrong with ``record[key]`` as a question or context to answer, or None. One rule for every way in
+    (JSONL lines, HTTP bodies, flags): present, a string, not blank, and valid Unicode (no lone surrogate, which
+    is what a non-UTF-8 byte in a command-line argument or a ``\\ud800`` escape in JSON becomes)."""
+    if key not in record:
+        return "field required"
+    value = record[key]
+    if not isinstance(value, str):
+        return f"must be a string, got {kind(value)}"
+    if not value.strip():
+        return "must not be empty"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"is not valid Unicode text (character {e.start} is a lone surrogate {value[e.start]!r}, e.g. from "
+                f"bytes that are not UTF-8); send UTF-8 text")
+    return None
+
+
 class SquadDataError(QatuneError, ValueError):
     """Input that is not usable SQuAD data; the message says where and what to do."""
 

@@ -7,6 +7,7 @@ other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -63,3 +64,28 @@ def read_json(path: str | Path, what: str):
         raise unreadable(path, f"{what} file", e, "give a UTF-8 JSON file (gzip-compressed is fine)") from e
     except json.JSONDecodeError as e:
         raise FileError(f"{path}: {what} file is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+
+
+def check_writable(path: str | Path, what: str, directory: bool, inputs: tuple[str | Path, ...] = ()) -> None:
+    """Refuse, before any work is done, an output path that cannot be written or that would overwrite an input:
+    a file where a directory is wanted (or the reverse), a path under a regular file, a place without write
+    permission, or one of ``inputs`` itself (compared as resolved paths, so links and ``./`` do not hide it)."""
+    path = Path(path)
+    for given in inputs:
+        if Path(given).exists() and path.exists() and os.path.samefile(given, path):
+            raise FileError(f"{what} {path} is the input {given}: writing it would destroy the input; choose "
+                            f"another path")
+    if path.exists():
+        if directory and not path.is_dir():
+            raise FileError(f"{what} {path} is a file; give a directory (it is created if missing)")
+        if not directory and path.is_dir():
+            raise FileError(f"{what} {path} is a directory; give a file path")
+    parent = path if directory else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FileError(f"{what} {path}: {parent} is a file, so nothing can be created under it; choose another "
+                        f"path")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise FileError(f"{what} {path}: no permission to write to {path if path.exists() else parent}; choose a "
+                        f"place you can write to")

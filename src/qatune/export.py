@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qatune.errors import QatuneError
+from qatune.errors import QatuneError, check_writable
 from qatune.inference import (
     ONNX_FILE,
     SETTINGS_FILE,
@@ -36,6 +36,7 @@ from qatune.inference import (
     resolve_model_dir,
     save_settings,
 )
+from qatune.record import exact_match
 
 FORMATS = ("merged", "onnx")
 QUANTIZATIONS = ("int8",)
@@ -68,7 +69,7 @@ def export(model: str | Path, output_dir: str | Path, format: str = "merged", qu
         raise ExportError(f"unknown quantization {quantize!r}; choose from {QUANTIZATIONS}")
     if quantize and format != "onnx":
         raise ExportError("--quantize int8 goes with --format onnx (ONNX Runtime runs the int8 model)")
-    from qatune.models import is_adapter_dir, load_tokenizer, load_trained
+    from qatune.models import check_seq_length, is_adapter_dir, load_tokenizer, load_trained
 
     model_dir = resolve_model_dir(model)
     if (model_dir / ONNX_FILE).exists():
@@ -79,6 +80,7 @@ def export(model: str | Path, output_dir: str | Path, format: str = "merged", qu
     about = read_settings(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
     module = load_trained(model_dir).to("cpu").eval()
+    check_seq_length(module.config, config.max_seq_length, str(model))
     probe = probe_batch(tokenizer, config)
     reference = _torch_logits(module, probe)
     result = {"output_dir": str(output_dir), "format": format, "quantize": quantize}
@@ -121,8 +123,7 @@ def export(model: str | Path, output_dir: str | Path, format: str = "merged", qu
 
 def _check_output_dir(output_dir: Path, model_dir: Path) -> None:
     """Refuse to replace anything but an earlier export (a typo must not delete a run)."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ExportError(f"--output-dir {output_dir} is a file; choose a directory")
+    check_writable(output_dir, "--output-dir", directory=True)
     if output_dir.resolve() in (model_dir.resolve(), model_dir.parent.resolve()):
         raise ExportError(f"--output-dir {output_dir} is the model's own directory; choose a new one")
     if output_dir.is_dir() and any(output_dir.iterdir()):
@@ -165,17 +166,15 @@ def _relative_rms(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndar
 @contextlib.contextmanager
 def _quiet_logging():
     """No warnings, log lines or progress bars from the libraries doing the work (the export reports its result)."""
-    from transformers.utils import logging as hf_logging
+    from qatune.models import quiet_transformers
 
     logging.disable(logging.WARNING)
-    hf_logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_transformers():
             warnings.simplefilter("ignore")
             yield
     finally:
         logging.disable(logging.NOTSET)
-        hf_logging.enable_progress_bar()
 
 
 class _Logits(torch.nn.Module):
@@ -254,7 +253,7 @@ def write_model_card(out: Path, name: str, model_dir: Path, config: InferenceCon
     results = []
     source = data.get("eval_source")
     if metrics and source:
-        em = metrics.get("exact_match", metrics.get("exact"))
+        em = exact_match(metrics)
         dataset = "squad_v2" if "HasAns_total" in metrics or "NoAns_total" in metrics else "squad"
         for metric_type, value, label in (("exact_match", em, "Exact Match"), ("f1", metrics.get("f1"), "F1")):
             if value is not None:

@@ -22,90 +22,113 @@ def _save(fig, study_dir: Path, name: str) -> str:
 
 
 def figures(study_dir: Path, a: Analysis) -> list[str]:
+    """The study's figures (PNG files in ``study_dir``), each drawn when the study has what it shows."""
     import matplotlib
 
     matplotlib.use("Agg")
+    top = max(c.volume for c in a.configs)
+    drawn = [_rank_sweep(study_dir, a, top), _data_volume(study_dir, a), _learning_curves(study_dir, a, top),
+             _pareto(study_dir, a, top)]
+    return [name for name in drawn if name]
+
+
+def _err(iv) -> list[list[float]]:
+    return [[iv.estimate - iv.ci_low], [iv.ci_high - iv.estimate]]
+
+
+def _rank_sweep(study_dir: Path, a: Analysis, top: float) -> str | None:
+    """F1/EM vs LoRA rank at the largest volume, one line per arm and setting; full fine-tuning as a band."""
     import matplotlib.pyplot as plt
 
-    names = []
-    top = max(c.volume for c in a.configs)
-    err = lambda iv: [[iv.estimate - iv.ci_low], [iv.ci_high - iv.estimate]]  # noqa: E731
-
-    # F1/EM vs LoRA rank at the largest volume, one line per arm and setting; full fine-tuning as a band
     lines = defaultdict(list)
     for c in a.configs:
         if c.volume == top and c.strategy == "lora":
             rest = " ".join(str(v) for k, v in c.point.items() if k not in ("lora_rank", "train_questions"))
             lines[f"{c.arm} {rest}".strip()].append(c)
-    if lines:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for ax, metric, title in [(axes[0], "f1", "F1"), (axes[1], "em", "Exact match")]:
-            for c in a.configs:
-                if c.volume == top and c.strategy == "full":
-                    iv = a.intervals[c.id][metric]
-                    ax.axhspan(iv.ci_low, iv.ci_high, alpha=0.15, color="grey")
-                    ax.axhline(iv.estimate, color="grey", linestyle="--", label=f"{c.label} (full FT)")
-            for name, cs in sorted(lines.items()):
-                cs.sort(key=lambda c: c.rank)
-                ivs = [a.intervals[c.id][metric] for c in cs]
-                ax.errorbar([c.rank for c in cs], [iv.estimate for iv in ivs],
-                            yerr=np.hstack([err(iv) for iv in ivs]), marker="o", capsize=3, label=name)
-            ax.set_xscale("log", base=2)
-            ranks = sorted({c.rank for cs in lines.values() for c in cs})
-            ax.set_xticks(ranks, [str(r) for r in ranks])
-            ax.minorticks_off()
-            ax.set_xlabel("LoRA rank")
-            ax.set_ylabel(title)
-            ax.set_title(f"{title} vs LoRA rank ({int(top)} questions, 95% intervals)")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        names.append(_save(fig, study_dir, "rank_sweep.png"))
+    if not lines:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, title in [(axes[0], "f1", "F1"), (axes[1], "em", "Exact match")]:
+        for c in a.configs:
+            if c.volume == top and c.strategy == "full":
+                iv = a.intervals[c.id][metric]
+                ax.axhspan(iv.ci_low, iv.ci_high, alpha=0.15, color="grey")
+                ax.axhline(iv.estimate, color="grey", linestyle="--", label=f"{c.label} (full FT)")
+        for name, cs in sorted(lines.items()):
+            cs.sort(key=lambda c: c.rank)
+            ivs = [a.intervals[c.id][metric] for c in cs]
+            ax.errorbar([c.rank for c in cs], [iv.estimate for iv in ivs],
+                        yerr=np.hstack([_err(iv) for iv in ivs]), marker="o", capsize=3, label=name)
+        ax.set_xscale("log", base=2)
+        ranks = sorted({c.rank for cs in lines.values() for c in cs})
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.minorticks_off()
+        ax.set_xlabel("LoRA rank")
+        ax.set_ylabel(title)
+        ax.set_title(f"{title} vs LoRA rank ({int(top)} questions, 95% intervals)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, study_dir, "rank_sweep.png")
 
-    # F1 vs training-data volume per configuration (label without the volume)
+
+def _data_volume(study_dir: Path, a: Analysis) -> str | None:
+    """F1 vs training-data volume per configuration (label without the volume)."""
+    import matplotlib.pyplot as plt
+
     by_label = defaultdict(list)
     for c in a.configs:
         by_label[c.label].append(c)
-    if any(len(cs) > 1 for cs in by_label.values()):
-        fig, ax = plt.subplots(figsize=(8, 4.4))
-        for label, cs in sorted(by_label.items()):
-            cs.sort(key=lambda c: c.volume)
-            ivs = [a.intervals[c.id]["f1"] for c in cs]
-            ax.errorbar([c.volume for c in cs], [iv.estimate for iv in ivs], yerr=np.hstack([err(iv) for iv in ivs]),
-                        marker="o", capsize=3, label=label)
-        ax.set_xscale("log")
-        volumes = sorted({c.volume for c in a.configs})
-        ax.set_xticks(volumes, [f"{int(v):,}" for v in volumes])
-        ax.minorticks_off()
-        ax.set_xlabel("training questions")
-        ax.set_ylabel("F1")
-        ax.set_title("F1 vs training-data volume (95% intervals)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        names.append(_save(fig, study_dir, "data_volume.png"))
+    if not any(len(cs) > 1 for cs in by_label.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.4))
+    for label, cs in sorted(by_label.items()):
+        cs.sort(key=lambda c: c.volume)
+        ivs = [a.intervals[c.id]["f1"] for c in cs]
+        ax.errorbar([c.volume for c in cs], [iv.estimate for iv in ivs], yerr=np.hstack([_err(iv) for iv in ivs]),
+                    marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    volumes = sorted({c.volume for c in a.configs})
+    ax.set_xticks(volumes, [f"{int(v):,}" for v in volumes])
+    ax.minorticks_off()
+    ax.set_xlabel("training questions")
+    ax.set_ylabel("F1")
+    ax.set_title("F1 vs training-data volume (95% intervals)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, study_dir, "data_volume.png")
 
-    # Learning curves: F1 vs training windows for the headline configurations (each seed a line)
+
+def _learning_curves(study_dir: Path, a: Analysis, top: float) -> str | None:
+    """F1 vs training windows for the headline configurations (each seed a line)."""
+    import matplotlib.pyplot as plt
+
     shown = {id(c): c for comp in a.comparisons for c in (comp["a"], comp["b"])} or \
         {id(c): c for c in a.configs if c.volume == top}
     curved = [c for c in shown.values() if any(r.get("curve") for r in c.runs)]
-    if curved:
-        fig, ax = plt.subplots(figsize=(8, 4.4))
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for k, c in enumerate(sorted(curved, key=lambda c: (c.volume, c.label))):
-            for j, r in enumerate(c.runs):
-                pts = r.get("curve") or []
-                if pts:
-                    flag = "" if converged(pts) is not False else " (not converged)"
-                    ax.plot([p["windows"] for p in pts], [p["f1"] for p in pts], marker=".",
-                            color=colors[k % len(colors)], alpha=0.9 if j == 0 else 0.5,
-                            label=f"{c.label}, {int(c.volume)} q{flag}" if j == 0 else None)
-        ax.set_xlabel("training windows seen")
-        ax.set_ylabel("F1 (learning-curve questions)")
-        ax.set_title("Learning curves of the headline configurations")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        names.append(_save(fig, study_dir, "learning_curves.png"))
+    if not curved:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, c in enumerate(sorted(curved, key=lambda c: (c.volume, c.label))):
+        for j, r in enumerate(c.runs):
+            pts = r.get("curve") or []
+            if pts:
+                flag = "" if converged(pts) is not False else " (not converged)"
+                ax.plot([p["windows"] for p in pts], [p["f1"] for p in pts], marker=".",
+                        color=colors[k % len(colors)], alpha=0.9 if j == 0 else 0.5,
+                        label=f"{c.label}, {int(c.volume)} q{flag}" if j == 0 else None)
+    ax.set_xlabel("training windows seen")
+    ax.set_ylabel("F1 (learning-curve questions)")
+    ax.set_title("Learning curves of the headline configurations")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, study_dir, "learning_curves.png")
 
-    # Pareto: F1 vs trainable parameters and vs training compute (counted FLOPs; wall time for older runs)
+
+def _pareto(study_dir: Path, a: Analysis, top: float) -> str:
+    """F1 vs trainable parameters and vs training compute (counted FLOPs; wall time for older runs)."""
+    import matplotlib.pyplot as plt
+
     at_top = [c for c in a.configs if c.volume == top]
     counted = all(r["costs"].get("train_flops") for c in at_top for r in c.runs)
     cost_key, cost_label = (("train_flops", "training compute (counted PFLOP)") if counted
@@ -118,8 +141,7 @@ def figures(study_dir: Path, a: Analysis) -> list[str]:
         scatter_with_front(ax, [p[k] for p in pts], [p[1] for p in pts], [p[0] for p in pts], xlabel, log=True)
     axes[0].set_title(f"F1 vs trainable parameters ({int(top)} questions)")
     axes[1].set_title(f"F1 vs {cost_label.split(' (')[0]}")
-    names.append(_save(fig, study_dir, "pareto.png"))
-    return names
+    return _save(fig, study_dir, "pareto.png")
 
 
 def scatter_with_front(ax, xs: list[float], ys: list[float], labels: list[str], xlabel: str, colors=None,

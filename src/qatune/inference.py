@@ -277,14 +277,19 @@ class Reader:
                                                                                  config.max_seq_length)
         if settings:
             config = replace(config, **settings)
-        from qatune.models import load_tokenizer
+        from qatune.models import check_seq_length, load_tokenizer
 
         tokenizer = load_tokenizer(str(model_dir))
         if (model_dir / ONNX_FILE).exists():
+            from transformers import AutoConfig
+
+            check_seq_length(AutoConfig.from_pretrained(model_dir), config.max_seq_length, str(path))
             return cls(OnnxModel(model_dir / ONNX_FILE, threads), tokenizer, config)
         from qatune.models import load_trained
 
-        return cls(load_trained(model_dir), tokenizer, config, device, precision)
+        model = load_trained(model_dir)
+        check_seq_length(model.config, config.max_seq_length, str(path))
+        return cls(model, tokenizer, config, device, precision)
 
     @classmethod
     def live(cls, model, tokenizer, config: InferenceConfig, precision: str) -> Reader:

@@ -1,5 +1,6 @@
 """Launchers: where a study's runs execute. A launcher starts runs in worker processes and hands back each
 run's outcome; it never writes the study's database (the driver in `qatune.study` alone does).
+Both satisfy :class:`Launcher`, the protocol the driver uses.
 
 - :class:`LocalLauncher` — N worker processes on this machine. On GPUs the workers are spread over the
   visible devices (``CUDA_VISIBLE_DEVICES`` pinning), ``runs_per_gpu`` of them per device; on a CPU the
@@ -19,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 from qatune.errors import QatuneError
 from qatune.record import RunRecord, write_json_atomic
@@ -55,6 +57,29 @@ class Outcome:
         if d.get("traceback"):
             error = f"{error}\n{d['traceback']}"
         return cls(run_id, d["status"], record, error)
+
+
+class Launcher(Protocol):
+    """What the driver needs of a launcher: slots to fill, runs started on them, outcomes handed back."""
+
+    name: str
+    slots: list[Slot]
+
+    def submit(self, run, slot: Slot) -> None:
+        """Start ``run`` (a `qatune.studyfile.Run`) on ``slot``; returns at once."""
+
+    def poll(self) -> list[Outcome]:
+        """The outcomes of runs that ended since the last call; never blocks."""
+
+    @staticmethod
+    def shares_device(a: Slot, b: Slot) -> bool:
+        """Whether runs on these two slots compete for one device (recorded with each run's costs)."""
+
+    def stop(self, grace_s: float = 120.0) -> list[Outcome]:
+        """Ask every running run to stop (each saves a checkpoint when it can) and return their outcomes."""
+
+    def close(self) -> None:
+        """Release what the launcher holds (processes, a Ray instance it started)."""
 
 
 def check_settings(workers: int | None, runs_per_gpu: int, threads: int | None) -> None:
@@ -109,10 +134,6 @@ class LocalLauncher:
     def shares_device(a: Slot, b: Slot) -> bool:
         """Two local workers share a GPU when pinned to the same one, and the CPU when neither has a GPU."""
         return a.gpu == b.gpu
-
-    def where(self, run_id: str) -> str:
-        proc = self._procs.get(run_id)
-        return f"pid {proc[0].pid}" if proc else ""
 
     def poll(self) -> list[Outcome]:
         done = []
@@ -201,9 +222,6 @@ class RayLauncher:
     def submit(self, run, slot: Slot) -> None:
         self._refs[run.id] = self._task.remote(asdict(run.config), slot.threads)
 
-    def where(self, run_id: str) -> str:
-        return "ray task" if run_id in self._refs else ""
-
     def poll(self) -> list[Outcome]:
         if not self._refs:
             return []
@@ -257,7 +275,7 @@ class _quiet:
 
 
 def make_launcher(kind: str, workers: int | None = None, runs_per_gpu: int = 1, threads: int | None = None,
-                  address: str | None = None):
+                  address: str | None = None) -> Launcher:
     check_settings(workers, runs_per_gpu, threads)
     if kind == "local":
         if address:

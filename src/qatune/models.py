@@ -12,6 +12,7 @@ policy sets LoRA's scaling for rank sweeps: ``fixed`` (alpha as given, scale alp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -89,21 +90,30 @@ def load_tokenizer(name: str):
 def load_qa_model(name: str) -> torch.nn.Module:
     """An ``AutoModelForQuestionAnswering`` (a fresh span head on top of a plain encoder checkpoint)."""
     from transformers import AutoModelForQuestionAnswering
-    from transformers.utils import logging as hf_logging
 
     path = resolve_model(name)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialised qa_outputs" is expected here, not a warning
-    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every load is noise
     from safetensors import SafetensorError
 
     try:
-        return AutoModelForQuestionAnswering.from_pretrained(path)
+        with quiet_transformers():  # "newly initialised qa_outputs" is expected here, not a warning
+            return AutoModelForQuestionAnswering.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a question-answering model from {_describe(name, path)}: {e}") from e
     except SafetensorError as e:
         raise ModelError(f"{_describe(name, path)}: its weights file is damaged ({e}); copy or download the model "
                          f"again") from e
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Transformers says only errors, and shows no per-tensor "Loading weights" bar, while a model is built."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
@@ -294,6 +304,16 @@ def model_config(name: str):
                                f"model) instead") from None
 
 
+def check_seq_length(config, max_seq_length: int, model: str) -> None:
+    """Refuse windows longer than the model's position embeddings (they would end in a tensor-size error on the
+    first long context), naming the limit."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and max_seq_length > limit:
+        raise ModelError(f"max_seq_length {max_seq_length} is longer than {model} can read: its position "
+                         f"embeddings cover {limit} tokens (max_position_embeddings); use a max_seq_length of "
+                         f"{limit} or less")
+
+
 def model_from_config(name: str, strategy: str = "full", lora: LoraSettings | None = None,
                       meta: bool = False) -> torch.nn.Module:
     """A question-answering model of ``name``'s architecture with random weights, ready for ``strategy``.
@@ -304,16 +324,10 @@ def model_from_config(name: str, strategy: str = "full", lora: LoraSettings | No
     """
     import torch
     from transformers import AutoModelForQuestionAnswering
-    from transformers.utils import logging as hf_logging
 
     mcfg = model_config(name)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with torch.device("meta") if meta else torch.random.fork_rng(devices=[]):
-            model = AutoModelForQuestionAnswering.from_config(mcfg)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with quiet_transformers(), torch.device("meta") if meta else torch.random.fork_rng(devices=[]):
+        model = AutoModelForQuestionAnswering.from_config(mcfg)
     return apply_strategy(model, strategy, lora)
 
 

@@ -60,6 +60,11 @@ class RunRecord:
                 "inference": self.inference or None}
 
 
+def exact_match(metrics: dict) -> float:
+    """A run's exact match whatever its SQuAD version (v2 records written before 2026-12-02 call it "exact")."""
+    return metrics.get("exact_match", metrics.get("exact", float("nan")))
+
+
 def write_json_atomic(path: Path, obj, durable: bool = True) -> None:
     """Write to a temporary file (fsync unless ``durable`` is off), then rename: readers see the old file or
     the new one, never half."""

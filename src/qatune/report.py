@@ -2,7 +2,7 @@
 
 What a reviewer needs to trust each sentence:
 
-* **What one configuration is**: a run's resolved configuration without its seed (:func:`study.config_id`),
+* **What one configuration is**: a run's resolved configuration without its seed (:func:`config.config_id`),
   so only seeds are averaged. The report covers the study file's latest registered grid; rows of earlier
   grids stay in ``study.sqlite`` and are reported only when asked (``all_runs``).
 * **Every number carries its uncertainty**: 95% intervals from a two-level bootstrap (seeds within each
@@ -124,6 +124,19 @@ def _where(comp: dict, split: dict | None) -> str:
 
 
 def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
+    """The report's sections in order, as blocks that `qatune.render` writes as markdown and as HTML."""
+    b = _scope_blocks(a, study_dir)
+    if not a.done:
+        return b + [("p", "No finished runs yet.")]
+    marks = cost_marks(a.done)
+    b += _reading_blocks(a) + _table_blocks(a, marks) + _comparison_blocks(a)
+    b += [("h2", "Findings"), ("ul", _findings(a) or ["Not enough finished runs for a comparison yet."])]
+    b += [("h2", "Figures")] + [("img", name) for name in figures]
+    return b + _cost_blocks(a.done, marks) + _inference_blocks(a, study_dir)
+
+
+def _scope_blocks(a: Analysis, study_dir: Path) -> list[tuple]:
+    """Title, which runs the report covers, and the runs without results."""
     b: list[tuple] = [("h1", f"Study report: {a.grid['study'] if a.grid else study_dir.name}")]
     if a.grid:
         when = datetime.fromtimestamp(a.grid["registered_at"], UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -147,36 +160,42 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
                          f"{r['point'].get('train_questions', 'all')} training questions, seed {r['config']['seed']}: "
                          f"{r['status']}" + (f" ({r['error'].splitlines()[0]})" if r["error"] else "")
                          for r in missing]))
-    if not a.done:
-        b.append(("p", "No finished runs yet."))
-        return b
-    v2 = a.scores.version.startswith("2")
+    return b
+
+
+def _reading_blocks(a: Analysis) -> list[tuple]:
+    """How to read the numbers: the metric, what is averaged, the intervals, how the headline chose."""
     seeds = sorted({len(c.runs) for c in a.configs})
-    b += [("h2", "How to read the numbers"),
-          ("ul", [f"Evaluation: SQuAD v{a.scores.version} rules, {len(a.questions)} questions scored in every run"
-                  + (" (unanswerable questions score 1 only for an empty answer; HasAns/NoAns columns split them)"
-                     if v2 else "") + ".",
-                  "A configuration is a run's full configuration without its seed: only seeds are averaged. "
-                  f"Seeds per configuration: {', '.join(map(str, seeds))}.",
-                  "Intervals are 95% percentile intervals of a two-level bootstrap: each configuration's seeds "
-                  "are resampled, and so are the evaluation questions (the same draw for every configuration in a "
-                  "comparison, so comparisons are paired)"
-                  + ("; with one seed they cover question sampling only." if seeds == [1] else "."),
-                  ("Headline: no comparison yet (an arm of the headline has no finished run)." if not a.comparisons
-                   else f"Headline choice without bias: where an arm of the headline has several configurations, the "
-                   f"best is chosen on a fixed selection part of the evaluation questions ({a.split['selection']} "
-                   f"questions: a hash of the question id with seed {SPLIT_SEED}, share {SELECTION_SHARE:.0%}) "
-                   f"and the difference is tested on the other {a.split['test']} (listed in `split.json`)."
-                   if a.split and a.split["chosen"] else
-                   "Headline: each headline arm has a single configuration, so nothing is chosen and all "
-                   "questions test the difference."),
-                  f"Learning curves: a run is \"not converged\" when F1 on its curve questions still rose by more "
-                  f"than {CURVE_GAIN:.1f} point over its last evaluation interval."])]
-    marks = cost_marks(a.done)
+    return [("h2", "How to read the numbers"),
+            ("ul", [f"Evaluation: SQuAD v{a.scores.version} rules, {len(a.questions)} questions scored in every run"
+                    + (" (unanswerable questions score 1 only for an empty answer; HasAns/NoAns columns split them)"
+                       if a.scores.version.startswith("2") else "") + ".",
+                    "A configuration is a run's full configuration without its seed: only seeds are averaged. "
+                    f"Seeds per configuration: {', '.join(map(str, seeds))}.",
+                    "Intervals are 95% percentile intervals of a two-level bootstrap: each configuration's seeds "
+                    "are resampled, and so are the evaluation questions (the same draw for every configuration in a "
+                    "comparison, so comparisons are paired)"
+                    + ("; with one seed they cover question sampling only." if seeds == [1] else "."),
+                    ("Headline: no comparison yet (an arm of the headline has no finished run)." if not a.comparisons
+                     else f"Headline choice without bias: where an arm of the headline has several configurations, "
+                     f"the best is chosen on a fixed selection part of the evaluation questions "
+                     f"({a.split['selection']} questions: a hash of the question id with seed {SPLIT_SEED}, share "
+                     f"{SELECTION_SHARE:.0%}) and the difference is tested on the other {a.split['test']} (listed in "
+                     f"`split.json`)." if a.split and a.split["chosen"] else
+                     "Headline: each headline arm has a single configuration, so nothing is chosen and all "
+                     "questions test the difference."),
+                    f"Learning curves: a run is \"not converged\" when F1 on its curve questions still rose by more "
+                    f"than {CURVE_GAIN:.1f} point over its last evaluation interval."])]
+
+
+def _table_blocks(a: Analysis, marks: dict) -> list[tuple]:
+    """Every configuration with its scores, convergence and costs: the largest data volume first."""
     top = max(c.volume for c in a.configs)
-    b += [("h2", f"Headline table ({int(top)} training questions)"),
-          ("p", "Every configuration at the largest data volume; EM and F1: mean over seeds [95% interval]. "
-                "‡ marks a LoRA rank at or beyond the width of the adapted layers, † runs slowed by other load.")]
+    v2 = a.scores.version.startswith("2")
+    b: list[tuple] = [("h2", f"Headline table ({int(top)} training questions)"),
+                      ("p", "Every configuration at the largest data volume; EM and F1: mean over seeds [95% "
+                            "interval]. ‡ marks a LoRA rank at or beyond the width of the adapted layers, † runs "
+                            "slowed by other load.")]
     header = ["configuration", "train q", "seeds", "EM", "F1"]
     if v2:
         header += ["HasAns F1", "NoAns F1", "best F1 (threshold)"]
@@ -200,19 +219,20 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
         body.append(row)
     b.append(("table", header, body))
     notes = sorted({n for c in a.configs for n in c.notes})
-    if notes:
-        b.append(("ul", notes))
-    b.append(("h2", "Comparisons and tests"))
+    return b + ([("ul", notes)] if notes else [])
+
+
+def _comparison_blocks(a: Analysis) -> list[tuple]:
+    """The headline comparison per data volume, its volume interaction, and the rank tests."""
+    b: list[tuple] = [("h2", "Comparisons and tests")]
     if a.comparisons:
-        rows_ = []
-        for comp in a.comparisons:
-            rows_.append([f"{int(comp['volume'])}", comp["a"].label, comp["b"].label,
-                          " / ".join(map(str, comp["candidates"])), _ci(comp["f1"], 2, True), _p(comp["f1"].p),
-                          _ci(comp["em"], 2, True), _p(comp["em"].p), str(comp["f1"].questions)])
+        rows = [[f"{int(comp['volume'])}", comp["a"].label, comp["b"].label, " / ".join(map(str, comp["candidates"])),
+                 _ci(comp["f1"], 2, True), _p(comp["f1"].p), _ci(comp["em"], 2, True), _p(comp["em"].p),
+                 str(comp["f1"].questions)] for comp in a.comparisons]
         b += [("p", f"Headline arms `{a.headline[0]}` − `{a.headline[1]}` (from `[study] headline`), at each data "
                     f"volume; 'candidates' counts the configurations each arm had to choose from."),
               ("table", ["train q", "A", "B", "candidates", "F1 diff [95% CI]", "p", "EM diff [95% CI]", "p",
-                         "test questions"], rows_)]
+                         "test questions"], rows)]
     if a.interaction:
         it, (lo, hi) = a.interaction["f1"], a.interaction["volumes"]
         b.append(("p", f"Data-volume interaction: change of the F1 difference A − B from {int(lo)} to {int(hi)} "
@@ -227,9 +247,11 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
                                                             if k != "train_questions") or "—",
                  ", ".join(f"r={r}: {m:.2f}" for r, m in zip(t["ranks"], t["f1"])), _p(t["p"]), _p(t["p_holm"]),
                  t["method"]] for t in a.rank_tests])]
-    b += [("h2", "Findings"), ("ul", _findings(a) or ["Not enough finished runs for a comparison yet."])]
-    b += [("h2", "Figures")] + [("img", name) for name in figures]
-    b += _cost_blocks(a.done, marks)
+    return b
+
+
+def _inference_blocks(a: Analysis, study_dir: Path) -> list[tuple]:
+    """What each model costs to run (latency, size, int8 accuracy), and the runs whose measurement failed."""
     from qatune.cost import COST_HEADER, COST_INTRO, cost_rows, not_measured
     from qatune.figures import cost_figure
 
@@ -237,6 +259,7 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
         return config_label(r["arm"], r["point"])
 
     measured, failed = cost_rows(a.done, label), not_measured(a.done)
+    b: list[tuple] = []
     if measured or failed:
         b += [("h2", "What each model costs to run"), ("p", COST_INTRO)]
     if measured:

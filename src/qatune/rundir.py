@@ -10,7 +10,7 @@ export agree on what a run leaves behind and on when it can be trusted::
     curve.json         learning-curve points so far (kept across an interruption)
     progress.json      step, speed and where it runs, every few seconds (advisory, for --status)
     model/             the trained model or LoRA adapter, tokenizer and inference configuration
-    checkpoints/       checkpoint-<step>/ folders
+    checkpoints/       checkpoint-<step>/ folders, each with the configuration it was trained with (config.json)
     tensorboard/       TensorBoard events (report_to = "tensorboard")
     .lock              held by the one process that trains the run
 
@@ -42,6 +42,13 @@ TENSORBOARD = "tensorboard"
 LOCK = ".lock"
 
 
+def write_config(directory: Path, cfg: TrainConfig) -> None:
+    """``config.json`` of a run directory or of one of its checkpoints."""
+    from dataclasses import asdict
+
+    write_json_atomic(directory / CONFIG, {"config": asdict(cfg), "hash": config_hash(cfg)})
+
+
 class RunDir:
     """One run directory; paths as attributes, reads that return None/{} for a missing or damaged advisory file."""
 
@@ -56,21 +63,24 @@ class RunDir:
 
     # ------------------------------------------------------------------ configuration and identity
     def write_config(self, cfg: TrainConfig) -> None:
-        from dataclasses import asdict
+        write_config(self.path, cfg)
 
-        write_json_atomic(self.path / CONFIG, {"config": asdict(cfg), "hash": config_hash(cfg)})
-
-    def stored_config(self) -> dict | None:
-        """The configuration of the run already here (config.json, else run.json), None when there is none or it
-        cannot be read."""
-        for name in (CONFIG, RECORD):
+    def stored_configs(self, checkpoint: Path | None = None) -> list[tuple[str, dict]]:
+        """Every configuration a run already here claims, with where it is written: config.json, run.json and the
+        checkpoint to resume from (its own copy, written with its weights, so that editing the other two cannot
+        relabel what it was trained with). Missing or unreadable ones are left out."""
+        out = []
+        places = [(CONFIG, self.path / CONFIG), (RECORD, self.record)]
+        if checkpoint is not None:
+            places.append((f"{checkpoint.name} (the weights to resume)", checkpoint / CONFIG))
+        for name, path in places:
             try:
-                config = json.loads((self.path / name).read_text(encoding="utf-8"))["config"]
+                config = json.loads(path.read_text(encoding="utf-8"))["config"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             if isinstance(config, dict):
-                return config
-        return None
+                out.append((name, config))
+        return out
 
     def finished_record(self, cfg: TrainConfig) -> tuple[RunRecord | None, str]:
         """The record of this configuration's finished run here and "" — or None and why it cannot be trusted

@@ -13,6 +13,7 @@ an unexpected failure answers 500 without internals, and the server keeps servin
 """
 
 import asyncio
+import errno
 import json
 import logging
 import queue
@@ -21,7 +22,8 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from qatune.errors import QatuneError
+from qatune.data import kind, text_problem
+from qatune.errors import ConfigError, QatuneError
 from qatune.inference import Reader, require
 
 log = logging.getLogger("qatune.serve")
@@ -62,7 +64,10 @@ def parse_items(body: bytes, limits: Limits) -> tuple[list[tuple[str, str, int]]
     """The (question, context, top_k) items of a request body and whether it was a list; RequestError otherwise."""
     try:
         obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:  # thousands of nested brackets: no request needs them
+        raise RequestError(422, "body", "JSON nested too deeply; send one {question, context} object or a list "
+                                        "of them") from None
+    except ValueError as e:  # not JSON, not UTF-8, or an integer of thousands of digits (Python's int limit)
         raise RequestError(422, "body", f"not valid JSON ({getattr(e, 'msg', e)})") from None
     many = isinstance(obj, list)
     records = obj if many else [obj]
@@ -75,17 +80,13 @@ def parse_items(body: bytes, limits: Limits) -> tuple[list[tuple[str, str, int]]
     for i, rec in enumerate(records):
         where = f"body[{i}]" if many else "body"
         if not isinstance(rec, dict):
-            raise RequestError(422, where, f"expected an object with question and context, got {_kind(rec)}")
+            raise RequestError(422, where, f"expected an object with question and context, got {kind(rec)}")
         for key in ("question", "context"):
-            if key not in rec:
-                raise RequestError(422, f"{where}.{key}", "field required")
-            if not isinstance(rec[key], str):
-                raise RequestError(422, f"{where}.{key}", f"must be a string, got {_kind(rec[key])}")
-            if not rec[key].strip():
-                raise RequestError(422, f"{where}.{key}", "must not be empty")
+            if problem := text_problem(rec, key):
+                raise RequestError(422, f"{where}.{key}", problem)
         top_k = rec.get("top_k", 1)
         if not isinstance(top_k, int) or isinstance(top_k, bool):
-            raise RequestError(422, f"{where}.top_k", f"must be an integer, got {_kind(top_k)}")
+            raise RequestError(422, f"{where}.top_k", f"must be an integer, got {kind(top_k)}")
         if not 1 <= top_k <= MAX_TOP_K:
             raise RequestError(422, f"{where}.top_k", f"must be between 1 and {MAX_TOP_K}, got {top_k}")
         if len(rec["context"]) > limits.max_context_chars:
@@ -93,11 +94,6 @@ def parse_items(body: bytes, limits: Limits) -> tuple[list[tuple[str, str, int]]
                                                         f"{limits.max_context_chars:,}")
         items.append((rec["question"], rec["context"], top_k))
     return items, many
-
-
-def _kind(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), f"a number ({value!r})" if isinstance(value, int | float) else type(value).__name__)
 
 
 def to_pipeline(answer: dict) -> dict:
@@ -247,13 +243,35 @@ async def _read_body(request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def check_address(host: str, port: int) -> None:
+    """Bind the address once before the model loads: a port in use or a host that is not this machine's fails in
+    a second with one line, not after the load with uvicorn's."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {host!r} is not an address this machine can listen on ({e}); give an IP address "
+                          f"or host name of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"cannot listen on {host}:{port}: the port is in use; choose another --port, or "
+                                  f"stop what holds it") from None
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}; give an address of this machine "
+                              f"with --host") from None
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
           threads: int | None = None, max_batch: int = 32, batch_wait_ms: float = 2.0,
           max_body_bytes: int = 1_000_000, max_context_chars: int = 100_000) -> None:
     """Load ``model`` and serve it until interrupted."""
     uvicorn = require("uvicorn", "serve")
     require("fastapi", "serve")
-    from qatune.errors import ConfigError
 
     for name, value in (("--port", port), ("--max-batch", max_batch), ("--max-body-bytes", max_body_bytes),
                         ("--max-context-chars", max_context_chars)):
@@ -261,6 +279,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | N
             raise ConfigError(f"{name} must be {'0-65535' if name == '--port' else '>= 1'}, got {value}")
     if batch_wait_ms < 0:
         raise ConfigError(f"--batch-wait-ms must be >= 0, got {batch_wait_ms}")
+    check_address(host, port)
     reader = Reader.load(model, device=device, threads=threads)
     app = create_app(reader, max_batch, batch_wait_ms, Limits(max_body_bytes, max_context_chars), model_name=model)
     uvicorn.run(app, host=host, port=port, log_level="info")

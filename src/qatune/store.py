@@ -104,6 +104,14 @@ class StoreError(QatuneError, RuntimeError):
     """A study database that cannot be used; the message names the file and what to do."""
 
 
+class OtherStudy(StoreError):
+    """The study directory holds another study (by name)."""
+
+    def __init__(self, name: str, file: str):
+        super().__init__(f"the study directory holds the study {name!r} (from {file})")
+        self.name, self.file = name, file
+
+
 DB_FILE = "study.sqlite"
 
 
@@ -204,8 +212,12 @@ def register(db: sqlite3.Connection, runs: Sequence) -> None:
 
 def register_grid(db: sqlite3.Connection, study: str, file: str, headline: Sequence[str] | None,
                   ids: Sequence[str]) -> None:
-    """Record the study file's grid as it is now (its run ids in order, its headline arms)."""
-    with db:
+    """Record the study file's grid as it is now (its run ids in order, its headline arms); :class:`OtherStudy`
+    if a study of another name registered here first (checked and written in one transaction)."""
+    with _immediate(db):
+        other = db.execute("SELECT study, file FROM grids WHERE study != ? ORDER BY seq LIMIT 1", (study,)).fetchone()
+        if other is not None:
+            raise OtherStudy(other["study"], other["file"])
         db.execute("INSERT INTO grids (registered_at, study, file, headline, run_ids) VALUES (?, ?, ?, ?, ?)",
                    (time.time(), study, file, json.dumps(list(headline) if headline else None), json.dumps(list(ids))))
 

@@ -38,6 +38,7 @@ from qatune.models import (
     LoraSettings,
     apply_strategy,
     check_segment_inputs,
+    check_seq_length,
     load_qa_model,
     load_tokenizer,
     lora_widths,
@@ -57,15 +58,17 @@ STOP = threading.Event()  # set by a signal handler: the run saves a checkpoint 
 
 
 @contextlib.contextmanager
-def stop_on_signals():
+def stop_on_signals(second_stops_at_once: bool = True):
     """Turn SIGINT/SIGTERM into a clean stop: the step in flight finishes, a checkpoint is saved, then
-    :class:`Interrupted` is raised. A second signal stops at once."""
+    :class:`Interrupted` is raised. A second signal stops at once (a person pressing Ctrl-C again), unless
+    ``second_stops_at_once`` is off: a study worker hears only machines (its driver, the driver's death), for
+    which every signal repeats the one request to stop after a checkpoint."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        if STOP.is_set():
+        if STOP.is_set() and second_stops_at_once:
             raise KeyboardInterrupt
         STOP.set()
 
@@ -123,6 +126,7 @@ class Recipe:
             self.curve_data = self.eval_data.with_examples(subsample(self.eval_data.examples, n, CURVE_SEED))
 
         model = load_qa_model(cfg.model)
+        check_seq_length(model.config, cfg.max_seq_length, cfg.model)
         self.model_type = model.config.model_type
         self.attention = getattr(model.config, "_attn_implementation", None)
         self.precision = resolve_precision(cfg.precision, state.device, self.model_type)
@@ -169,12 +173,12 @@ class Recipe:
         if ckpts and not cfg.resume:
             raise TrainingError(f"{out} already holds checkpoints of a run; pass --resume to continue it, "
                                 f"or choose another --output-dir")
-        if cfg.resume:  # continue only the same run: its configuration and the files it stands on are checked
-            stored = self.dir.stored_config()
-            diffs = config_differences(stored, cfg) if stored is not None else []
-            if diffs:
-                raise TrainingError(f"{out} holds a run with other settings ({'; '.join(diffs[:4])}); --resume "
-                                    f"continues only the same run: give its settings, or another --output-dir")
+        if cfg.resume:  # continue only the same run: every configuration it claims and the files it stands on
+            for where, stored in self.dir.stored_configs(ckpts[-1][1] if ckpts else None):
+                if diffs := config_differences(stored, cfg):
+                    raise TrainingError(f"{out} holds a run with other settings: its {where} says "
+                                        f"{'; '.join(diffs[:4])}. --resume continues only the same run: give its "
+                                        f"settings, or another --output-dir")
             if self.dir.record.exists():
                 done, why = self.dir.finished_record(cfg)
                 if done is not None:
@@ -354,7 +358,7 @@ class Recipe:
         self.acc.wait_for_everyone()
         if self.main:
             self.last_ckpt = save_checkpoint(self.dir.checkpoints, step, self.acc.unwrap_model(self.model),
-                                             self.optimizer, self.scheduler, self.cfg.keep_checkpoints)
+                                             self.optimizer, self.scheduler, self.cfg.keep_checkpoints, self.cfg)
 
     def _write_progress(self, step: int, t0: float) -> None:
         """The run's progress for a study's --status: which step, how fast, where (advisory)."""

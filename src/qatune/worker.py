@@ -66,22 +66,26 @@ def execute(config: dict, threads: int | None = None) -> dict:
 
 
 def _exit_with_parent() -> None:
-    """Stop cleanly when the driver dies: SIGTERM on parent death (Linux), and a watchdog elsewhere."""
+    """Stop cleanly when the driver dies: SIGTERM on parent death (Linux), and a watchdog elsewhere. Both make
+    the same one request (the run saves a checkpoint, then stops): the watchdog sets the stop flag, it sends no
+    second signal."""
+    from qatune.train import STOP
+
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if os.getppid() != parent:  # died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
     def watch():
-        while True:
+        while os.getppid() == parent:
             time.sleep(2)
-            if os.getppid() != parent:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
+        STOP.set()
+
+    if os.getppid() != parent:  # died before prctl took effect
+        STOP.set()
+        return
 
     threading.Thread(target=watch, daemon=True).start()
 
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec_path = Path((argv or sys.argv[1:])[0])
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    with stop_on_signals():
+    with stop_on_signals(second_stops_at_once=False):
         _exit_with_parent()
         outcome = execute(spec["config"], spec.get("threads"))
     write_json_atomic(Path(spec["config"]["output_dir"]) / OUTCOME, outcome)

@@ -1,0 +1,186 @@
+"""A study file (TOML) -> the runs it declares.
+
+A study file has shared ``[defaults]`` (any training option), a list of ``[[arms]]`` (a model x strategy
+pair with its own options) and a ``[grid]`` whose lists multiply the runs: ``lora_rank``, ``alpha_policy``
+(LoRA arms only), ``train_questions`` (data volumes) and ``seed`` (all arms), or any other option.
+Each run is named by a hash of its resolved configuration, so re-running the study skips finished runs,
+resumes an interrupted one from its checkpoint, and a changed setting is a new run rather than a stale one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from qatune.config import TrainConfig, config_hash
+from qatune.errors import QatuneError, unreadable
+
+LORA_ONLY = ("lora_rank", "alpha_policy", "lora_alpha", "lora_dropout", "lora_targets")
+# Options the study sets for every run itself: where its files go, resuming, the shared tokenisation cache.
+STUDY_SETS = {"output_dir": "each run's directory is runs/<run id> in the study directory; choose that with --dir",
+              "resume": "a study always resumes its runs from their checkpoints",
+              "feature_cache_dir": "the study shares one tokenisation cache, cache/ in the study directory"}
+
+
+class StudyError(QatuneError, ValueError):
+    """A study file or option that cannot be used; the message says where and what to do."""
+
+
+@dataclass
+class Run:
+    id: str
+    arm: str
+    config: TrainConfig
+    point: dict  # the grid values that made this run (for tables and figures)
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    directory: Path
+    runs: list[Run]
+    headline: tuple[str, str] | None  # the two arms compared by the paired bootstrap
+
+
+def load_study(path: str | Path, overrides: list[str] = (), directory: str | Path | None = None) -> Study:
+    """Read a study file, apply command-line overrides (``--set``) and expand its grid into runs."""
+    path = Path(path)
+    spec = _read(path)
+    meta, defaults, arms, grid = _tables(path, spec)
+    name = meta.get("name", path.stem)
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise StudyError(f"{path}: [study] name = {name!r} must be a non-empty string without '/'")
+    arm_names = [a["name"] for a in arms]
+    headline = _headline(path, meta.get("headline"), arm_names)
+    arm_grids = {a["name"]: dict(grid) for a in arms}
+    for override in overrides:
+        _apply(override, defaults, arms, arm_grids)
+    _check_keys(path, defaults, arms, arm_grids)
+    base_dir = Path(directory) if directory else Path(meta.get("directory", f"studies-out/{name}"))
+    if not base_dir.is_absolute() and directory is None:
+        base_dir = Path.cwd() / base_dir
+    runs, seen = [], set()
+    for arm in arms:
+        for run in _expand(path, arm, defaults, arm_grids[arm["name"]], base_dir):
+            if run.id not in seen:
+                seen.add(run.id)
+                runs.append(run)
+    return Study(name, path, base_dir, runs, headline)
+
+
+def _read(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise StudyError(f"{path}: study file not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise StudyError(str(unreadable(path, "study file", e, "give a UTF-8 TOML file"))) from e
+    except tomllib.TOMLDecodeError as e:
+        raise StudyError(f"{path}: not valid TOML: {e}") from e
+
+
+def _tables(path: Path, spec: dict) -> tuple[dict, dict, list[dict], dict]:
+    """The [study], [defaults], [[arms]] and [grid] tables, checked for shape."""
+    for table in ("study", "defaults", "grid"):
+        if not isinstance(spec.get(table, {}), dict):
+            raise StudyError(f"{path}: {table} must be a [{table}] table, got {spec[table]!r}")
+    arms = spec.get("arms")
+    if not arms:
+        raise StudyError(f"{path}: needs at least one [[arms]] table (name, model, strategy)")
+    if not isinstance(arms, list) or not all(isinstance(a, dict) for a in arms):
+        raise StudyError(f"{path}: arms must be [[arms]] tables (name, model, strategy)")
+    for arm in arms:
+        if "name" not in arm or "model" not in arm or "strategy" not in arm:
+            raise StudyError(f"{path}: every [[arms]] needs name, model and strategy (got {sorted(arm)})")
+    names = [a["name"] for a in arms]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise StudyError(f"{path}: arm name(s) {twice} used more than once; give every [[arms]] its own name")
+    grid = dict(spec.get("grid", {}))
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise StudyError(f"{path}: [grid] {key} must be a non-empty list")
+    return spec.get("study", {}), dict(spec.get("defaults", {})), [dict(a) for a in arms], grid
+
+
+def _headline(path: Path, headline, arm_names: list[str]) -> tuple[str, str] | None:
+    if headline is None:
+        return (arm_names[0], arm_names[1]) if len(arm_names) >= 2 else None
+    if (not isinstance(headline, list) or len(headline) != 2
+            or any(h not in arm_names for h in headline) or headline[0] == headline[1]):
+        raise StudyError(f"{path}: [study] headline = {headline!r} must name two different arms (arms: {arm_names})")
+    return headline[0], headline[1]
+
+
+def parse_override(text: str) -> tuple[str | None, str, object]:
+    """``key=value`` (all arms) or ``arm.key=value``; the value is read as TOML, else kept as a string."""
+    if "=" not in text:
+        raise StudyError(f"--set {text!r}: expected key=value or arm.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    arm, _, key = key.strip().rpartition(".")
+    return arm or None, key, value
+
+
+def _apply(text: str, defaults: dict, arms: list[dict], arm_grids: dict[str, dict]) -> None:
+    """One ``--set``: a grid key replaces that axis (of every arm, or of the one named); any other key sets the
+    option (a plain override wins over the arms' own settings too)."""
+    arm_name, key, value = parse_override(text)
+    if key in STUDY_SETS:
+        raise StudyError(f"--set {text!r}: {key} is not an option of a study run: {STUDY_SETS[key]}")
+    if arm_name is not None and arm_name not in arm_grids:
+        raise StudyError(f"--set {arm_name}.{key}: no arm named {arm_name!r} (arms: {list(arm_grids)})")
+    targets = [a for a in arms if arm_name in (None, a["name"])]
+    for arm in targets:
+        grid = arm_grids[arm["name"]]
+        if key in grid:
+            values = value if isinstance(value, list) else [value]
+            if not values:
+                raise StudyError(f"--set {text!r}: a grid axis needs at least one value")
+            grid[key] = values
+        elif arm_name is None:
+            defaults[key] = value
+            arm.pop(key, None)
+        else:
+            arm[key] = value
+
+
+def _check_keys(path: Path, defaults: dict, arms: list[dict], arm_grids: dict[str, dict]) -> None:
+    known = {f.name for f in fields(TrainConfig)} - set(STUDY_SETS)
+    tables = [("defaults", defaults), *((f"arm {a['name']!r}", a) for a in arms),
+              *((f"grid of arm {n!r}", g) for n, g in arm_grids.items())]
+    for where, table in tables:
+        own = sorted(set(table) & set(STUDY_SETS))
+        if own:
+            raise StudyError(f"{path}: [{where}] sets {own[0]}: {STUDY_SETS[own[0]]}")
+        bad = sorted(set(table) - known - {"name"})
+        if bad:
+            raise StudyError(f"{path}: [{where}] has unknown option(s) {bad}; options are the `qatune train` flags "
+                             f"with underscores, e.g. {sorted(known)[:6]}...")
+
+
+def _expand(path: Path, arm: dict, defaults: dict, grid: dict, base_dir: Path) -> list[Run]:
+    """One run per grid point of an arm (LoRA-only axes skipped for full fine-tuning)."""
+    keys = [k for k in grid if arm["strategy"] == "lora" or k not in LORA_ONLY]
+    runs = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        point = dict(zip(keys, values))
+        settings = {**defaults, **{k: v for k, v in arm.items() if k != "name"}, **point}
+        if arm["strategy"] != "lora":
+            settings = {k: v for k, v in settings.items() if k not in LORA_ONLY}
+        try:
+            cfg = TrainConfig.from_dict(settings)
+        except (TypeError, ValueError) as e:
+            raise StudyError(f"{path}: arm {arm['name']!r} at {point}: {e}") from e
+        rid = config_hash(cfg)
+        cfg.output_dir = str(base_dir / "runs" / rid)
+        cfg.feature_cache_dir = str(base_dir / "cache")
+        cfg.resume = True
+        runs.append(Run(rid, arm["name"], cfg, point))
+    return runs
