@@ -63,7 +63,7 @@ def expect_error(argv, capsys, *words: str, code: int = 2) -> str:
     (["--eval-questions", "0"], ["eval_questions", ">= 1"]),
     (["--grad-accum", "0"], ["grad_accum", ">= 1"]),
     (["--report-to", "wandb"], ["report_to = 'wandb'", "none"]),
-    (["--eval-steps", "5"], ["eval_steps = 5", "needs eval_data"]),
+    (["--eval-steps", "5"], ["eval_steps = 5", "needs validation data", "or eval_data"]),
     (["--eval-steps", "-1", "--eval-data", "x.json"], ["eval_steps = -1", ">= 0"]),
 ])
 def test_train_option_out_of_range(tmp_path, small_squad, extra, words, capsys):
@@ -92,10 +92,32 @@ def test_train_config_file_mistakes(tmp_path, small_squad, capsys):
     expect_error([*base, bad], capsys, "unknown training option", "batch_sise")
 
 
+def test_train_into_the_models_own_directory_is_refused(tmp_path, tiny_models, small_squad, capsys):
+    import shutil as sh
+
+    model = tmp_path / "model"
+    sh.copytree(tiny_models["distilbert"], model)
+    before = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    for out in (model, tmp_path):  # the model itself, or a directory holding it
+        expect_error(["train", "--model", model, "--train-data", small_squad, "--output-dir", out, *TINY], capsys,
+                     "output_dir", "is the model's own directory")
+    assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+
+
+def test_resume_of_a_directory_with_no_run_says_it_starts_from_scratch(tmp_path, tiny_models, small_squad, capsys):
+    code, _, err = run(["train", "--model", tiny_models["distilbert"], "--train-data", small_squad, "--max-steps", "1",
+                        "--output-dir", tmp_path / "typo", "--resume", *TINY], capsys)
+    assert code == 0 and "holds no run yet" in err and "training from the start" in err
+
+
 def test_train_files_that_cannot_be_used(tmp_path, small_squad, capsys):
     expect_error(["train", "--output-dir", tmp_path / "o"], capsys, "--train-data is required")
     expect_error(["train", "--train-data", tmp_path / "nope.json", "--output-dir", tmp_path / "o", *TINY],
                  capsys, "nope.json", "no such SQuAD JSON file")
+    expect_error(["train", "--train-data", tmp_path, "--output-dir", tmp_path / "o", *TINY], capsys,
+                 "a directory, not a SQuAD JSON file")
+    expect_error(["train", "--train-data", f"{small_squad}/x", "--output-dir", tmp_path / "o", *TINY], capsys,
+                 "is a file, so nothing can be under it")
     a_file = tmp_path / "taken"
     a_file.write_text("x")
     expect_error(["train", "--train-data", small_squad, "--output-dir", a_file, *TINY], capsys,
@@ -302,6 +324,7 @@ def study_file(tmp_path, data, model="m", headline="", second="lora", ranks="[2]
     ({"second": "full"}, ["arm name(s) ['full'] used more than once"]),
     ({"headline": 'headline = ["full", "lora-r8"]'}, ["headline", "must name two different arms"]),
     ({"headline": 'headline = "full"'}, ["headline", "must name two different arms"]),
+    ({"ranks": "[2, 4, 2]"}, ["[grid] lora_rank lists 2 more than once"]),
 ])
 def test_study_file_mistakes(tmp_path, small_squad, kw, words, capsys):
     path = study_file(tmp_path, small_squad, **kw)
@@ -315,7 +338,13 @@ def test_study_command_mistakes(tmp_path, small_squad, capsys):
     expect_error(["study", path, "--set", "lora_rank"], capsys, "expected key=value")
     expect_error(["study", path, "--set", "nosuch.seed=1"], capsys, "no arm named 'nosuch'")
     expect_error(["study", path, "--dir", tmp_path / "s", "--status", "--rebuild-db"], capsys, "choose one of")
-    expect_error(["report", tmp_path / "nowhere"], capsys, "no study.sqlite here")
+    expect_error(["study", path, "--dry-run", "--set", "maxsteps=3"], capsys,
+                 "--set 'maxsteps=3': unknown option 'maxsteps' (did you mean max_steps?)")
+    expect_error(["study", path, "--dry-run", "--set", "full.lora_rank=8"], capsys,
+                 "lora_rank applies to LoRA arms; arm 'full' fine-tunes fully")
+    expect_error(["report", tmp_path / "nowhere"], capsys, "no such directory")
+    (tmp_path / "empty").mkdir()
+    expect_error(["report", tmp_path / "empty"], capsys, "no study.sqlite here")
 
 
 def test_every_run_failed_exits_2_and_says_why(tmp_path, small_squad, capsys):
@@ -370,6 +399,15 @@ def test_deleted_run_directory_is_reported_then_trained_again(finished_study, tm
     code, out, _ = run(["study", path, "--dir", directory, "--json"], capsys)
     assert code == 0 and f"run {victim.name} was finished but its run directory is gone" in out
     assert json.loads(out.strip().splitlines()[-1])["finished"] == 2 and (victim / "run.json").exists()
+
+
+def test_an_empty_database_beside_finished_runs_is_not_an_empty_study(finished_study, tmp_path, capsys):
+    path, original = finished_study
+    directory = tmp_path / "s"
+    shutil.copytree(original, directory)
+    (directory / "study.sqlite").write_bytes(b"")
+    for argv in (["study", path, "--dir", directory, "--status"], ["report", directory]):
+        expect_error(argv, capsys, "not a usable study database", "the file is empty", "--rebuild-db")
 
 
 def test_damaged_database_is_rebuilt_from_the_run_directories(finished_study, tmp_path, capsys):

@@ -32,8 +32,14 @@ def damaged(tiny_run, tmp_path_factory):
     line = {"id": "1", "question": "What is the bridge of Marlow called?", "context": CONTEXT}
     (root / "q.jsonl").write_text(json.dumps(line) + "\n")
     (root / "surrogate.jsonl").write_text(json.dumps({**line, "question": "Who\ud800?"}) + "\n")
+    (root / "dupid.jsonl").write_text("\n".join(json.dumps({**line, **extra}) for extra in
+                                                ({}, {}, {"id": None}, {"id": "3"})) + "\n")
     (root / "latin1.txt").write_bytes("Caf\xe9 de Flore is called Kestrel7.".encode("latin-1"))
     (root / "empty.jsonl").write_text("\n\n")
+    out["checkpoint"] = root / "run" / "checkpoints" / "checkpoint-4"  # what a run's checkpoint folder holds
+    out["checkpoint"].mkdir(parents=True)
+    for name in ("state.pt", "trainable.safetensors", "config.json"):
+        (out["checkpoint"] / name).write_bytes(b"{}")
     out["root"] = root
     return out
 
@@ -119,6 +125,12 @@ CASES = [  # (id, argv after the command, exit code, words)
     ("export-under-a-file", ["export", "--model", "RUN", "--output-dir", "TMP/latin1.txt/x"], 2,
      ["is a file, so nothing can be created under it"]),
     ("serve-longer-than-positions", ["serve", "LONG", "--port", "0"], 2, ["max_seq_length 4096"]),
+    ("evaluate-into-the-run", ["evaluate", "--model", "RUN", "--data", "DATA", "--output-dir", "RUN"], 2,
+     ["is a training run's directory", "choose another directory"]),
+    ("predict-duplicate-ids", ["predict", "--model", "RUN", "--input", "TMP/dupid.jsonl"], 2,
+     ["line 2: id '1' is also line 1's id", "line 4: id '3' is also line 3's id", "2 of 4 line(s) not answered"]),
+    ("evaluate-a-checkpoint", ["evaluate", "--model", "CKPT", "--data", "DATA", "--output-dir", "TMP/ev"], 2,
+     ["a training checkpoint (for --resume), not a model", "give the run directory"]),
 ]
 
 
@@ -127,7 +139,7 @@ def test_bad_usage(case, tiny_run, qa_data, damaged, capsys):
     _, argv, code, words = case
     names = {"RUN": tiny_run, "DATA": qa_data, "TMP": damaged["root"], "TRUNCATED": damaged["truncated"],
              "SETTINGS": damaged["settings"], "SETTINGS_TYPE": damaged["settings_type"],
-             "NO_WEIGHTS": damaged["no_weights"], "LONG": damaged["long"]}
+             "NO_WEIGHTS": damaged["no_weights"], "LONG": damaged["long"], "CKPT": damaged["checkpoint"]}
 
     def fill(a: str) -> str:
         for k, v in sorted(names.items(), key=lambda kv: -len(kv[0])):

@@ -1,6 +1,7 @@
 """`qatune serve`: answers equal Reader's under concurrent load on loopback; bad requests get their 4xx."""
 
 import json
+import logging
 import threading
 import time
 import urllib.error
@@ -114,6 +115,7 @@ BAD = [  # (raw body or JSON, expected status, words of the message)
     (b'{"question": "Who?", "context": "x", "top_k": ' + b"9" * 5000 + b"}", 422, "not valid JSON"),  # huge integer
     (b'{"question": "Who\\ud800?", "context": "x"}', 422, "body.question: is not valid Unicode"),  # lone surrogate
     (b'{"question": "Caf\xe9?", "context": "x"}', 422, "not valid JSON"),  # a byte that is not UTF-8
+    ({"question": "Who?", "context": CONTEXT, "topk": 3}, 422, "body.topk: unknown field (did you mean top_k?)"),
 ]
 
 
@@ -125,6 +127,30 @@ def test_bad_requests_get_their_4xx_and_the_server_stays_up(server, body, status
     assert "Traceback" not in json.dumps(reply)
     ok, answers = post(server, {"question": QUESTIONS[0], "context": CONTEXT})
     assert ok == 200 and answers[0]["answer"] == CONTEXT[answers[0]["start"] : answers[0]["end"]]
+
+
+def test_a_body_not_declared_as_json_is_refused(server):
+    code, reply = post(server, {"question": "Who?", "context": CONTEXT}, headers={"Content-Type": "text/plain"})
+    assert code == 415 and "application/json" in reply["message"]
+
+
+def test_a_client_that_leaves_mid_body_costs_one_log_line_not_a_traceback(server, caplog):
+    import socket
+    from urllib.parse import urlparse
+
+    caplog.set_level(logging.INFO)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's loggers do not reach the root logger
+    uvicorn_log.addHandler(caplog.handler)
+    url = urlparse(server)
+    with socket.create_connection((url.hostname, url.port)) as s:
+        s.sendall(b"POST /answer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                  b'{"questio')
+    time.sleep(0.5)
+    uvicorn_log.removeHandler(caplog.handler)
+    assert "client disconnected before its request body was complete" in caplog.text
+    assert "Traceback" not in caplog.text and "Exception in ASGI application" not in caplog.text
+    ok, answers = post(server, {"question": QUESTIONS[0], "context": CONTEXT})
+    assert ok == 200
 
 
 def test_a_failing_model_answers_500_without_internals(reader):

@@ -246,6 +246,9 @@ def _contrast(cells: list[tuple[Config, float]], qids: list[str], scores: Scores
 
 def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
     """Everything the report says, computed once: configurations, intervals, comparisons and tests."""
+    if not Path(study_dir).is_dir():
+        raise ReportError(f"{study_dir}: no such directory; give a study directory (where `qatune study` wrote "
+                          f"study.sqlite and runs/)")
     if not store_exists(study_dir):
         raise ReportError(f"{study_dir}: no study.sqlite here (run `qatune study FILE` first, or pass the "
                           f"study's directory)")

@@ -29,7 +29,23 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, g
     return batches
 
 
-# ---------------------------------------------------------------------------------------------- env
+class BatchPlan:
+    """Which windows each data-parallel rank trains in micro-batch ``m``: a pure function of (seed, m). Every
+    epoch passes each window once; a global batch of ``batch_size x world`` windows is dealt out to the ranks."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, world: int, seed: int, group_by_length: bool):
+        self.lengths, self.global_batch, self.world = lengths, batch_size * world, world
+        self.seed, self.group_by_length = seed, group_by_length
+        self.n_batches = math.ceil(len(lengths) / self.global_batch)
+        self._epoch, self._batches = None, []
+
+    def rows(self, m: int, rank: int) -> np.ndarray:
+        epoch, index = divmod(m, self.n_batches)
+        if self._epoch != epoch:
+            self._epoch = epoch
+            self._batches = epoch_batches(self.lengths, self.global_batch, self.seed, epoch, self.group_by_length)
+        rows = self._batches[index][rank :: self.world]
+        return rows if len(rows) else self._batches[index][:1]  # a short last batch: every rank steps together
 
 
 class Prefetcher:

@@ -53,6 +53,14 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, keep
     return final
 
 
+def load_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Copy trainable weights (a checkpoint's or the best step's) into ``model``."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     if not ckpt_dir.is_dir():
         return []
@@ -92,14 +100,11 @@ def latest_intact_checkpoint(ckpts: list[tuple[int, Path]]) -> tuple[Path, dict,
 
 
 def apply_checkpoint(path: Path, weights: dict, state: dict, model, optimizer, scheduler) -> int:
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
+    missing = [n for n in weights if n not in dict(model.named_parameters())]
     if missing:
         raise TrainingError(f"{path}: checkpoint does not fit this model (unknown weights {missing[:3]}); "
                             f"was output_dir used for another configuration?")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
+    load_weights(model, weights)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])

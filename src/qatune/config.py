@@ -45,6 +45,19 @@ class TrainConfig:
     eval_split: str = _f("validation", "split when eval_data is a datasets id")
     eval_articles: str | None = _f(None, "1-based article ranges, e.g. 37-48")
     eval_questions: int | float | None = _f(None, "question count or fraction drawn with the seed")
+    validation_data: str | None = _f(None, "validation data, SQuAD JSON file or datasets id[:split]: the learning "
+                                           "curve, the kept checkpoint and the v2 null threshold are chosen on it, "
+                                           "never on eval_data")
+    validation_split: str = _f("validation", "split when validation_data is a datasets id")
+    validation_articles: str | None = _f(None, "1-based article ranges of validation_data, e.g. 31-36")
+    validation_questions: int | float | None = _f(None, "validation question count or fraction (a fixed draw, the "
+                                                        "same for every seed)")
+    validation_share: float | None = _f(None, "hold out this share of the training articles (by title, the same for "
+                                              "every seed and data volume) as validation data")
+    keep: str | None = _f(None, "best | last: the model a run keeps (default: best when it has validation data and "
+                                "eval_steps, else last)")
+    early_stopping_patience: int = _f(0, "stop after this many validation evaluations without a gain in F1 (0: off); "
+                                         "the learning-rate schedule stays that of the full run")
     repair_answers: bool = _f(False, "move answers not found at answer_start to the nearest occurrence")
     output_dir: str = _f("runs/qatune", "where checkpoints, the model and results go")
     max_seq_length: int = _f(384, "tokens per window")
@@ -64,8 +77,10 @@ class TrainConfig:
     save_steps: int = _f(200, "checkpoint every N optimizer steps (and at the end)")
     keep_checkpoints: int = _f(1, "how many recent checkpoints to keep")
     logging_steps: int = _f(10, "log loss every N steps")
-    eval_steps: int = _f(0, "learning curve: F1 on eval_subset every N optimizer steps and at the end (0: off)")
-    eval_subset: int | None = _f(500, "learning-curve questions: up to this many of the evaluation data (fixed draw)")
+    eval_steps: int = _f(0, "learning curve: F1 every N optimizer steps and at the end (0: off), on the validation "
+                            "data (else on the evaluation data)")
+    eval_subset: int | None = _f(500, "learning-curve questions: up to this many of the validation (else evaluation) "
+                                      "data, a fixed draw")
     n_best: int = _f(20, "start/end candidates per window when decoding")
     max_answer_length: int = _f(30, "longest answer in tokens")
     null_threshold: float = _f(0.0, "SQuAD v2: answer '' when null score - best span > this (with v2 evaluation "
@@ -79,6 +94,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_config(self)
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_data or self.validation_share)
+
+    def resolved_keep(self) -> str:
+        """The model a run keeps: "best" (validation F1) or "last"."""
+        if self.keep is not None:
+            return self.keep
+        return "best" if self.has_validation and self.eval_steps else "last"
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
@@ -96,8 +121,9 @@ class TrainConfig:
 
 # Allowed values and ranges, checked whenever a TrainConfig is built (CLI, TOML, study files, Python):
 # a bad value is refused before any data or weights load, with the option, the value and what is allowed.
+KEEP = ("best", "last")
 CHOICES = {"strategy": STRATEGIES, "alpha_policy": ALPHA_POLICIES,
-           "precision": PRECISIONS, "report_to": REPORT_TO}
+           "precision": PRECISIONS, "report_to": REPORT_TO, "keep": (None, *KEEP)}
 AT_LEAST_1 = ("lora_rank", "max_steps_if_set", "batch_size", "grad_accum", "eval_batch_size", "save_steps",
               "keep_checkpoints", "logging_steps", "n_best", "max_answer_length")
 
@@ -145,7 +171,7 @@ def check_config(cfg: TrainConfig) -> None:
             raise bad(f, "must be a finite number")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
-            raise bad(name, f"choose one of {', '.join(allowed)}")
+            raise bad(name, f"choose one of {', '.join(a for a in allowed if a)}")
     for name in AT_LEAST_1:
         if name == "max_steps_if_set":
             if cfg.max_steps < 0:
@@ -160,8 +186,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise bad("doc_stride", f"must be >= 0 and smaller than max_seq_length ({cfg.max_seq_length})")
     if cfg.eval_steps < 0:
         raise bad("eval_steps", "must be >= 0 (0: no learning curve)")
-    if cfg.eval_steps and not cfg.eval_data:
-        raise bad("eval_steps", "needs eval_data: the learning curve is measured on evaluation questions")
+    if cfg.eval_steps and not (cfg.eval_data or cfg.has_validation):
+        raise bad("eval_steps", "needs validation data (validation_data or validation_share) or eval_data: the "
+                                "learning curve is measured on their questions")
+    _check_validation(cfg, bad)
     if cfg.eval_subset is not None and cfg.eval_subset < 1:
         raise bad("eval_subset", "must be >= 1 question (or unset for all evaluation questions)")
     if cfg.max_steps == 0 and cfg.epochs <= 0:
@@ -178,24 +206,80 @@ def check_config(cfg: TrainConfig) -> None:
         raise bad("lora_alpha", "must be > 0")
     if cfg.lora_targets is not None and not all(t.strip() for t in cfg.lora_targets) or cfg.lora_targets == []:
         raise bad("lora_targets", "give module-name suffixes such as q_lin v_lin, or leave it unset")
-    for name in ("train_questions", "eval_questions"):
+    for name in ("train_questions", "eval_questions", "validation_questions"):
         q = getattr(cfg, name)
         if isinstance(q, float) and not 0 < q <= 1:
             raise bad(name, "a fraction must be in (0, 1]; a question count is a whole number >= 1")
         if isinstance(q, int) and q < 1:
             raise bad(name, "a question count must be >= 1 (or a fraction in (0, 1])")
-    for name in ("train_articles", "eval_articles"):
+    for name in ("train_articles", "eval_articles", "validation_articles"):
         spec = getattr(cfg, name)
         if spec is not None:
             try:
                 parse_ranges(spec)
             except SquadDataError as e:
                 raise bad(name, str(e)) from None
+    _check_disjoint(cfg, bad)
+    _check_output_dir(cfg, bad)
+
+
+def _check_output_dir(cfg: TrainConfig, bad) -> None:
+    """A run must not write into the model it starts from (its config.json would replace the model's)."""
+    import os
+
+    model, out = os.path.abspath(cfg.model), os.path.abspath(cfg.output_dir)
+    if os.path.isdir(cfg.model) and (model == out or model.startswith(out + os.sep)):
+        raise bad("output_dir", f"is the model's own directory ({cfg.model}): the run would write over the model it "
+                                f"starts from; choose another --output-dir")
+
+
+def _check_validation(cfg: TrainConfig, bad) -> None:
+    """Validation options that go together: one source of validation data, and what needs it."""
+    if cfg.validation_data and cfg.validation_share:
+        raise bad("validation_share", "give validation_data or validation_share, not both")
+    if cfg.validation_share is not None and not 0 < cfg.validation_share < 1:
+        raise bad("validation_share", "must be in (0, 1), e.g. 0.1 (a tenth of the training articles)")
+    for name in ("validation_articles", "validation_questions"):
+        if getattr(cfg, name) is not None and not cfg.validation_data:
+            raise bad(name, "goes with validation_data (validation_share holds out whole training articles)")
+    if cfg.early_stopping_patience < 0:
+        raise bad("early_stopping_patience", "must be >= 0 (0: off)")
+    for name, value in (("keep", cfg.keep == "best"), ("early_stopping_patience", cfg.early_stopping_patience > 0)):
+        if value and not (cfg.has_validation and cfg.eval_steps):
+            raise bad(name, "needs validation data (validation_data or validation_share) and eval_steps: the model "
+                            "is chosen among validation evaluations")
+
+
+def _check_disjoint(cfg: TrainConfig, bad) -> None:
+    """Training and validation articles of one source never overlap (the data loader checks titles again)."""
+    import os
+
+    from qatune.data import parse_ranges
+
+    def is_file(source: str) -> bool:  # else a datasets id, whose split tells its parts apart
+        return os.path.exists(source) or source.endswith((".json", ".gz"))
+
+    if not (cfg.validation_data and cfg.train_data):
+        return
+    file = is_file(cfg.train_data)
+    if not (os.path.abspath(cfg.train_data) == os.path.abspath(cfg.validation_data) if file
+            else cfg.train_data == cfg.validation_data and cfg.train_split == cfg.validation_split):
+        return
+    if cfg.train_articles is None or cfg.validation_articles is None:
+        raise bad("validation_articles", f"validation_data is the training file, so give train_articles and "
+                                         f"validation_articles that do not overlap (now "
+                                         f"{cfg.train_articles or 'all'} and {cfg.validation_articles or 'all'})")
+    shared = sorted(set(parse_ranges(cfg.train_articles)) & set(parse_ranges(cfg.validation_articles)))
+    if shared:
+        raise bad("validation_articles", f"overlaps train_articles {cfg.train_articles!r} in article(s) "
+                                         f"{', '.join(str(a + 1) for a in shared[:5])}: validation articles must "
+                                         f"be apart from the training ones")
 
 
 NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile", "inference_cost")  # where/how
 # Options added later: part of a run's identity only when set, so the runs of existing studies keep their ids.
-IN_HASH_WHEN_SET = ("eval_steps", "eval_subset")
+IN_HASH_WHEN_SET = ("eval_steps", "eval_subset", "validation_data", "validation_split", "validation_articles",
+                    "validation_questions", "validation_share", "keep", "early_stopping_patience")
 
 
 def config_hash(cfg: TrainConfig | dict, leave_out: tuple[str, ...] = ()) -> str:

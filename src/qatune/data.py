@@ -103,7 +103,14 @@ def load_squad(source: str | Path, split: str | None = None, repair: bool = Fals
     text = str(source)
     if ":" in text and split is None and not path.exists():
         text, split = text.rsplit(":", 1)
-    if path.name.endswith((".json", ".json.gz")) or path.is_dir() and not (path / "dataset_info.json").exists():
+    if path.is_dir() and not (path / "dataset_info.json").exists():
+        raise SquadDataError(f"{source}: a directory, not a SQuAD JSON file (nor a saved datasets directory); give "
+                             f"the file inside it")
+    under_file = next((p for p in path.parents if p.is_file()), None)
+    if under_file is not None:
+        raise SquadDataError(f"{source}: {under_file} is a file, so nothing can be under it; give the SQuAD JSON "
+                             f"file itself")
+    if path.name.endswith((".json", ".json.gz")):
         raise SquadDataError(f"{source}: no such SQuAD JSON file (check the path; relative paths start "
                              f"from {Path.cwd()})")
     return _load_hf(text, split or "train", repair)
@@ -367,6 +374,51 @@ def load_split(source: str, split: str, articles: str | None, questions, seed: i
         if not role:
             raise
         raise SquadDataError(f"{role}_articles / {role}_questions: {e}") from e
+
+
+VALIDATION_SEED = 0  # one validation selection for every run of a study, whatever its seed or data volume
+
+
+def hold_out(data: SquadData, share: float) -> tuple[SquadData, SquadData]:
+    """Split ``data`` by article into (rest, held out): ``share`` of its articles (at least one, at most all but
+    one), chosen by a hash of the title, so the held-out articles do not depend on the run's seed or volume."""
+    import hashlib
+
+    titles = sorted({ex.title for ex in data.examples})
+    if len(titles) < 2:
+        raise SquadDataError(f"{data.source}: validation_share needs at least 2 training articles to hold some out; "
+                             f"the selection has {len(titles)}")
+    ranked = sorted(titles, key=lambda t: hashlib.sha256(f"{VALIDATION_SEED}:{t}".encode()).hexdigest())
+    held = set(ranked[: min(len(titles) - 1, max(1, round(share * len(titles))))])
+    return (data.with_examples([ex for ex in data.examples if ex.title not in held]),
+            data.with_examples([ex for ex in data.examples if ex.title in held]))
+
+
+def load_training(cfg) -> tuple[SquadData, SquadData | None]:
+    """A run's training data and its validation data (None without): ``validation_data`` with its own articles and
+    questions, or ``validation_share`` of the training articles held out before the training questions are drawn.
+    Refuses validation articles that are also training articles (same title)."""
+    if not cfg.validation_share:
+        train = load_role(cfg, "train")
+        if not cfg.validation_data:
+            return train, None
+        validation = load_split(cfg.validation_data, cfg.validation_split, cfg.validation_articles,
+                                cfg.validation_questions, VALIDATION_SEED, cfg.repair_answers, "validation")
+        shared = sorted({ex.title for ex in train.examples} & {ex.title for ex in validation.examples})
+        if shared:
+            raise SquadDataError(f"{validation.source}: {len(shared)} validation article(s) are also training "
+                                 f"articles (e.g. {shared[0]!r}); choose validation articles apart from the training "
+                                 f"ones (validation_articles), or hold some out with validation_share")
+        return train, validation
+    articles = load_split(cfg.train_data, cfg.train_split, cfg.train_articles, None, cfg.seed, cfg.repair_answers,
+                          "train")
+    rest, validation = hold_out(articles, cfg.validation_share)
+    try:
+        train = rest.with_examples(subsample(rest.examples, cfg.train_questions, cfg.seed))
+    except SquadDataError as e:
+        raise SquadDataError(f"train_questions (after holding out {len(articles) - len(rest)} questions of "
+                             f"validation articles): {e}") from e
+    return train, validation
 
 
 def load_role(cfg, role: str) -> SquadData:

@@ -135,8 +135,11 @@ def resolve_model_dir(path: str | Path) -> Path:
 
     path = Path(path)
     if not path.is_dir():
-        raise ModelError(f"{path}: no such directory; --model takes a run directory (train's --output-dir), its "
-                         f"model/ folder or an export directory")
+        raise ModelError(f"{path}: no such directory; give a run directory (train's --output-dir), its model/ "
+                         f"folder or an export directory")
+    if (path / "state.pt").exists():  # checkpoints/checkpoint-<step>/: trainable weights and optimizer state
+        raise ModelError(f"{path}: a training checkpoint (for --resume), not a model; give the run directory "
+                         f"{path.parent.parent} or its model/ folder")
     for candidate in (path / MODEL, path):  # a run directory first: it holds a config.json of its own
         if any((candidate / name).exists() for name in (ONNX_FILE, "config.json", "adapter_config.json")):
             return candidate

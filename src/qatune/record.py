@@ -30,6 +30,9 @@ class RunRecord:
     loss: dict = field(default_factory=dict)  # final (last logging window's mean) and curve [[step, mean]]
     curve: list = field(default_factory=list)  # learning curve: [{step, windows, exact_match, f1}] (eval_steps)
     inference: dict = field(default_factory=dict)  # what the model costs to run (qatune.cost.measure); {} if not measured
+    # the kept model on the validation data: keep, best_step, exact_match, f1, questions, stopped_at (early
+    # stopping), null_threshold (v2, tuned here); {} without validation data
+    validation: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +60,8 @@ class RunRecord:
                 "final_loss": self.loss.get("final"), "train_flops": t.get("train_flops"),
                 "train_flop_per_s": t.get("train_flop_per_s"), "process_cpu_s": t.get("process_cpu_s"),
                 "device_s": t.get("device_s"), "others_cores": t.get("others_cores"), "cores": t.get("cores"),
-                "inference": self.inference or None}
+                "inference": self.inference or None, "validation": self.validation or None,
+                "curve_on": self.data.get("curve_on")}
 
 
 def exact_match(metrics: dict) -> float:

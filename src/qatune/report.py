@@ -185,7 +185,20 @@ def _reading_blocks(a: Analysis) -> list[tuple]:
                      "Headline: each headline arm has a single configuration, so nothing is chosen and all "
                      "questions test the difference."),
                     f"Learning curves: a run is \"not converged\" when F1 on its curve questions still rose by more "
-                    f"than {CURVE_GAIN:.1f} point over its last evaluation interval."])]
+                    f"than {CURVE_GAIN:.1f} point over its last evaluation interval. " + _curve_source(a)])]
+
+
+def _curve_source(a: Analysis) -> str:
+    """Where the learning curves (and with them any kept checkpoint) were measured: validation or test questions."""
+    on = {r["costs"].get("curve_on") for r in a.done if r.get("curve")}
+    if on == {"validation"}:
+        kept = sorted({(r["costs"].get("validation") or {}).get("keep") or "last" for r in a.done})
+        return (f"They are measured on validation questions, apart from the evaluation questions (model kept: "
+                f"{' / '.join(kept)} validation step), so no choice saw the test data.")
+    if on:
+        return ("Some are measured on the evaluation questions themselves (runs without validation data): a "
+                "convergence judgement there looks at the test data; give `validation_share` or `validation_data`.")
+    return ""
 
 
 def _table_blocks(a: Analysis, marks: dict) -> list[tuple]:
@@ -324,6 +337,8 @@ def summary(a: Analysis) -> dict:
                 "seeds": len(c.runs), "run_ids": [r["id"] for r in c.runs], "em": interval(a.intervals[c.id]["em"]),
                 "f1": interval(a.intervals[c.id]["f1"]),
                 "converged": [converged(r.get("curve")) for r in c.runs], "notes": c.notes,
+                "best_step": [(r["costs"].get("validation") or {}).get("best_step") for r in c.runs],
+                "validation_f1": [(r["costs"].get("validation") or {}).get("f1") for r in c.runs],
                 **({"squad_v2": _v2_means(c)} if a.scores.version.startswith("2") else {})} for c in a.configs]
     split = {k: v for k, v in (a.split or {}).items() if not k.endswith("_ids")}
     comparisons = [{"kind": "headline", "arms": list(a.headline), "train_questions": comp["volume"],

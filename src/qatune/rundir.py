@@ -22,10 +22,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from qatune.config import TrainConfig, config_differences, config_hash
+from qatune.errors import FileError, TrainingError
 from qatune.record import RunRecord, write_json_atomic
 
 CONFIG = "config.json"
@@ -81,6 +83,41 @@ class RunDir:
             if isinstance(config, dict):
                 out.append((name, config))
         return out
+
+    def claim(self, cfg: TrainConfig, checkpoint: Path | None, write: bool) -> RunRecord | None:
+        """Make this directory ``cfg``'s run before training: the finished record of this very run when it is
+        here (``resume``), else None with ``config.json`` written (``write``). Refuses a file, another run's
+        checkpoints without ``resume``, and a resume of a run with other settings (``checkpoint`` is the newest
+        one, whose own copy of its configuration is checked too)."""
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise TrainingError(f"output_dir {out} is a file; give a directory (it is created if missing)")
+        if checkpoint is not None and not cfg.resume:
+            raise TrainingError(f"{out} already holds checkpoints of a run; pass --resume to continue it, "
+                                f"or choose another --output-dir")
+        if cfg.resume and checkpoint is None and not self.record.exists():
+            print(f"--resume: {out} holds no run yet (no checkpoint, no run.json); training from the start",
+                  file=sys.stderr)
+        if cfg.resume:  # continue only the same run: every configuration it claims and the files it stands on
+            for where, stored in self.stored_configs(checkpoint):
+                if diffs := config_differences(stored, cfg):
+                    raise TrainingError(f"{out} holds a run with other settings: its {where} says "
+                                        f"{'; '.join(diffs[:4])}. --resume continues only the same run: give its "
+                                        f"settings, or another --output-dir")
+            if self.record.exists():
+                done, why = self.finished_record(cfg)
+                if done is not None:
+                    return done
+                print(f"{out}: finished run not usable ({why}); finishing it again from its last checkpoint",
+                      file=sys.stderr)
+        if write:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                self.write_config(cfg)
+            except OSError as e:
+                raise FileError(f"cannot write to output_dir {out} ({e.strerror or e}); choose a directory you "
+                                f"can write to") from e
+        return None
 
     def finished_record(self, cfg: TrainConfig) -> tuple[RunRecord | None, str]:
         """The record of this configuration's finished run here and "" — or None and why it cannot be trusted

@@ -13,6 +13,7 @@ an unexpected failure answers 500 without internals, and the server keeps servin
 """
 
 import asyncio
+import difflib
 import errno
 import json
 import logging
@@ -53,6 +54,10 @@ class RequestError(Exception):
         self.status, self.where, self.message = status, where, message
 
 
+FIELDS = {"question", "context", "top_k"}  # of one request item
+BODY_TIMEOUT_S = 30.0  # a client that sends its body slower than this is answered 408, not waited for
+
+
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 1_000_000
@@ -84,6 +89,11 @@ def parse_items(body: bytes, limits: Limits) -> tuple[list[tuple[str, str, int]]
         for key in ("question", "context"):
             if problem := text_problem(rec, key):
                 raise RequestError(422, f"{where}.{key}", problem)
+        unknown = sorted(set(rec) - FIELDS)
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], FIELDS, n=1)
+            raise RequestError(422, f"{where}.{unknown[0]}", "unknown field" + (f" (did you mean {near[0]}?)" if near
+                                                                               else f"; fields: {sorted(FIELDS)}"))
         top_k = rec.get("top_k", 1)
         if not isinstance(top_k, int) or isinstance(top_k, bool):
             raise RequestError(422, f"{where}.top_k", f"must be an integer, got {kind(top_k)}")
@@ -214,11 +224,21 @@ def create_app(reader: Reader, max_batch: int = 32, batch_wait_ms: float = 2.0, 
                       "413": {"description": "body, list or context above the limits"},
                       "422": {"description": "malformed JSON, a missing field, a wrong type or an empty question"}}})
     async def answer(request: fastapi.Request):
+        from starlette.requests import ClientDisconnect
+
         try:
-            body = await _read_body(request, limits.max_body_bytes)
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                raise RequestError(415, "content-type", f"{kind or 'none'}; send the body as application/json")
+            body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), BODY_TIMEOUT_S)
             items, many = parse_items(body, limits)
         except RequestError as e:
             return refuse(e)
+        except TimeoutError:
+            return refuse(RequestError(408, "body", f"not received within {BODY_TIMEOUT_S:.0f} s"))
+        except ClientDisconnect:  # the client left before sending its body: nobody to answer
+            log.info("client disconnected before its request body was complete")
+            return fastapi.Response(status_code=400)
         try:
             answers = await state["batcher"].answer(items)
         except QatuneError as e:  # e.g. a question too long for the model's windows

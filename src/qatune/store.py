@@ -129,6 +129,8 @@ def connect(directory: Path, wait_s: float = 60.0) -> sqlite3.Connection:
         raise StoreError(f"cannot create the study directory {directory} ({e.strerror or e}); give a directory you "
                          f"can write to (--dir)") from e
     path = directory / DB_FILE
+    if path.exists() and path.stat().st_size == 0 and any((directory / "runs").glob("*")):
+        raise _unusable(path, ValueError("the file is empty, but runs/ holds run directories"))
     deadline = time.time() + wait_s
     while True:
         try:

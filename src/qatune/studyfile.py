@@ -9,6 +9,7 @@ resumes an interrupted one from its checkpoint, and a changed setting is a new r
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import tomllib
 from dataclasses import dataclass, fields
@@ -103,6 +104,9 @@ def _tables(path: Path, spec: dict) -> tuple[dict, dict, list[dict], dict]:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise StudyError(f"{path}: [grid] {key} must be a non-empty list")
+        twice = [v for k, v in enumerate(values) if v in values[:k]]
+        if twice:
+            raise StudyError(f"{path}: [grid] {key} lists {twice[0]!r} more than once; give each value once")
     return spec.get("study", {}), dict(spec.get("defaults", {})), [dict(a) for a in arms], grid
 
 
@@ -132,11 +136,19 @@ def _apply(text: str, defaults: dict, arms: list[dict], arm_grids: dict[str, dic
     """One ``--set``: a grid key replaces that axis (of every arm, or of the one named); any other key sets the
     option (a plain override wins over the arms' own settings too)."""
     arm_name, key, value = parse_override(text)
+    known = {f.name for f in fields(TrainConfig)}
+    if key not in known:
+        near = difflib.get_close_matches(key, known, n=1)
+        raise StudyError(f"--set {text!r}: unknown option {key!r}" + (f" (did you mean {near[0]}?)" if near else
+                                                                      "; options are the `qatune train` flags with "
+                                                                      "underscores"))
     if key in STUDY_SETS:
         raise StudyError(f"--set {text!r}: {key} is not an option of a study run: {STUDY_SETS[key]}")
     if arm_name is not None and arm_name not in arm_grids:
         raise StudyError(f"--set {arm_name}.{key}: no arm named {arm_name!r} (arms: {list(arm_grids)})")
     targets = [a for a in arms if arm_name in (None, a["name"])]
+    if arm_name is not None and key in LORA_ONLY and targets[0]["strategy"] != "lora":
+        raise StudyError(f"--set {text!r}: {key} applies to LoRA arms; arm {arm_name!r} fine-tunes fully")
     for arm in targets:
         grid = arm_grids[arm["name"]]
         if key in grid:

@@ -15,24 +15,27 @@ import contextlib
 import math
 import os
 import platform
-import signal
-import sys
-import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from qatune import flops
-from qatune.batches import Prefetcher, epoch_batches
-from qatune.checkpoints import apply_checkpoint, latest_intact_checkpoint, list_checkpoints, save_checkpoint
-from qatune.config import TrainConfig, config_differences
-from qatune.data import load_role, subsample
-from qatune.errors import FileError, Interrupted, TrainingError
+from qatune.batches import BatchPlan, Prefetcher
+from qatune.checkpoints import (
+    apply_checkpoint,
+    latest_intact_checkpoint,
+    list_checkpoints,
+    load_weights,
+    save_checkpoint,
+)
+from qatune.config import TrainConfig
+from qatune.data import load_role, load_training, subsample
+from qatune.errors import Interrupted, TrainingError
 from qatune.features import PAD_MULTIPLE, batch_width, cached_features, collate
 from qatune.inference import InferenceConfig, save_settings
+from qatune.keep import best_point, best_steps, prune_best, read_best, save_best, stalled
 from qatune.machine import LoadMeter, environment, peak_memory, reset_peak_memory, resolve_precision
 from qatune.models import (
     LoraSettings,
@@ -46,39 +49,12 @@ from qatune.models import (
 )
 from qatune.record import RunRecord
 from qatune.rundir import RunDir, write_evaluation
+from qatune.signals import STOP
 from qatune.tracking import tensorboard_writer
 
 COMPILE_PAD_MULTIPLE = 64  # torch.compile: few distinct batch widths, so few recompilations / CUDA graphs
 PROGRESS_EVERY_S = 2.0
 CURVE_SEED = 0  # one learning-curve subset for every run and seed, so curves compare
-
-
-# ---------------------------------------------------------------------------------------------- stopping
-STOP = threading.Event()  # set by a signal handler: the run saves a checkpoint at the next step and stops
-
-
-@contextlib.contextmanager
-def stop_on_signals(second_stops_at_once: bool = True):
-    """Turn SIGINT/SIGTERM into a clean stop: the step in flight finishes, a checkpoint is saved, then
-    :class:`Interrupted` is raised. A second signal stops at once (a person pressing Ctrl-C again), unless
-    ``second_stops_at_once`` is off: a study worker hears only machines (its driver, the driver's death), for
-    which every signal repeats the one request to stop after a checkpoint."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if STOP.is_set() and second_stops_at_once:
-            raise KeyboardInterrupt
-        STOP.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        STOP.clear()
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -109,21 +85,24 @@ class Recipe:
         cpu = not torch.cuda.is_available()  # accelerate only starts gloo data parallelism on CPUs when told
         state = PartialState(cpu=cpu)  # knows the device and the data-parallel ranks (torchrun / accelerate)
         self.main = state.is_main_process
-        ckpts, done = self._claim_output_dir()
+        ckpts = list_checkpoints(self.dir.checkpoints)
+        done = self.dir.claim(cfg, ckpts[-1][1] if ckpts else None, write=self.main)
         if done is not None:
             return done
         set_seed(cfg.seed)
         reset_peak_memory(state.device)
         t_setup = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg.model)
-        self.train_data = load_role(cfg, "train")
+        self.train_data, self.val_data = load_training(cfg)
         self.eval_data = load_role(cfg, "eval") if cfg.eval_data else None
         self.infer = InferenceConfig.for_run(cfg, self.train_data.version.startswith("2"))
         self.feats = cached_features(self.train_data.examples, self.tokenizer, cfg.max_seq_length, cfg.doc_stride,
                                      cfg.feature_cache_dir)
         if cfg.eval_steps:  # up to eval_subset questions (all when None), the same draw for every run
-            n = min(cfg.eval_subset or len(self.eval_data), len(self.eval_data))
-            self.curve_data = self.eval_data.with_examples(subsample(self.eval_data.examples, n, CURVE_SEED))
+            source = self.val_data or self.eval_data  # validation data when there is some: never the test questions
+            n = min(cfg.eval_subset or len(source), len(source))
+            self.curve_data = source.with_examples(subsample(source.examples, n, CURVE_SEED))
+        self.keep = cfg.resolved_keep()
 
         model = load_qa_model(cfg.model)
         check_seq_length(model.config, cfg.max_seq_length, cfg.model)
@@ -140,7 +119,7 @@ class Recipe:
         self.window_flops = flops.for_config(cfg)  # counted on the architecture, on the meta device
 
         self.world, self.rank = acc.num_processes, acc.process_index
-        self.n_batches = math.ceil(len(self.feats) / (cfg.batch_size * self.world))
+        self.n_batches = self._plan().n_batches
         self.steps_per_epoch = max(1, self.n_batches // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n)]
@@ -157,6 +136,9 @@ class Recipe:
         if ckpts:
             self.last_ckpt, weights, state = latest_intact_checkpoint(ckpts)
             self.start_step = apply_checkpoint(self.last_ckpt, weights, state, model, self.optimizer, self.scheduler)
+        if cfg.early_stopping_patience and self.world > 1:
+            raise TrainingError("early_stopping_patience needs one process (its ranks would have to agree on the "
+                                "step to stop at); run without torchrun/accelerate launch, or without early stopping")
         self.model, self.acc_optimizer = acc.prepare(model, self.optimizer)
         # A compiled view for the forward pass; saving and evaluation use the module itself.
         self.forward = torch.compile(self.model) if cfg.compile else self.model
@@ -164,61 +146,22 @@ class Recipe:
         self.setup_s = time.perf_counter() - t_setup
         return None
 
-    def _claim_output_dir(self) -> tuple[list, RunRecord | None]:
-        """The checkpoints to resume from, or the finished record of this very run; refuses another run's directory."""
-        cfg, out = self.cfg, self.out
-        if out.exists() and not out.is_dir():
-            raise TrainingError(f"output_dir {out} is a file; give a directory (it is created if missing)")
-        ckpts = list_checkpoints(self.dir.checkpoints)
-        if ckpts and not cfg.resume:
-            raise TrainingError(f"{out} already holds checkpoints of a run; pass --resume to continue it, "
-                                f"or choose another --output-dir")
-        if cfg.resume:  # continue only the same run: every configuration it claims and the files it stands on
-            for where, stored in self.dir.stored_configs(ckpts[-1][1] if ckpts else None):
-                if diffs := config_differences(stored, cfg):
-                    raise TrainingError(f"{out} holds a run with other settings: its {where} says "
-                                        f"{'; '.join(diffs[:4])}. --resume continues only the same run: give its "
-                                        f"settings, or another --output-dir")
-            if self.dir.record.exists():
-                done, why = self.dir.finished_record(cfg)
-                if done is not None:
-                    return ckpts, done
-                print(f"{out}: finished run not usable ({why}); finishing it again from its last checkpoint",
-                      file=sys.stderr)
-        if self.main:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                self.dir.write_config(cfg)
-            except OSError as e:
-                raise FileError(f"cannot write to output_dir {out} ({e.strerror or e}); choose a directory you "
-                                f"can write to") from e
-        return ckpts, None
-
-    def _rows(self, m: int, rank: int, cache: dict) -> np.ndarray:
-        """Rank ``rank``'s windows of micro-batch ``m``: a pure function of (seed, m)."""
+    def _plan(self) -> BatchPlan:
         cfg = self.cfg
-        epoch, index = divmod(m, self.n_batches)
-        if cache.get("epoch") != epoch:
-            cache["epoch"] = epoch
-            cache["batches"] = epoch_batches(self.feats.lengths, cfg.batch_size * self.world, cfg.seed, epoch,
-                                             cfg.group_by_length)
-        rows = cache["batches"][index][rank :: self.world]
-        if len(rows) == 0:  # a short last global batch: reuse rows so every rank steps together
-            rows = cache["batches"][index][:1]
-        return rows
+        return BatchPlan(self.feats.lengths, cfg.batch_size, self.world, cfg.seed, cfg.group_by_length)
 
     def _batch(self, m: int) -> tuple[int, dict]:
-        rows = self._rows(m, self.rank, self._batch_cache)
+        rows = self.plan.rows(m, self.rank)
         return len(rows), collate(self.feats, rows, self.tokenizer.pad_token_id, self.cfg.pad_to_max_length,
                                   self._pad_multiple)
 
     def flops(self, first_step: int, last_step: int) -> int:
         """Training FLOPs of optimizer steps [first_step, last_step) over every rank: the batches are known in
         advance, so a resumed run counts the whole run exactly as an uninterrupted one."""
-        cfg, cache, total = self.cfg, {}, 0
+        cfg, plan, total = self.cfg, self._plan(), 0
         for m in range(first_step * cfg.grad_accum, last_step * cfg.grad_accum):
             for rank in range(self.world):
-                rows = self._rows(m, rank, cache)
+                rows = plan.rows(m, rank)
                 width = batch_width(self.feats.lengths[rows], cfg.max_seq_length, cfg.pad_to_max_length,
                                     self._pad_multiple)
                 total += self.window_flops.train(len(rows), width)
@@ -238,21 +181,23 @@ class Recipe:
         self.curve: list[list[float]] = []
         # learning-curve points of an interrupted attempt, up to the checkpoint this one resumed from
         self.eval_curve = self.dir.read_curve(self.start_step) if cfg.eval_steps and self.start_step else []
+        self._restore_best()
         self.curve_eval_s = 0.0
         self.windows_seen = self.tokens_seen = 0
-        self._batch_cache: dict = {}
+        self.plan = self._plan()
         graceful = self.world == 1  # with several ranks a stop would need agreeing on the step: they just end
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc=f"train {cfg.strategy}", unit="step",
                    disable=not (self.progress and self.main), dynamic_ncols=True)
         prefetch = Prefetcher(self._batch, self.start_step * cfg.grad_accum, self.total_steps * cfg.grad_accum,
                               pin=device.type == "cuda")
         self.model.train()
+        self.end_step = self.start_step if self._no_gain() else self.total_steps  # an early stop, resumed
         events = [] if device.type == "cuda" else None  # (start, end) per step: device time, read at the end
         load = LoadMeter()
         t0 = last_progress = time.perf_counter()
         self._write_progress(self.start_step, t0)
         try:
-            for step in range(self.start_step, self.total_steps):
+            for step in range(self.start_step, self.end_step):
                 if events is not None:
                     events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
                     events[-1][0].record()
@@ -290,10 +235,14 @@ class Recipe:
                         self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], done)
                 if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == self.total_steps):
                     self._curve_point(done)
+                early = self._no_gain()
                 stopping = graceful and STOP.is_set()
-                if done % cfg.save_steps == 0 or done == self.total_steps or stopping:
+                if done % cfg.save_steps == 0 or done == self.total_steps or stopping or early:
                     self._raise_if_nonfinite()
                     self._save_checkpoint(done)
+                if early:  # the schedule is the full run's: stopping early only leaves out its last steps
+                    self.end_step = done
+                    break
                 if stopping:
                     raise Interrupted(f"stopped at step {done} of {self.total_steps}; checkpoint saved at "
                                       f"{self.last_ckpt}; run again with --resume to continue")
@@ -309,7 +258,7 @@ class Recipe:
         if events is not None:
             torch.cuda.synchronize()
             self.load["device_s"] = sum(a.elapsed_time(b) for a, b in events) / 1000
-        self._write_progress(self.total_steps, t0)
+        self._write_progress(self.end_step, t0)
 
     def windows_through(self, step: int) -> int:
         """Training windows (all ranks) that went into optimizer steps [0, step): every epoch passes each once."""
@@ -326,6 +275,8 @@ class Recipe:
             m, _ = reader.evaluate(self.curve_data, cache_dir=self.cfg.feature_cache_dir)
             point = {"step": step, "windows": self.windows_through(step), "exact_match": m["exact_match"],
                      "f1": m["f1"]}
+            if self.keep == "best" and (self.best is None or point["f1"] > self.best["f1"]):
+                save_best(self.dir.checkpoints, step, self.acc.unwrap_model(self.model), point)
             self.eval_curve.append(point)
             self.dir.write_curve(self.eval_curve)
             if self.writer:
@@ -333,6 +284,23 @@ class Recipe:
                 self.writer.add_scalar("curve/exact_match", point["exact_match"], step)
             self.curve_eval_s += time.perf_counter() - t
         self.acc.wait_for_everyone()
+
+    @property
+    def best(self) -> dict | None:
+        return best_point(self.eval_curve)
+
+    def _no_gain(self) -> bool:
+        return stalled(self.eval_curve, self.cfg.early_stopping_patience)
+
+    def _restore_best(self) -> None:
+        """On resume: the best step's weights the restored curve names must be here; later ones are made again."""
+        if self.keep != "best" or not self.main:
+            return
+        prune_best(self.dir.checkpoints, after=self.start_step)
+        if self.best is not None and self.best["step"] not in best_steps(self.dir.checkpoints):
+            raise TrainingError(f"{self.dir.checkpoints}: the weights of the best validation step "
+                                f"{self.best['step']} are missing, so keep = best cannot be honoured; train the run "
+                                f"again without --resume (or in a new --output-dir)")
 
     def _flag_nonfinite(self, loss: torch.Tensor, m: int) -> None:
         """Record a non-finite loss on the device (no host sync); every rank sees the same flag."""
@@ -359,6 +327,8 @@ class Recipe:
         if self.main:
             self.last_ckpt = save_checkpoint(self.dir.checkpoints, step, self.acc.unwrap_model(self.model),
                                              self.optimizer, self.scheduler, self.cfg.keep_checkpoints, self.cfg)
+            if self.keep == "best" and self.best is not None:  # a resume from here needs no earlier best step
+                prune_best(self.dir.checkpoints, keep=self.best["step"])
 
     def _write_progress(self, step: int, t0: float) -> None:
         """The run's progress for a study's --status: which step, how fast, where (advisory)."""
@@ -378,6 +348,7 @@ class Recipe:
         if self.main:
             # without accelerate's autocast wrapper: the evaluation runs at the inference precision, as a Reader would
             module = self.acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+            validation = self._keep(module)
             self.dir.save_model(module, self.tokenizer, cfg.model, self._write_settings)
             eval_s, metrics, inference = 0.0, {}, {}
             if self.eval_data is not None:
@@ -386,9 +357,10 @@ class Recipe:
                 t1 = time.perf_counter()
                 reader = Reader(module, self.tokenizer, self.infer, device=self.acc.device)
                 v2 = self.eval_data.version.startswith("2")
+                tune = v2 and self.val_data is None  # with validation data its tuned threshold is applied unchanged
                 metrics, decoded = reader.evaluate(self.eval_data, self.progress, cfg.feature_cache_dir,
-                                                   tune_null_threshold=v2)
-                if v2:  # the model is saved with the threshold its predictions used
+                                                   tune_null_threshold=tune)
+                if tune:  # the model is saved with the threshold its predictions used
                     self.infer = replace(self.infer, null_threshold=metrics["null_threshold"])
                     self._write_settings(self.dir.model)
                 eval_s = time.perf_counter() - t1
@@ -399,24 +371,49 @@ class Recipe:
                     inference = measure(self.dir.model, self.eval_data, progress=self.progress)
             else:
                 write_evaluation(self.out, metrics)
-            record = self._record(metrics, eval_s, inference)
+            record = self._record(metrics, eval_s, inference, validation)
             record.save(self.dir.record)
             if self.writer:
                 for k, v in metrics.items():
                     if isinstance(v, float):
-                        self.writer.add_scalar(f"eval/{k}", v, self.total_steps)
+                        self.writer.add_scalar(f"eval/{k}", v, self.end_step)
         self.acc.wait_for_everyone()
         return record
+
+    def _keep(self, module) -> dict:
+        """Put the kept step's weights into ``module`` (keep = best), tune a SQuAD v2 null threshold on the validation
+        data, and return what the kept model scored there (run.json's ``validation``); {} without validation data."""
+        if self.val_data is None:
+            return {}
+        from qatune.inference import Reader
+
+        kept = self.best if self.keep == "best" else (self.eval_curve[-1] if self.eval_curve else None)
+        if kept is not None and kept["step"] != self.end_step:
+            load_weights(module, read_best(self.dir.checkpoints, kept["step"]))
+        out = {"keep": self.keep, "source": self.val_data.source, "stopped_at": None}
+        if self.end_step < self.total_steps:
+            out["stopped_at"] = self.end_step
+        reader = Reader(module, self.tokenizer, self.infer, device=self.acc.device)
+        if kept is None:  # no learning curve: the final model on the validation data
+            m, _ = reader.evaluate(self.val_data, cache_dir=self.cfg.feature_cache_dir)
+            kept = {"step": self.end_step, "exact_match": m["exact_match"], "f1": m["f1"]}
+        out.update(best_step=kept["step"], exact_match=kept["exact_match"], f1=kept["f1"],
+                   questions=len(self.curve_data) if self.cfg.eval_steps else len(self.val_data))
+        if self.val_data.version.startswith("2"):
+            m, _ = reader.evaluate(self.val_data, cache_dir=self.cfg.feature_cache_dir, tune_null_threshold=True)
+            self.infer = replace(self.infer, null_threshold=m["null_threshold"])
+            out.update(null_threshold=m["null_threshold"], threshold_questions=len(self.val_data))
+        return out
 
     def _write_settings(self, model_dir: Path) -> None:
         """The saved model's inference configuration, and what the model is (qatune.json)."""
         save_settings(model_dir, self.infer, strategy=self.cfg.strategy, base_model=self.cfg.model, format="torch")
 
-    def _record(self, metrics: dict, eval_s: float, inference: dict) -> RunRecord:
+    def _record(self, metrics: dict, eval_s: float, inference: dict, validation: dict) -> RunRecord:
         """What this run was and what it cost: configuration, resolved settings, data, parameters, metrics, times."""
         cfg, train_s, world = self.cfg, self.train_s, self.world
-        run_flops = self.flops(0, self.total_steps)
-        attempt_flops = self.flops(self.start_step, self.total_steps) if self.start_step else run_flops
+        run_flops = self.flops(0, self.end_step)
+        attempt_flops = self.flops(self.start_step, self.end_step) if self.start_step else run_flops
         return RunRecord(
             config=asdict(cfg),
             resolved={"learning_rate": cfg.resolved_learning_rate(), "precision": self.precision,
@@ -429,11 +426,13 @@ class Recipe:
             data={"train_source": self.train_data.source, "train_questions": len(self.train_data),
                   "train_windows": len(self.feats),
                   "eval_source": self.eval_data.source if self.eval_data else None,
-                  "eval_questions": len(self.eval_data) if self.eval_data else 0},
+                  "eval_questions": len(self.eval_data) if self.eval_data else 0,
+                  "validation_questions": len(self.val_data) if self.val_data else 0,
+                  "curve_on": ("validation" if self.val_data else "eval") if self.cfg.eval_steps else None},
             params=self.counts,
             metrics=metrics,
             timing={"setup_s": self.setup_s, "train_s": train_s, "eval_s": eval_s,
-                    "steps_run": self.total_steps - self.start_step, "resumed_from_step": self.start_step,
+                    "steps_run": self.end_step - self.start_step, "resumed_from_step": self.start_step,
                     "train_windows_per_s": self.windows_seen * world / train_s if train_s else None,
                     "train_tokens_per_s": self.tokens_seen * world / train_s if train_s else None,
                     # counted FLOPs of the whole run (all ranks) and the rate of this attempt's steps
@@ -447,6 +446,7 @@ class Recipe:
             loss={"final": self.curve[-1][1] if self.curve else None, "curve": self.curve},
             curve=self.eval_curve,
             inference=inference,
+            validation=validation,
         )
 
 

@@ -69,7 +69,7 @@ def _exit_with_parent() -> None:
     """Stop cleanly when the driver dies: SIGTERM on parent death (Linux), and a watchdog elsewhere. Both make
     the same one request (the run saves a checkpoint, then stops): the watchdog sets the stop flag, it sends no
     second signal."""
-    from qatune.train import STOP
+    from qatune.signals import STOP
 
     parent = os.getppid()
     try:
@@ -91,7 +91,7 @@ def _exit_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qatune.train import stop_on_signals
+    from qatune.signals import stop_on_signals
 
     spec_path = Path((argv or sys.argv[1:])[0])
     spec = json.loads(spec_path.read_text(encoding="utf-8"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qatune.cli.common import MODEL_HELP, count_or_fraction, emit
+from qatune.cli.common import MODEL_HELP, CliError, count_or_fraction, emit
 from qatune.errors import check_writable
 
 
@@ -36,6 +36,11 @@ def evaluate(args: argparse.Namespace) -> None:
     from qatune.rundir import write_evaluation
 
     check_writable(args.output_dir, "--output-dir", directory=True)
+    from qatune.rundir import RunDir
+
+    if RunDir(args.output_dir).record.exists():
+        raise CliError(f"--output-dir {args.output_dir} is a training run's directory: its own evaluation would be "
+                       f"replaced; choose another directory (e.g. {Path(args.output_dir) / 'evaluations' / 'NAME'})")
     overrides = {k: getattr(args, k) for k in ("max_seq_length", "doc_stride", "batch_size", "null_threshold")
                  if getattr(args, k) is not None}
     data = load_split(args.data, args.split, args.articles, args.questions, args.seed, args.repair_answers)

@@ -83,12 +83,20 @@ def _predict_batch(args: argparse.Namespace) -> None:
     if not numbered:
         raise CliError(f"{args.input}: no questions (the file is empty); one JSON object per line: "
                        f'{{"id": "1", "question": "...", "context": "..."}}')
-    good, errors = [], []
+    good, errors, ids = [], [], {}
     for n, line in numbered:
         try:
-            good.append((n, *batch_item(line)))
+            question, context, rid = batch_item(line)
         except ValueError as e:
             errors.append((n, str(e)))
+            continue
+        rid = rid or str(n)  # without an id, a line is named by its number
+        if rid in ids:
+            errors.append((n, f"id {rid!r} is also line {ids[rid]}'s id; give every line its own id (a line "
+                              f"without one is named by its line number)"))
+            continue
+        ids[rid] = n
+        good.append((n, question, context, rid))
     answers: dict[int, list[dict]] = {}
     if good:
         reader = Reader.load(args.model, device=args.device)
@@ -100,7 +108,7 @@ def _predict_batch(args: argparse.Namespace) -> None:
                     answers[n] = reader.answer(q, c, args.top_k)
                 except QatuneError as e:
                     errors.append((n, str(e)))
-    lines = [json.dumps({"id": rid or str(n), "answers": answers[n]}, ensure_ascii=False)
+    lines = [json.dumps({"id": rid, "answers": answers[n]}, ensure_ascii=False)
              for n, _, _, rid in good if n in answers]
     if args.output:
         Path(args.output).write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")

@@ -22,7 +22,7 @@ def add(sub) -> None:
 def train(args: argparse.Namespace) -> None:
     from qatune import tracking
     from qatune.config import TrainConfig
-    from qatune.train import stop_on_signals
+    from qatune.signals import stop_on_signals
     from qatune.train import train as run_training
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "json", "debug")}
