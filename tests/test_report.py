@@ -317,3 +317,78 @@ def test_runs_whose_inference_cost_failed_are_listed(tmp_path, capsys):
     md = (tmp_path / "s" / "report.md").read_text()
     assert "## What each model costs to run" in md and "Not measured for 1 run(s)" in md
     assert f"`{rid}`: ExportError: merging the LoRA adapter changed the logits" in md
+
+
+FOUR_CELLS = """
+[study]
+name = "factorial"
+headline = ["small-full", "large-lora"]
+
+[defaults]
+train_data = "{data}"
+eval_data = "{data}"
+max_steps = 2
+
+[[arms]]
+name = "small-full"
+model = "minilm-l6"
+num_layers = 3
+strategy = "full"
+
+[[arms]]
+name = "small-lora"
+model = "minilm-l6"
+num_layers = 3
+strategy = "lora"
+
+[[arms]]
+name = "large-full"
+model = "minilm-l6"
+strategy = "full"
+
+[[arms]]
+name = "large-lora"
+model = "minilm-l6"
+strategy = "lora"
+
+[grid]
+{grid}
+"""
+
+
+def test_factorial_effects_equal_a_hand_computation(tmp_path, capsys):
+    accuracy = {"small-full": 0.7, "small-lora": 0.15, "large-full": 0.6, "large-lora": 0.62}
+    construct(tmp_path, "lora_rank = [8]\nseed = [1]", lambda run, q: accuracy[run.arm], arms=FOUR_CELLS)
+    out = report_json(capsys, tmp_path / "s")
+    (f,) = out["factorial"]
+    small, large = "minilm-l6 (3 layers)", "minilm-l6"
+    assert f["models"] == [small, large] and f["strategies"] == ["full", "lora"]
+    db = store.connect(tmp_path / "s")
+    rows = {r["arm"]: r for r in store.rows(db)}
+    db.close()
+    refs = {ex.id: [a.text for a in ex.answers] for ex in load_squad(tmp_path / "eval-1.1.json").examples}
+
+    def per_question(arm):  # the official metric (in percent), question by question
+        preds = json.loads((Path(rows[arm]["output_dir"]) / "predictions.json").read_text())
+        return np.array([squad_v1({q: refs[q]}, {q: preds[q]})["f1"] for q in sorted(refs)])
+
+    s_full, s_lora, l_full, l_lora = (per_question(a) for a in ("small-full", "small-lora", "large-full", "large-lora"))
+    assert f["cells"][small]["full"] == pytest.approx(s_full.mean())
+    assert f["strategy_effect"][small]["diff"] == pytest.approx((s_full - s_lora).mean())
+    assert f["strategy_effect"][large]["diff"] == pytest.approx((l_full - l_lora).mean())
+    assert f["model_effect"]["full"]["diff"] == pytest.approx((s_full - l_full).mean())
+    assert f["model_effect"]["lora"]["diff"] == pytest.approx((s_lora - l_lora).mean())
+    assert f["interaction"]["diff"] == pytest.approx((s_full - s_lora - l_full + l_lora).mean())
+    effect = f["strategy_effect"][small]
+    assert effect["ci_low"] < effect["diff"] < effect["ci_high"] and effect["p"] < 0.05  # 55 points apart
+    assert "## Model and strategy: two factors" in (tmp_path / "s" / "report.md").read_text()
+    assert (tmp_path / "s" / "factorial.png").exists()
+
+
+def test_a_diagonal_study_says_its_factors_are_confounded(tmp_path, capsys):
+    diagonal = re.sub(r'\[\[arms\]\]\nname = "(small-lora|large-full)"\n(.*\n){2,3}\n', "", FOUR_CELLS)
+    assert diagonal.count("[[arms]]") == 2
+    construct(tmp_path, "lora_rank = [8]\nseed = [1]", lambda run, q: 0.5, arms=diagonal)
+    out = report_json(capsys, tmp_path / "s")
+    assert out["factorial"] == [] and "confounded" in out["factorial_note"]
+    assert "The model and strategy effects are confounded" in (tmp_path / "s" / "report.md").read_text()

@@ -133,8 +133,12 @@ def test_dry_run_lists_costs(tmp_path, tiny_distilbert, train_file, capsys):
 def test_seed_preset_dry_run_offline(capsys):
     assert main(["study", "studies/seed.toml", "--dry-run", "--json"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    # 2 arms: mobilebert full (4 volumes x 3 seeds) + distilbert lora (6 ranks x 3 policies x 4 volumes x 3 seeds)
-    assert json.loads(out[-1])["runs"] == 12 + 216
+    # four cells: each model fully fine-tuned (4 volumes x 3 seeds) and with LoRA (6 ranks x 3 policies x 4 volumes x
+    # 3 seeds)
+    assert json.loads(out[-1])["runs"] == 2 * (12 + 216)
+    cells = {(line.split()[2], line.split()[4]) for line in out if "rajpurkar" not in line and "-uncased" in line}
+    assert cells == {("mobilebert-full", "full"), ("mobilebert-lora", "lora"), ("distilbert-full", "full"),
+                     ("distilbert-lora", "lora")}
     row = next(line for line in out if "mobilebert-full" in line and "google/mobilebert-uncased" in line)
     assert "24,582,914" in row  # MobileBERT QA parameters, counted offline from its config
     capped = [line for line in out if "distilbert-lora" in line and " ‡ " in line]
@@ -143,19 +147,22 @@ def test_seed_preset_dry_run_offline(capsys):
 
 
 def test_seed_preset_calibrates_offline(capsys):
-    """Random-weight MobileBERT and DistilBERT (7 shapes: full + 6 LoRA ranks) are timed here, offline; tiny
-    batches keep the test cheap, the shapes' architecture is the real one."""
+    """Random-weight MobileBERT and DistilBERT (8 shapes: each model full and at 3 LoRA ranks) are timed here,
+    offline; tiny batches and three ranks keep the test cheap, the shapes' architecture is the real one."""
+    narrow = ["--set", "lora_rank=[32, 64, 128]"]
     args = ["study", "studies/seed.toml", "--dry-run", "--calibrate", "--workers", "2", "--json",
-            "--set", "batch_size=2", "--set", "max_seq_length=64", "--set", "doc_stride=32"]
+            "--set", "batch_size=2", "--set", "max_seq_length=64", "--set", "doc_stride=32", *narrow]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["runs"] == 228 and out["total_pflop"] > 0 and out["slots"] == 2
+    runs = 2 * (12 + 108)  # two models, each full (4 volumes x 3 seeds) and LoRA (3 ranks x 3 policies x 4 x 3)
+    assert out["runs"] == runs and out["total_pflop"] > 0 and out["slots"] == 2
     per_run = out["per_run"]
-    assert len(per_run) == 228 and all(p["projected_s"] > 0 and p["s_per_step"] > 0 for p in per_run)
-    by_rank = {}
-    for p, r in zip(per_run, load_study("studies/seed.toml").runs):
-        by_rank.setdefault(r.config.lora_rank if r.config.strategy == "lora" else 0, set()).add(p["s_per_step"])
-    assert len(by_rank) == 7 and all(len(v) == 1 for v in by_rank.values())  # one measurement per shape
+    assert len(per_run) == runs and all(p["projected_s"] > 0 and p["s_per_step"] > 0 for p in per_run)
+    by_shape = {}
+    for p, r in zip(per_run, load_study("studies/seed.toml", [narrow[1]]).runs):
+        rank = r.config.lora_rank if r.config.strategy == "lora" else 0
+        by_shape.setdefault((r.config.model, rank), set()).add(p["s_per_step"])
+    assert len(by_shape) == 8 and all(len(v) == 1 for v in by_shape.values())  # one measurement per shape
     # more data, more steps, longer projected runs; the study takes at least its longest run and at most the sum
     assert out["serial_hours"] / 2 <= out["projected_hours"] <= out["serial_hours"]
     assert out["projected_hours"] * 3600 >= max(p["projected_s"] for p in per_run)

@@ -128,8 +128,8 @@ def poison_third_forward(monkeypatch, factor: float) -> None:
     real = t.load_qa_model
     calls = {"n": 0}
 
-    def poisoned(name):
-        model = real(name)
+    def poisoned(name, *args):
+        model = real(name, *args)
 
         def hook(module, inputs, output):
             if not module.training:  # setup's input probe, evaluation: not training steps

@@ -230,6 +230,8 @@ class Analysis:
     interaction: dict | None
     headline: tuple[str, str] | None
     split: dict | None
+    factorial: list[dict]  # per data volume: the 2x2 of model x strategy (see :func:`_factorial`)
+    factorial_note: str | None  # why there is none (the factors are confounded, or a cell is missing)
 
 
 def _pair(cfgs: list[Config], qids: list[str], scores: Scores, choose: bool) -> Config:
@@ -304,8 +306,61 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
             interaction = {"volumes": (lo, hi), "pairs": (pairs[lo], pairs[hi]),
                            **_contrast(cells, test, scores, seed=1)}
     rank_tests = _rank_tests(configs, questions, scores)
+    factorial, note = _factorial(configs, questions, scores, [model_name(r["config"]) for r in done])
     return Analysis(covered, done, grid, len(every) - len(covered), configs, scores, intervals, questions,
-                    comparisons, rank_tests, interaction, headline, split)
+                    comparisons, rank_tests, interaction, headline, split, factorial, note)
+
+
+def model_name(config: dict) -> str:
+    """A run's model as a factor level: its name, and how many layers were kept when it was cut."""
+    return config["model"] + (f" ({config['num_layers']} layers)" if config.get("num_layers") else "")
+
+
+def _factorial(configs: list[Config], questions: list[str], scores: Scores,
+               order: list[str]) -> tuple[list[dict], str | None]:
+    """Model size and fine-tuning strategy as two factors, when the arms cross two models with full and LoRA.
+
+    Per data volume each cell is its arm(s) at the configuration chosen on the selection questions (as the
+    headline chooses), and every effect is a contrast on the other questions with its two-level bootstrap
+    interval: strategy (full - LoRA) within each model, model (first - second, in the order the arms name them)
+    within each strategy, and their interaction ((full - LoRA) of the first model - that of the second).
+    ``order`` is the runs' models in study order."""
+    models = list(dict.fromkeys(order))
+    strategies = sorted({c.strategy for c in configs})
+    if len(models) != 2 or strategies != ["full", "lora"]:
+        return [], None
+    cells: dict[tuple, list[Config]] = defaultdict(list)
+    for c in configs:
+        cells[(model_name(c.runs[0]["config"]), c.strategy, c.volume)].append(c)
+    present = {(m, s) for m, s, _ in cells}
+    if len(present) < 4:
+        return [], ("The model and strategy effects are confounded: the arms cover only "
+                    + " and ".join(f"{m} {s}" for m, s in sorted(present))
+                    + "; add the other cells (each model with each strategy) to tell them apart.")
+    out = []
+    for v in sorted({c.volume for c in configs}, reverse=True):
+        if any((m, s, v) not in cells for m in models for s in ("full", "lora")) or not questions:
+            continue
+        choose = any(len(cells[(m, s, v)]) > 1 for m in models for s in ("full", "lora"))
+        selection = [q for q in questions if selection_part(q)] if choose else []
+        test = [q for q in questions if not selection_part(q)] if choose else questions
+        cell = {(m, s): _pair(cells[(m, s, v)], selection, scores, choose) for m in models for s in ("full", "lora")}
+        (a, b) = models
+
+        def effect(*terms: tuple[tuple[str, str], float], seed: int, cell=cell, test=test) -> Contrast:
+            return bootstrap_contrast([scores.matrix(cell[k], test, "f1") for k, _ in terms], [w for _, w in terms],
+                                      seed=seed)
+
+        out.append({"volume": v, "models": models, "strategies": ["full", "lora"], "cells": cell,
+                    "test_questions": len(test), "selection_questions": len(selection),
+                    "strategy_effect": {m: effect(((m, "full"), 1.0), ((m, "lora"), -1.0), seed=11 + k)
+                                        for k, m in enumerate(models)},
+                    "model_effect": {s: effect(((a, s), 1.0), ((b, s), -1.0), seed=21 + k)
+                                     for k, s in enumerate(("full", "lora"))},
+                    "interaction": effect(((a, "full"), 1.0), ((a, "lora"), -1.0), ((b, "full"), -1.0),
+                                          ((b, "lora"), 1.0), seed=31),
+                    "f1": {k: float(scores.matrix(c, test, "f1").mean()) for k, c in cell.items()}})
+    return out, None
 
 
 def _rank_tests(configs: list[Config], qids: list[str], scores: Scores) -> list[dict]:

@@ -58,6 +58,7 @@ class StepKey:
     lora_dropout: float = 0.1
     full_width: bool = False
     compile: bool = False
+    num_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.strategy == "full":
@@ -75,7 +76,7 @@ class StepKey:
                    lora_targets=tuple(cfg.lora_targets) if cfg.lora_targets else None,
                    max_seq_length=cfg.max_seq_length, batch_size=cfg.batch_size, precision=cfg.precision,
                    lora_dropout=cfg.lora_dropout, full_width=cfg.pad_to_max_length or not cfg.group_by_length,
-                   compile=cfg.compile)
+                   compile=cfg.compile, num_layers=cfg.num_layers)
 
     @property
     def width(self) -> int:
@@ -86,7 +87,8 @@ class StepKey:
 
     def describe(self) -> str:
         lora = f" r={self.lora_rank}" if self.strategy == "lora" else ""
-        return (f"{self.model} {self.strategy}{lora} batch={self.batch_size} width={self.width} "
+        layers = f" ({self.num_layers} layers)" if self.num_layers else ""
+        return (f"{self.model}{layers} {self.strategy}{lora} batch={self.batch_size} width={self.width} "
                 f"{self.precision}{' compiled' if self.compile else ''}")
 
 
@@ -124,7 +126,8 @@ def time_step(key: StepKey, threads: int | None = None, steps: int = 3, warmup: 
         torch.set_num_threads(threads)
     model = forward = optimizer = batch = None
     try:
-        model = model_from_config(key.model, key.strategy, _lora_settings(key) if key.strategy == "lora" else None)
+        model = model_from_config(key.model, key.strategy, _lora_settings(key) if key.strategy == "lora" else None,
+                                  num_layers=key.num_layers)
         precision = resolve_precision(key.precision, device, model.config.model_type)
         model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]

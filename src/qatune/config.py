@@ -32,6 +32,8 @@ class TrainConfig:
 
     model: str = _f("minilm-l6", "hub id, local directory or alias (minilm-l6)")
     strategy: str = _f("full", "full | lora")
+    num_layers: int | None = _f(None, "keep the first N transformer layers of the pretrained encoder (default: all), "
+                                      "as DistilBERT's student was initialised from BERT's")
     lora_rank: int = _f(32, "LoRA rank r")
     lora_alpha: float = _f(32.0, "LoRA alpha (ignored by the proportional policy, which uses 2r)")
     alpha_policy: str = _f("fixed", "fixed (alpha/r) | proportional (alpha=2r) | rslora (alpha/sqrt(r))")
@@ -178,6 +180,8 @@ def check_config(cfg: TrainConfig) -> None:
                 raise bad("max_steps", "must be >= 0 (0 trains for --epochs)")
         elif getattr(cfg, name) < 1:
             raise bad(name, "must be a whole number >= 1")
+    if cfg.num_layers is not None and cfg.num_layers < 1:
+        raise bad("num_layers", "must be >= 1 (layers kept from the bottom of the encoder), or unset for all")
     if not cfg.model.strip():
         raise bad("model", "give a hub id, a local directory or the alias minilm-l6")
     if cfg.max_seq_length < MIN_SEQ_LENGTH:
@@ -278,7 +282,7 @@ def _check_disjoint(cfg: TrainConfig, bad) -> None:
 
 NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile", "inference_cost")  # where/how
 # Options added later: part of a run's identity only when set, so the runs of existing studies keep their ids.
-IN_HASH_WHEN_SET = ("eval_steps", "eval_subset", "validation_data", "validation_split", "validation_articles",
+IN_HASH_WHEN_SET = ("num_layers", "eval_steps", "eval_subset", "validation_data", "validation_split", "validation_articles",
                     "validation_questions", "validation_share", "keep", "early_stopping_patience")
 
 

@@ -290,7 +290,9 @@ def write_model_card(out: Path, name: str, model_dir: Path, config: InferenceCon
     if cfg:
         lines += [f"- data: `{data.get('train_source')}` ({data.get('train_questions')} questions"
                   + (f", articles {cfg['train_articles']}" if cfg.get("train_articles") else "") + ")",
-                  f"- base model: `{cfg.get('model')}`, strategy {cfg.get('strategy')}"
+                  f"- base model: `{cfg.get('model')}`"
+                  + (f" cut to its first {cfg['num_layers']} transformer layers" if cfg.get("num_layers") else "")
+                  + f", strategy {cfg.get('strategy')}"
                   + (f" (LoRA rank {cfg.get('lora_rank')}, alpha policy {cfg.get('alpha_policy')})"
                      if cfg.get("strategy") == "lora" else ""),
                   "", "Configuration:", "", "```json", json.dumps(cfg, indent=1, sort_keys=True), "```"]

@@ -28,8 +28,26 @@ def figures(study_dir: Path, a: Analysis) -> list[str]:
     matplotlib.use("Agg")
     top = max(c.volume for c in a.configs)
     drawn = [_rank_sweep(study_dir, a, top), _data_volume(study_dir, a), _learning_curves(study_dir, a, top),
-             _pareto(study_dir, a, top)]
+             _pareto(study_dir, a, top), _factorial(study_dir, a)]
     return [name for name in drawn if name]
+
+
+def _factorial(study_dir: Path, a: Analysis) -> str | None:
+    """F1 of each model with full fine-tuning and with LoRA, one line per model (crossing lines: interaction)."""
+    if not a.factorial:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(a.factorial), figsize=(5 * len(a.factorial), 4), squeeze=False)
+    for ax, f in zip(axes[0], a.factorial):
+        for m in f["models"]:
+            ax.plot([0, 1], [f["f1"][(m, s)] for s in f["strategies"]], marker="o", label=m)
+        ax.set_xticks([0, 1], ["full fine-tuning", "LoRA"])
+        ax.set_ylabel("F1 (test questions)")
+        ax.set_title(f"{int(f['volume'])} training questions")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, study_dir, "factorial.png")
 
 
 def _err(iv) -> list[list[float]]:

@@ -73,14 +73,15 @@ def fit(model) -> WindowFlops:
 
 
 @functools.lru_cache(maxsize=256)
-def window_flops(model_name: str, strategy: str, rank: int, alpha: float, policy: str, targets: tuple) -> WindowFlops:
+def window_flops(model_name: str, strategy: str, rank: int, alpha: float, policy: str, targets: tuple,
+                 num_layers: int | None = None) -> WindowFlops:
     """The run shape's per-window FLOPs, counted on its architecture built from its config on the meta device
     (shapes only: no memory, no arithmetic, the same counts)."""
     from qatune.models import meta_model
 
-    return fit(meta_model(model_name, strategy, rank, alpha, policy, targets))
+    return fit(meta_model(model_name, strategy, rank, alpha, policy, targets, num_layers))
 
 
 def for_config(cfg) -> WindowFlops:
     return window_flops(cfg.model, cfg.strategy, cfg.lora_rank, cfg.lora_alpha, cfg.alpha_policy,
-                        tuple(cfg.lora_targets or ()))
+                        tuple(cfg.lora_targets or ()), getattr(cfg, "num_layers", None))

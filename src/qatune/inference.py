@@ -26,9 +26,9 @@ from qatune.decode import Decoded, decode
 from qatune.errors import ConfigError, FileError, QatuneError, unreadable
 from qatune.features import Features, build_features, cached_features, collate
 from qatune.machine import best_device, check_device, resolve_precision
+from qatune.models import SETTINGS_FILE
 from qatune.rundir import MODEL
 
-SETTINGS_FILE = "qatune.json"  # the inference configuration (plus what the model is) in every model directory
 ONNX_FILE = "model.onnx"
 QUESTIONS_PER_CHUNK = 1024  # answer_many tokenises and decodes this many questions at a time (bounded memory)
 

@@ -13,6 +13,7 @@ policy sets LoRA's scaling for rank sweeps: ``fixed`` (alpha as given, scale alp
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import json
@@ -87,21 +88,37 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_qa_model(name: str) -> torch.nn.Module:
-    """An ``AutoModelForQuestionAnswering`` (a fresh span head on top of a plain encoder checkpoint)."""
+SETTINGS_FILE = "qatune.json"  # the inference configuration (plus what the model is) in every model directory
+
+
+def load_qa_model(name: str, num_layers: int | None = None) -> torch.nn.Module:
+    """An ``AutoModelForQuestionAnswering`` (a fresh span head on top of a plain encoder checkpoint); with
+    ``num_layers``, only the encoder's first N layers (their pretrained weights; the rest are not loaded)."""
     from transformers import AutoModelForQuestionAnswering
 
     path = resolve_model(name)
     from safetensors import SafetensorError
 
+    kw = {}
+    if num_layers is not None:
+        depth = model_depth(model_config(name))
+        if not 1 <= num_layers <= depth:
+            raise ModelError(f"num_layers {num_layers} is not a layer count of {name}: it has {depth} transformer "
+                             f"layers; keep 1 to {depth}")
+        kw["num_hidden_layers"] = num_layers  # DistilBERT maps it to its n_layers (config attribute_map)
     try:
         with quiet_transformers():  # "newly initialised qa_outputs" is expected here, not a warning
-            return AutoModelForQuestionAnswering.from_pretrained(path)
+            return AutoModelForQuestionAnswering.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a question-answering model from {_describe(name, path)}: {e}") from e
     except SafetensorError as e:
         raise ModelError(f"{_describe(name, path)}: its weights file is damaged ({e}); copy or download the model "
                          f"again") from e
+
+
+def model_depth(config) -> int:
+    """Transformer layers of an encoder config (DistilBERT calls them n_layers)."""
+    return int(getattr(config, "num_hidden_layers", None) or config.n_layers)
 
 
 @contextlib.contextmanager
@@ -220,7 +237,7 @@ def load_trained(path: str | Path) -> torch.nn.Module:
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
             raise unreadable(config_file, "LoRA adapter configuration", e,
                              "it needs base_model_name_or_path; train or copy the adapter again") from e
-        base = load_qa_model(base_name)
+        base = load_qa_model(base_name, _saved_settings(path).get("num_layers"))
         config = PeftConfig.from_pretrained(str(path))
         if config.task_type is not None:
             # qatune before the fix saved adapters with the question-answering task type, whose forward drops
@@ -239,6 +256,15 @@ def load_trained(path: str | Path) -> torch.nn.Module:
         model = load_qa_model(str(path))
     check_segment_inputs(model)
     return model
+
+
+def _saved_settings(model_dir: Path) -> dict:
+    """What qatune.json says about a saved model ({} when absent or unreadable: checked where it is loaded)."""
+    try:
+        settings = json.loads((model_dir / SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
 
 
 def has_segment_embeddings(model: torch.nn.Module) -> bool:
@@ -315,7 +341,7 @@ def check_seq_length(config, max_seq_length: int, model: str) -> None:
 
 
 def model_from_config(name: str, strategy: str = "full", lora: LoraSettings | None = None,
-                      meta: bool = False) -> torch.nn.Module:
+                      meta: bool = False, num_layers: int | None = None) -> torch.nn.Module:
     """A question-answering model of ``name``'s architecture with random weights, ready for ``strategy``.
 
     ``meta=True`` allocates nothing (for counting parameters). Otherwise the weights are properly
@@ -326,23 +352,27 @@ def model_from_config(name: str, strategy: str = "full", lora: LoraSettings | No
     from transformers import AutoModelForQuestionAnswering
 
     mcfg = model_config(name)
+    if num_layers is not None:
+        mcfg = copy.deepcopy(mcfg)
+        mcfg.num_hidden_layers = num_layers
     with quiet_transformers(), torch.device("meta") if meta else torch.random.fork_rng(devices=[]):
         model = AutoModelForQuestionAnswering.from_config(mcfg)
     return apply_strategy(model, strategy, lora)
 
 
 @functools.lru_cache(maxsize=256)
-def meta_model(model_name: str, strategy: str, rank: int, alpha: float, policy: str, targets: tuple) -> torch.nn.Module:
+def meta_model(model_name: str, strategy: str, rank: int, alpha: float, policy: str, targets: tuple,
+               num_layers: int | None = None) -> torch.nn.Module:
     """A run shape's model on the meta device (shapes only: no memory, no arithmetic), built once per shape for
     the FLOP count and the dry run's parameter counts."""
     lora = LoraSettings(rank, alpha, 0.0, policy, list(targets) or None) if strategy == "lora" else None
-    return model_from_config(model_name, strategy, lora, meta=True)
+    return model_from_config(model_name, strategy, lora, meta=True, num_layers=num_layers)
 
 
 def meta_model_of(cfg) -> torch.nn.Module:
     """:func:`meta_model` of a training configuration."""
     return meta_model(cfg.model, cfg.strategy, cfg.lora_rank, cfg.lora_alpha, cfg.alpha_policy,
-                      tuple(cfg.lora_targets or ()))
+                      tuple(cfg.lora_targets or ()), cfg.num_layers)
 
 
 def random_batch(model: torch.nn.Module, batch_size: int, width: int, device: torch.device) -> dict:

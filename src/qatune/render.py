@@ -1,6 +1,6 @@
 """The report's blocks rendered twice: markdown (``report.md``) and one self-contained HTML page (``report.html``).
 
-A block is a tuple: ``("h1"|"h2"|"p", text)``, ``("ul", items)``, ``("table", header, rows)`` or ``("img", file)``.
+A block is a tuple: ``("h1"|"h2"|"h3"|"p", text)``, ``("ul", items)``, ``("table", header, rows)`` or ``("img", file)``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ def to_markdown(blocks: list[tuple]) -> str:
             out += [f"# {rest[0]}", ""]
         elif kind == "h2":
             out += [f"## {rest[0]}", ""]
+        elif kind == "h3":
+            out += [f"### {rest[0]}", ""]
         elif kind == "p":
             out += [rest[0], ""]
         elif kind == "ul":
@@ -66,7 +68,7 @@ def to_html(blocks: list[tuple], figure_dir: Path) -> str:
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body><main>"]
     for kind, *rest in blocks:
-        if kind in ("h1", "h2"):
+        if kind in ("h1", "h2", "h3"):
             out.append(f"<{kind}>{_inline(rest[0])}</{kind}>")
         elif kind == "p":
             out.append(f"<p>{_inline(rest[0])}</p>")

@@ -129,7 +129,7 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
     if not a.done:
         return b + [("p", "No finished runs yet.")]
     marks = cost_marks(a.done)
-    b += _reading_blocks(a) + _table_blocks(a, marks) + _comparison_blocks(a)
+    b += _reading_blocks(a) + _table_blocks(a, marks) + _comparison_blocks(a) + _factorial_blocks(a)
     b += [("h2", "Findings"), ("ul", _findings(a) or ["Not enough finished runs for a comparison yet."])]
     b += [("h2", "Figures")] + [("img", name) for name in figures]
     return b + _cost_blocks(a.done, marks) + _inference_blocks(a, study_dir)
@@ -263,6 +263,29 @@ def _comparison_blocks(a: Analysis) -> list[tuple]:
     return b
 
 
+def _factorial_blocks(a: Analysis) -> list[tuple]:
+    """Model size and strategy as two factors: the 2x2 of F1 and the effects with their intervals."""
+    if not a.factorial and not a.factorial_note:
+        return []
+    b: list[tuple] = [("h2", "Model and strategy: two factors")]
+    if a.factorial_note:
+        return b + [("p", a.factorial_note)]
+    b.append(("p", "Each cell is its arm at the configuration chosen on the selection questions (as the headline "
+                   "chooses); F1 and the effects are measured on the other questions, each effect with its two-level "
+                   "bootstrap interval. Strategy effect: full − LoRA within a model; model effect: the first model − "
+                   "the second within a strategy; interaction: how much the strategy effect changes between models."))
+    for f in a.factorial:
+        (m1, m2) = f["models"]
+        b.append(("h3", f"{int(f['volume'])} training questions ({f['test_questions']} test questions)"))
+        b.append(("table", ["model", "full F1", "LoRA F1", "full − LoRA [95% CI]", "p"],
+                  [[m, f"{f['f1'][(m, 'full')]:.2f}", f"{f['f1'][(m, 'lora')]:.2f}",
+                    _ci(f["strategy_effect"][m], 2, True), _p(f["strategy_effect"][m].p)] for m in f["models"]]))
+        b.append(("ul", [f"model effect ({m1} − {m2}) with {s} fine-tuning: {_ci(f['model_effect'][s], 2, True)}, "
+                         f"p = {_p(f['model_effect'][s].p)}" for s in f["strategies"]]
+                  + [f"interaction: {_ci(f['interaction'], 2, True)}, p = {_p(f['interaction'].p)}"]))
+    return b
+
+
 def _inference_blocks(a: Analysis, study_dir: Path) -> list[tuple]:
     """What each model costs to run (latency, size, int8 accuracy), and the runs whose measurement failed."""
     from qatune.cost import COST_HEADER, COST_INTRO, cost_rows, not_measured
@@ -354,7 +377,15 @@ def summary(a: Analysis) -> dict:
                                        "f1": contrast(a.interaction["f1"]), "em": contrast(a.interaction["em"])}
     return {"squad_version": a.scores.version, "runs": len(a.covered), "finished": len(a.done),
             "other_rows": a.other_rows, "questions": len(a.questions), "configurations": configs,
-            "comparisons": comparisons, "tests": tests,
+            "comparisons": comparisons, "tests": tests, "factorial_note": a.factorial_note,
+            "factorial": [{"train_questions": f["volume"], "models": f["models"], "strategies": f["strategies"],
+                           "cells": {m: {s: f["f1"][(m, s)] for s in f["strategies"]} for m in f["models"]},
+                           "configurations": {m: {s: f["cells"][(m, s)].id for s in f["strategies"]}
+                                              for m in f["models"]},
+                           "test_questions": f["test_questions"], "selection_questions": f["selection_questions"],
+                           "strategy_effect": {m: contrast(c) for m, c in f["strategy_effect"].items()},
+                           "model_effect": {s: contrast(c) for s, c in f["model_effect"].items()},
+                           "interaction": contrast(f["interaction"])} for f in a.factorial],
             "inference_cost_failures": [{"run": rid, "error": e} for rid, e in not_measured(a.done)]}
 
 

@@ -104,7 +104,7 @@ class Recipe:
             self.curve_data = source.with_examples(subsample(source.examples, n, CURVE_SEED))
         self.keep = cfg.resolved_keep()
 
-        model = load_qa_model(cfg.model)
+        model = load_qa_model(cfg.model, cfg.num_layers)
         check_seq_length(model.config, cfg.max_seq_length, cfg.model)
         self.model_type = model.config.model_type
         self.attention = getattr(model.config, "_attn_implementation", None)
@@ -407,7 +407,8 @@ class Recipe:
 
     def _write_settings(self, model_dir: Path) -> None:
         """The saved model's inference configuration, and what the model is (qatune.json)."""
-        save_settings(model_dir, self.infer, strategy=self.cfg.strategy, base_model=self.cfg.model, format="torch")
+        save_settings(model_dir, self.infer, strategy=self.cfg.strategy, base_model=self.cfg.model, format="torch",
+                      num_layers=self.cfg.num_layers)
 
     def _record(self, metrics: dict, eval_s: float, inference: dict, validation: dict) -> RunRecord:
         """What this run was and what it cost: configuration, resolved settings, data, parameters, metrics, times."""

@@ -9,6 +9,7 @@ traceback), an interruption 130.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from qatune.cli import evaluate, predict, report, score, ship, study, train
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C where nothing needed saving (loading, a dry run, a report)
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`qatune ... | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except QatuneError as e:
         if args.debug:
             raise
