@@ -16,8 +16,9 @@ from qatune.errors import QatuneError
 from qatune.metrics import squad_v1_scores, squad_v2_scores
 from qatune.rundir import PREDICTIONS, RunDir
 from qatune.stats import Contrast, bootstrap_contrast, equality_test, holm
-from qatune.store import connect, latest_grid, rows
+from qatune.store import connect, decisions, latest_grid, rows
 from qatune.store import exists as store_exists
+from qatune.tuning import summarize
 
 CURVE_GAIN = 1.0  # F1 points: a run whose last learning-curve interval still raised F1 by more is "not converged"
 SPLIT_SEED = 0
@@ -232,6 +233,7 @@ class Analysis:
     split: dict | None
     factorial: list[dict]  # per data volume: the 2x2 of model x strategy (see :func:`_factorial`)
     factorial_note: str | None  # why there is none (the factors are confounded, or a cell is missing)
+    tuning: list[dict]  # per tuned configuration: values tried, validation F1, chosen (qatune.tuning.summarize)
 
 
 def _pair(cfgs: list[Config], qids: list[str], scores: Scores, choose: bool) -> Config:
@@ -257,7 +259,11 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
     db = connect(study_dir)
     every = rows(db)
     grid = latest_grid(db)
+    chosen = decisions(db)
     db.close()
+    for r in every:  # tuning candidates waiting for their rung, or dropped: not results
+        if r.get("stage") in ("paused", "pruned"):
+            r["status"] = r["stage"]
     for r in every:  # a finished run whose files were deleted is reported as such, not read
         if r["status"] == "finished" and not RunDir(r["output_dir"]).predictions.is_file():
             r["status"], r["error"] = "finished, files missing", (
@@ -267,6 +273,9 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
         covered = [r for r in every if r["id"] in wanted]
     else:
         covered = every
+    tuning = summarize(covered, chosen)
+    other_rows = len(every) - len(covered)
+    covered = [r for r in covered if r["status"] != "pruned"]
     done = [r for r in covered if r["status"] == "finished" and r["metrics"]]
     configs = configurations(done)
     scores = Scores()
@@ -307,8 +316,8 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
                            **_contrast(cells, test, scores, seed=1)}
     rank_tests = _rank_tests(configs, questions, scores)
     factorial, note = _factorial(configs, questions, scores, [model_name(r["config"]) for r in done])
-    return Analysis(covered, done, grid, len(every) - len(covered), configs, scores, intervals, questions,
-                    comparisons, rank_tests, interaction, headline, split, factorial, note)
+    return Analysis(covered, done, grid, other_rows, configs, scores, intervals, questions,
+                    comparisons, rank_tests, interaction, headline, split, factorial, note, tuning)
 
 
 def model_name(config: dict) -> str:

@@ -88,6 +88,8 @@ class TrainConfig:
     null_threshold: float = _f(0.0, "SQuAD v2: answer '' when null score - best span > this (with v2 evaluation "
                                     "data the run tunes it for the best F1 and saves that with the model)")
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
+    pause_at: int | None = _f(None, "stop at this step with a checkpoint and a validation score, without the test "
+                                    "evaluation (a study's tuning candidate; the schedule stays the full run's)")
     report_to: str = _f("none", "none | tensorboard | mlflow")
     feature_cache_dir: str | None = _f(None, "reuse tokenised windows across runs from this directory")
     compile: bool = _f(False, "torch.compile the model (batches padded to multiples of 64 to bound recompiles)")
@@ -246,6 +248,8 @@ def _check_validation(cfg: TrainConfig, bad) -> None:
     for name in ("validation_articles", "validation_questions"):
         if getattr(cfg, name) is not None and not cfg.validation_data:
             raise bad(name, "goes with validation_data (validation_share holds out whole training articles)")
+    if cfg.pause_at is not None and (cfg.pause_at < 1 or not cfg.has_validation):
+        raise bad("pause_at", "must be >= 1 and needs validation data (a paused run is scored there)")
     if cfg.early_stopping_patience < 0:
         raise bad("early_stopping_patience", "must be >= 0 (0: off)")
     for name, value in (("keep", cfg.keep == "best"), ("early_stopping_patience", cfg.early_stopping_patience > 0)):
@@ -280,7 +284,7 @@ def _check_disjoint(cfg: TrainConfig, bad) -> None:
                                          f"be apart from the training ones")
 
 
-NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile", "inference_cost")  # where/how
+NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile", "inference_cost", "pause_at")  # where/how
 # Options added later: part of a run's identity only when set, so the runs of existing studies keep their ids.
 IN_HASH_WHEN_SET = ("num_layers", "eval_steps", "eval_subset", "validation_data", "validation_split", "validation_articles",
                     "validation_questions", "validation_share", "keep", "early_stopping_patience")

@@ -31,6 +31,15 @@ class Interrupted(TrainingError):
     """A run was asked to stop (Ctrl-C, SIGTERM) and saved a checkpoint first; ``--resume`` continues it."""
 
 
+class Paused(TrainingError):
+    """A tuning candidate reached the step it was asked to pause at (``pause_at``): checkpoint saved, validated;
+    the study driver promotes it (it resumes from there) or prunes it."""
+
+    def __init__(self, step: int, score: float):
+        super().__init__(f"paused at step {step} with validation F1 {score:.2f}")
+        self.step, self.score = step, score
+
+
 class FileError(QatuneError, OSError):
     """A file is missing, unreadable, damaged or of the wrong format."""
 

@@ -28,7 +28,7 @@ def figures(study_dir: Path, a: Analysis) -> list[str]:
     matplotlib.use("Agg")
     top = max(c.volume for c in a.configs)
     drawn = [_rank_sweep(study_dir, a, top), _data_volume(study_dir, a), _learning_curves(study_dir, a, top),
-             _pareto(study_dir, a, top), _factorial(study_dir, a)]
+             _pareto(study_dir, a, top), _factorial(study_dir, a), _expected_max(study_dir, a)]
     return [name for name in drawn if name]
 
 
@@ -43,11 +43,37 @@ def _factorial(study_dir: Path, a: Analysis) -> str | None:
         for m in f["models"]:
             ax.plot([0, 1], [f["f1"][(m, s)] for s in f["strategies"]], marker="o", label=m)
         ax.set_xticks([0, 1], ["full fine-tuning", "LoRA"])
-        ax.set_ylabel("F1 (test questions)")
-        ax.set_title(f"{int(f['volume'])} training questions")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _axes(ax, None, "F1 (test questions)", f"{int(f['volume'])} training questions", legend=8)
     return _save(fig, study_dir, "factorial.png")
+
+
+def _expected_max(study_dir: Path, a: Analysis) -> str | None:
+    """Expected best validation F1 per arm against the configurations tried (Dodge et al. 2019)."""
+    from qatune.tuning import expected_max_curves
+
+    curves = expected_max_curves(a.tuning)
+    if not curves:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm, points in sorted(curves.items()):
+        ax.plot([p["trials"] for p in points], [p["expected_f1"] for p in points], marker="o", label=arm)
+    _axes(ax, "configurations tried", "expected best validation F1", "Expected maximum validation F1 (tuning budget)",
+          legend=8)
+    return _save(fig, study_dir, "expected_max.png")
+
+
+def _axes(ax, xlabel: str | None, ylabel: str, title: str | None, legend: int | None = None) -> None:
+    """Labels, a light grid and (with a font size) the legend: the same finish for every figure."""
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=legend)
 
 
 def _err(iv) -> list[list[float]]:
@@ -81,10 +107,7 @@ def _rank_sweep(study_dir: Path, a: Analysis, top: float) -> str | None:
         ranks = sorted({c.rank for cs in lines.values() for c in cs})
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.minorticks_off()
-        ax.set_xlabel("LoRA rank")
-        ax.set_ylabel(title)
-        ax.set_title(f"{title} vs LoRA rank ({int(top)} questions, 95% intervals)")
-        ax.grid(alpha=0.3)
+        _axes(ax, "LoRA rank", title, f"{title} vs LoRA rank ({int(top)} questions, 95% intervals)")
     axes[0].legend(fontsize=8)
     return _save(fig, study_dir, "rank_sweep.png")
 
@@ -108,11 +131,7 @@ def _data_volume(study_dir: Path, a: Analysis) -> str | None:
     volumes = sorted({c.volume for c in a.configs})
     ax.set_xticks(volumes, [f"{int(v):,}" for v in volumes])
     ax.minorticks_off()
-    ax.set_xlabel("training questions")
-    ax.set_ylabel("F1")
-    ax.set_title("F1 vs training-data volume (95% intervals)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _axes(ax, "training questions", "F1", "F1 vs training-data volume (95% intervals)", legend=7)
     return _save(fig, study_dir, "data_volume.png")
 
 
@@ -135,11 +154,8 @@ def _learning_curves(study_dir: Path, a: Analysis, top: float) -> str | None:
                 ax.plot([p["windows"] for p in pts], [p["f1"] for p in pts], marker=".",
                         color=colors[k % len(colors)], alpha=0.9 if j == 0 else 0.5,
                         label=f"{c.label}, {int(c.volume)} q{flag}" if j == 0 else None)
-    ax.set_xlabel("training windows seen")
-    ax.set_ylabel("F1 (learning-curve questions)")
-    ax.set_title("Learning curves of the headline configurations")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _axes(ax, "training windows seen", "F1 (learning-curve questions)", "Learning curves of the headline configurations",
+          legend=7)
     return _save(fig, study_dir, "learning_curves.png")
 
 
@@ -174,10 +190,7 @@ def scatter_with_front(ax, xs: list[float], ys: list[float], labels: list[str], 
     if log:
         ax.set_xscale("log")
         ax.margins(x=0.3, y=0.1)  # room for the labels of the outermost points
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("F1")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _axes(ax, xlabel, "F1", None, legend=8)
 
 
 def cost_figure(runs: list[dict], study_dir: Path, label) -> str:

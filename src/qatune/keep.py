@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from qatune.checkpoints import trainable_state
+from qatune.checkpoints import load_weights, trainable_state
 from qatune.errors import TrainingError
 
 
@@ -74,3 +74,50 @@ def read_best(ckpt_dir: Path, step: int) -> dict[str, torch.Tensor]:
     except (OSError, ValueError) as e:
         raise TrainingError(f"{path}: the weights of the best validation step {step} cannot be read "
                             f"({type(e).__name__}); train the run again without --resume") from e
+
+
+class Keeper:
+    """A run's choice of model over its validation curve (``curve``, the list the recipe appends to): the best step
+    (``keep = "best"``) or the last, early stopping, and the best step's weights on disk across a resume."""
+
+    def __init__(self, keep: str, patience: int, ckpt_dir: Path, curve: list[dict]):
+        self.keep, self.patience, self.dir, self.curve = keep, patience, ckpt_dir, curve
+
+    @property
+    def best(self) -> dict | None:
+        return best_point(self.curve)
+
+    def stalled(self) -> bool:
+        return stalled(self.curve, self.patience)
+
+    def kept(self) -> dict | None:
+        """The curve point of the model the run keeps."""
+        return self.best if self.keep == "best" else (self.curve[-1] if self.curve else None)
+
+    def restore(self, start_step: int) -> None:
+        """On resume: the best step's weights the restored curve names must be here; later ones are made again."""
+        if self.keep != "best":
+            return
+        prune_best(self.dir, after=start_step)
+        if self.best is not None and self.best["step"] not in best_steps(self.dir):
+            raise TrainingError(f"{self.dir}: the weights of the best validation step {self.best['step']} are "
+                                f"missing, so keep = best cannot be honoured; train the run again without --resume "
+                                f"(or in a new --output-dir)")
+
+    def add(self, point: dict, model) -> None:
+        """A new validation point; its weights are kept when it beats the best so far."""
+        if self.keep == "best" and (self.best is None or point["f1"] > self.best["f1"]):
+            save_best(self.dir, point["step"], model, point)
+        self.curve.append(point)
+
+    def checkpointed(self) -> None:
+        """A checkpoint was written: a resume from it needs no best step before the current best."""
+        if self.keep == "best" and self.best is not None:
+            prune_best(self.dir, keep=self.best["step"])
+
+    def load_kept(self, module, end_step: int) -> dict | None:
+        """Put the kept step's weights into ``module`` (it holds ``end_step``'s); returns the kept point."""
+        kept = self.kept()
+        if kept is not None and kept["step"] != end_step:
+            load_weights(module, read_best(self.dir, kept["step"]))
+        return kept

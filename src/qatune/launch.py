@@ -46,9 +46,11 @@ class Slot:
 @dataclass
 class Outcome:
     run_id: str
-    status: str  # finished | failed | interrupted | died
+    status: str  # finished | paused | failed | interrupted | died
     record: RunRecord | None = None
     error: str | None = None
+    score: float | None = None  # paused: the validation F1 at its rung
+    step: int | None = None
 
     @classmethod
     def from_dict(cls, run_id: str, d: dict) -> Outcome:
@@ -56,7 +58,7 @@ class Outcome:
         error = d.get("error")
         if d.get("traceback"):
             error = f"{error}\n{d['traceback']}"
-        return cls(run_id, d["status"], record, error)
+        return cls(run_id, d["status"], record, error, d.get("score"), d.get("step"))
 
 
 class Launcher(Protocol):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qatune.config import TrainConfig
 from qatune.studyfile import Run, Study
+from qatune.tuning import planned_steps
 
 # Question counts of hub data sets, for dry-run estimates when the data is not at hand (offline).
 KNOWN_SIZES = {("rajpurkar/squad", "train"): 87599, ("rajpurkar/squad", "validation"): 10570,
@@ -144,4 +145,24 @@ def dry_run(study: Study, calibrate_here: bool = False, slots: int = 1, threads:
                                              "runs_per_device", "device")})
         summary["per_run"] = [{"id": p["id"], "arm": p["arm"], "steps": p["steps"], "s_per_step": p["s_per_step"],
                                "projected_s": p["projected_s"]} for p in proj["per_run"]]
+    if study.groups:
+        notes += tuning_notes(study)
+        summary["tuning"] = [{"configuration": g.id, "arm": g.arm, "candidates": len(g.candidates),
+                              "rungs": g.schedule, "steps": planned_steps(len(g.candidates), g.schedule, study.eta),
+                              "grid_steps": len(g.candidates) * g.schedule[-1], "final_seeds": len(g.seeds) - 1}
+                             for g in study.groups]
     return {"summary": summary, "header": header, "rows": rows, "notes": notes}
+
+
+def tuning_notes(study: Study) -> list[str]:
+    """What tuning will train: candidates per configuration, the rungs, and the steps halving saves over a grid.
+    The table above lists the candidates (first seed); each chosen value then trains with the other seeds."""
+    out = []
+    for g in study.groups:
+        steps = planned_steps(len(g.candidates), g.schedule, study.eta)
+        grid = len(g.candidates) * g.schedule[-1]
+        where = ", ".join(f"{k}={v}" for k, v in g.point.items()) or "its one configuration"
+        out.append(f"tuning {g.arm} at {where}: {len(g.candidates)} candidates ({study.method}, eta {study.eta}), "
+                   f"rungs at steps {g.schedule}: {steps:,} candidate steps instead of {grid:,} for the grid "
+                   f"({steps / grid:.0%}); then the chosen value with {len(g.seeds) - 1} more seed(s)")
+    return out

@@ -42,6 +42,7 @@ from qatune.analysis import (
 from qatune.figures import figures
 from qatune.render import to_html, to_markdown
 from qatune.stats import Contrast
+from qatune.tuning import expected_max_curves, stable_from
 
 
 # ---------------------------------------------------------------------------------------------- text blocks
@@ -129,7 +130,7 @@ def _blocks(a: Analysis, study_dir: Path, figures: list[str]) -> list[tuple]:
     if not a.done:
         return b + [("p", "No finished runs yet.")]
     marks = cost_marks(a.done)
-    b += _reading_blocks(a) + _table_blocks(a, marks) + _comparison_blocks(a) + _factorial_blocks(a)
+    b += _reading_blocks(a) + _tuning_blocks(a) + _table_blocks(a, marks) + _comparison_blocks(a) + _factorial_blocks(a)
     b += [("h2", "Findings"), ("ul", _findings(a) or ["Not enough finished runs for a comparison yet."])]
     b += [("h2", "Figures")] + [("img", name) for name in figures]
     return b + _cost_blocks(a.done, marks) + _inference_blocks(a, study_dir)
@@ -263,6 +264,27 @@ def _comparison_blocks(a: Analysis) -> list[tuple]:
     return b
 
 
+def _tuning_blocks(a: Analysis) -> list[tuple]:
+    """What each tuned configuration tried and chose, on validation data only; a choice at the edge is flagged."""
+    if not a.tuning:
+        return []
+    b: list[tuple] = [("h2", "Tuning (validation data only)"),
+                      ("p", "Each configuration's candidates trained with the first seed and were compared on "
+                            "validation F1 (at the last step each reached: successive halving stops the weaker ones "
+                            "early); the chosen value's runs, with every seed, are the ones reported below. No "
+                            "candidate was scored on the test questions.")]
+    rows = []
+    for t in a.tuning:
+        where = ", ".join(f"{k}={v}" for k, v in t["point"].items()) or "—"
+        tried = "; ".join(f"{x['value']}: {x['validation_f1']:.2f} @{x['steps']}" if x["validation_f1"] is not None
+                          else f"{x['value']}: —" for x in t["tried"])
+        chosen = "not yet" if t["chosen"] is None else str(t["chosen"]) + (" (at the edge: widen the range)"
+                                                                           if t["at_edge"] else "")
+        rows.append([t["arm"], where, str(t["option"]), tried, chosen])
+    b.append(("table", ["arm", "configuration", "option", "tried: validation F1 @ steps", "chosen"], rows))
+    return b
+
+
 def _factorial_blocks(a: Analysis) -> list[tuple]:
     """Model size and strategy as two factors: the 2x2 of F1 and the effects with their intervals."""
     if not a.factorial and not a.factorial_note:
@@ -370,6 +392,9 @@ def summary(a: Analysis) -> dict:
                     "test_questions": comp["f1"].questions, "split": {**split, "file": "split.json"},
                     "f1": contrast(comp["f1"]), "em": contrast(comp["em"])} for comp in a.comparisons]
     tests: dict = {"rank": [dict(t) for t in a.rank_tests], "volume_interaction": None}
+    expected = expected_max_curves(a.tuning)
+    stable = (stable_from(expected[a.headline[0]], expected[a.headline[1]])
+              if a.headline and all(arm in expected for arm in a.headline) else None)
     if a.interaction:
         (alo, blo), (ahi, bhi) = a.interaction["pairs"]
         tests["volume_interaction"] = {"train_questions": list(a.interaction["volumes"]),
@@ -378,6 +403,7 @@ def summary(a: Analysis) -> dict:
     return {"squad_version": a.scores.version, "runs": len(a.covered), "finished": len(a.done),
             "other_rows": a.other_rows, "questions": len(a.questions), "configurations": configs,
             "comparisons": comparisons, "tests": tests, "factorial_note": a.factorial_note,
+            "tuning": a.tuning, "expected_max": expected, "expected_max_stable_at": stable,
             "factorial": [{"train_questions": f["volume"], "models": f["models"], "strategies": f["strategies"],
                            "cells": {m: {s: f["f1"][(m, s)] for s in f["strategies"]} for m in f["models"]},
                            "configurations": {m: {s: f["cells"][(m, s)].id for s in f["strategies"]}

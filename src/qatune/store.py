@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qatune.errors import QatuneError
+from qatune.tuning import survivors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -60,7 +61,13 @@ CREATE TABLE IF NOT EXISTS grids (
 """
 # Columns for claims, progress and learning curves, added to databases written before they existed.
 CLAIM_COLUMNS = {"owner": "TEXT", "lease_until": "REAL", "heartbeat_at": "REAL", "worker": "TEXT",
-                 "step": "INTEGER", "total_steps": "INTEGER", "ord": "INTEGER", "curve": "TEXT"}
+                 "step": "INTEGER", "total_steps": "INTEGER", "ord": "INTEGER", "curve": "TEXT",
+                 # tuning candidates: their configuration group, stage (candidate | paused | pruned | chosen), the
+                 # rung they train towards, the step they pause at (NULL: to the end) and [{rung, step, f1}]
+                 "grp": "TEXT", "stage": "TEXT", "rung": "INTEGER", "pause_at": "INTEGER", "scores": "TEXT"}
+DECISIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS decisions (grp TEXT PRIMARY KEY, chosen TEXT NOT NULL, decided_at REAL NOT NULL);
+"""
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,7 @@ def _open(path: Path) -> sqlite3.Connection:
             raise sqlite3.DatabaseError(f"integrity check: {check}")
         db.execute(SCHEMA)
         db.execute(GRID_SCHEMA)
+        db.execute(DECISIONS_SCHEMA)
         have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
         for name, kind in CLAIM_COLUMNS.items():
             if name not in have:
@@ -244,7 +252,7 @@ def rows(db: sqlite3.Connection, ids: Iterable[str] | None = None) -> list[dict]
         d = dict(row)
         if wanted is not None and d["id"] not in wanted:
             continue
-        for k in ("point", "config", "metrics", "costs", "curve"):
+        for k in ("point", "config", "metrics", "costs", "curve", "scores"):
             d[k] = json.loads(d[k]) if d[k] else None
         d["output_dir"] = str(run_dir(directory, d["id"], d["output_dir"]))
         out.append(d)
@@ -302,8 +310,9 @@ def claim(db: sqlite3.Connection, ids: Sequence[str], owner: Owner, lease_s: flo
     now = time.time()
     wanted = set(ids)
     with _immediate(db):
-        for row in db.execute("SELECT id, status, owner, lease_until, attempts FROM runs "
-                              "WHERE status IN ('pending', 'running') ORDER BY ord, created_at, id").fetchall():
+        for row in db.execute("SELECT id, status, owner, lease_until, attempts FROM runs WHERE status IN "
+                              "('pending', 'running') AND COALESCE(stage, '') NOT IN ('paused', 'pruned') "
+                              "ORDER BY ord, created_at, id").fetchall():
             if row["id"] not in wanted:
                 continue
             note = None
@@ -371,5 +380,84 @@ def retry_failed(db: sqlite3.Connection, ids: Sequence[str]) -> int:
 
 
 def statuses(db: sqlite3.Connection, ids: Sequence[str]) -> dict[str, str]:
+    """Each run's status; a tuning candidate waiting for its rung's decision is "paused", a dropped one "pruned"."""
     wanted = set(ids)
-    return {r["id"]: r["status"] for r in db.execute("SELECT id, status FROM runs") if r["id"] in wanted}
+    return {r["id"]: r["stage"] if r["stage"] in ("paused", "pruned") else r["status"]
+            for r in db.execute("SELECT id, status, stage FROM runs") if r["id"] in wanted}
+
+
+# ---------------------------------------------------------------------------------------------- tuning
+def register_candidates(db: sqlite3.Connection, grp: str, ids: Sequence[str], first_pause: int) -> None:
+    """Mark a configuration's candidate runs (already registered) as such, once: rung 0, pausing at its step."""
+    with db:
+        for rid in ids:
+            db.execute("UPDATE runs SET grp=?, stage='candidate', rung=0, pause_at=?, scores='[]' "
+                       "WHERE id=? AND grp IS NULL AND status='pending'", (grp, first_pause, rid))
+
+
+def pause_at(db: sqlite3.Connection, rid: str) -> int | None:
+    row = db.execute("SELECT stage, pause_at FROM runs WHERE id=?", (rid,)).fetchone()
+    return row["pause_at"] if row and row["stage"] == "candidate" else None
+
+
+def pause(db: sqlite3.Connection, rid: str, owner: Owner, step: int, score: float) -> None:
+    """A candidate reached its rung: it waits (pending, not claimable) with its validation score."""
+    with _immediate(db):
+        row = db.execute("SELECT rung, scores FROM runs WHERE id=? AND owner=?", (rid, str(owner))).fetchone()
+        if row is None:
+            return
+        scores = [s for s in json.loads(row["scores"] or "[]") if s["rung"] != row["rung"]]
+        scores.append({"rung": row["rung"], "step": step, "f1": score})
+        db.execute("UPDATE runs SET status='pending', stage='paused', scores=?, owner=NULL, lease_until=NULL "
+                   "WHERE id=?", (json.dumps(scores), rid))
+
+
+def decide(db: sqlite3.Connection, grp: str, schedule: Sequence[int], eta: int, values: dict[str, dict]) -> dict | None:
+    """When every live candidate of ``grp`` waits at its rung: promote the best 1/eta to the next rung (pausing at
+    its step), prune the rest; at the last rung the best is chosen and finishes. Returns the chosen values once
+    decided (from ``values``: run id -> tuned values), else None. One transaction, so drivers agree."""
+    with _immediate(db):
+        done = db.execute("SELECT chosen FROM decisions WHERE grp=?", (grp,)).fetchone()
+        if done is not None:
+            return json.loads(done["chosen"])
+        rows = db.execute("SELECT id, status, stage, rung, scores FROM runs WHERE grp=? ORDER BY ord, id",
+                          (grp,)).fetchall()
+        live = [r for r in rows if r["stage"] in ("candidate", "paused") and r["status"] != "failed"]
+        if not live or any(r["stage"] != "paused" for r in live):
+            return None
+        rung = live[0]["rung"]
+        last = rung == len(schedule) - 1
+
+        def score(r) -> float:
+            return next(s["f1"] for s in json.loads(r["scores"]) if s["rung"] == rung)
+        ranked = sorted(live, key=lambda r: -score(r))  # stable: the first of equals in study order
+        keep = [r["id"] for r in ranked[:survivors(len(live), eta, last)]]
+        for r in live:
+            if r["id"] in keep and last:
+                db.execute("UPDATE runs SET stage='chosen', pause_at=NULL WHERE id=?", (r["id"],))
+            elif r["id"] in keep:
+                db.execute("UPDATE runs SET stage='candidate', rung=?, pause_at=? WHERE id=?",
+                           (rung + 1, schedule[rung + 1], r["id"]))
+            else:
+                db.execute("UPDATE runs SET stage='pruned' WHERE id=?", (r["id"],))
+        if not last:
+            return None
+        chosen = values[keep[0]]
+        db.execute("INSERT INTO decisions (grp, chosen, decided_at) VALUES (?, ?, ?)",
+                   (grp, json.dumps(chosen), time.time()))
+        return chosen
+
+
+def decisions(db: sqlite3.Connection) -> dict[str, dict]:
+    """The chosen tuned values of every decided configuration group."""
+    return {r["grp"]: json.loads(r["chosen"]) for r in db.execute("SELECT grp, chosen FROM decisions")}
+
+
+def extend_grid(db: sqlite3.Connection, ids: Sequence[str]) -> None:
+    """Add runs made during the study (a tuned configuration's final seeds) to its latest registered grid."""
+    with _immediate(db):
+        row = db.execute("SELECT seq, run_ids FROM grids ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is not None:
+            known = json.loads(row["run_ids"])
+            db.execute("UPDATE grids SET run_ids=? WHERE seq=?",
+                       (json.dumps(known + [i for i in ids if i not in known]), row["seq"]))

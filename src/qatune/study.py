@@ -9,13 +9,14 @@ in a process of its own and its outcome comes back to the driver, the only write
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from qatune import store
 from qatune.launch import Launcher, Outcome, Slot
 from qatune.record import exact_match
 from qatune.rundir import RunDir
-from qatune.studyfile import Study
+from qatune.studyfile import Group, Run, Study
 from qatune.tracking import StudyTracker
 
 LEASE_S = 120.0  # a run whose driver stopped renewing its lease this long ago is claimed again
@@ -66,10 +67,15 @@ class _Driver:
         self.last_status = time.time()
         self.db = None
         self.tracker = None
+        self.group_of: dict[str, Group] = {}  # candidate run id -> its tuned configuration
 
     def open(self, retry_failed: bool) -> None:
         self.db = store.connect(self.study.directory)
         register(self.db, self.study)
+        self.group_of = {run.id: g for g in self.study.groups for _, run in g.candidates}
+        for g in self.study.groups:
+            store.register_candidates(self.db, g.id, [run.id for _, run in g.candidates], g.schedule[0])
+            self.decide(g)  # a driver that stopped between a pause and its decision left one to make
         for rid, why in untrusted_finished(self.db, self.study).items():
             store.reopen(self.db, rid, why)
             self.say(f"run {rid} was finished but {why}: training it again")
@@ -90,7 +96,7 @@ class _Driver:
                     {rid: {"step": p.get("step"), "total_steps": p.get("total_steps"),
                            "worker": _where(self.active[rid], p)} for rid, p in reports.items()})
         if not self.active:
-            if not any(s in ("pending", "running") for s in store.statuses(self.db, self.ids).values()):
+            if not any(s in ("pending", "running", "paused") for s in store.statuses(self.db, self.ids).values()):
                 return False
             if not self.waiting:
                 self.say("waiting: the remaining runs are held by another driver (they are claimed here if it stops)")
@@ -109,6 +115,8 @@ class _Driver:
                 return
             self.free.pop(0)
             run = self.by_id[rid]
+            if rid in self.group_of:  # a candidate trains to its rung (or, chosen, to the end)
+                run = Run(run.id, run.arm, replace(run.config, pause_at=store.pause_at(self.db, rid)), run.point)
             self.launcher.submit(run, slot)
             self.active[rid] = slot
             self.waiting = False
@@ -132,12 +140,31 @@ class _Driver:
             if (o.record.inference or {}).get("error"):
                 self.say(f"  inference cost of {o.run_id} not measured: {o.record.inference['error']} (kept in its "
                          f"run.json and listed in the report)")
+        elif o.status == "paused":
+            store.pause(self.db, o.run_id, self.owner, o.step, o.score)
+            self.say(f"  paused {o.run_id} ({run.arm}) at step {o.step}: validation F1 {o.score:.2f}")
+            self.decide(self.group_of[o.run_id])
         elif o.status == "interrupted":
             store.release(self.db, o.run_id, self.owner)
         else:
             final = store.fail(self.db, o.run_id, self.owner, o.error or o.status, self.max_attempts)
             first = (o.error or o.status).strip().splitlines()[0]
             self.say(f"  {'failed' if final else 'attempt failed (will retry)'}: {o.run_id}: {first}")
+
+    def decide(self, group: Group) -> None:
+        """Promote or prune a rung's candidates when they are all in; once chosen, add the other seeds' runs."""
+        values = {run.id: v for v, run in group.candidates}
+        chosen = store.decide(self.db, group.id, group.schedule, self.study.eta, values)
+        if chosen is None:
+            return
+        finals = [group.run(chosen, seed) for seed in group.seeds[1:]]
+        new = [r for r in finals if r.id not in self.by_id]
+        if new:
+            self.say(f"  chose {chosen} for {group.arm} {group.point or ''}: training its other seeds")
+            store.register(self.db, new)
+            store.extend_grid(self.db, [r.id for r in new])
+            self.ids += [r.id for r in new]
+            self.by_id.update({r.id: r for r in new})
 
     def stop(self) -> int:
         """Ctrl-C: every running run saves a checkpoint and is handed back for the next driver."""
@@ -232,6 +259,8 @@ def status(study: Study) -> list[dict]:
     for run in study.runs:
         row = by_id.get(run.id, {})
         state, error = row.get("status", "not started"), row.get("error")
+        if row.get("stage") in ("paused", "pruned"):  # a tuning candidate waiting for its rung, or dropped
+            state = row["stage"]
         if run.id in untrusted:
             state, error = "to retrain", f"finished, but {untrusted[run.id]}: the next qatune study trains it again"
         elif state == "running" and _driver_gone(row):

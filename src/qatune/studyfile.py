@@ -12,11 +12,12 @@ from __future__ import annotations
 import difflib
 import itertools
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from qatune.config import TrainConfig, config_hash
 from qatune.errors import QatuneError, unreadable
+from qatune.tuning import METHODS, rungs
 
 LORA_ONLY = ("lora_rank", "alpha_policy", "lora_alpha", "lora_dropout", "lora_targets")
 # Options the study sets for every run itself: where its files go, resuming, the shared tokenisation cache.
@@ -38,12 +39,35 @@ class Run:
 
 
 @dataclass
+class Group:
+    """One configuration of a tuned arm (a grid point, seeds aside): its candidates (values of the tuned options)
+    train with the first seed and are compared on validation F1; the chosen one trains with every seed."""
+
+    id: str  # the configuration without its tuned options and seed
+    arm: str
+    point: dict  # the grid point without the seed
+    candidates: list[tuple[dict, Run]]  # (tuned values, its run at the first seed), in the order tried
+    seeds: list[int]
+    schedule: list[int]  # the rung steps, the last the full run
+    settings: dict  # everything else a run of this configuration has
+    directory: Path
+
+    def run(self, values: dict, seed: int) -> Run:
+        """The run of these tuned values at ``seed`` (a candidate at the first seed, else a final run)."""
+        return _make_run(self.arm, {**self.settings, **values, "seed": seed}, {**self.point, **values, "seed": seed},
+                         self.directory)
+
+
+@dataclass
 class Study:
     name: str
     path: Path
     directory: Path
     runs: list[Run]
     headline: tuple[str, str] | None  # the two arms compared by the paired bootstrap
+    groups: list[Group] = field(default_factory=list)  # tuned configurations ([tune.ARM]); candidates are in runs
+    method: str = "halving"
+    eta: int = 3
 
 
 def load_study(path: str | Path, overrides: list[str] = (), directory: str | Path | None = None) -> Study:
@@ -60,16 +84,76 @@ def load_study(path: str | Path, overrides: list[str] = (), directory: str | Pat
     for override in overrides:
         _apply(override, defaults, arms, arm_grids)
     _check_keys(path, defaults, arms, arm_grids)
+    method, eta, tuned = _tune(path, spec.get("tune", {}), arms, arm_grids)
     base_dir = Path(directory) if directory else Path(meta.get("directory", f"studies-out/{name}"))
     if not base_dir.is_absolute() and directory is None:
         base_dir = Path.cwd() / base_dir
-    runs, seen = [], set()
+    runs, seen, groups = [], set(), []
     for arm in arms:
-        for run in _expand(path, arm, defaults, arm_grids[arm["name"]], base_dir):
+        if arm["name"] in tuned:
+            groups += _tuned_groups(path, arm, defaults, arm_grids[arm["name"]], tuned[arm["name"]], base_dir,
+                                    method, eta)
+            expanded = [run for g in groups if g.arm == arm["name"] for _, run in g.candidates]
+        else:
+            expanded = _expand(path, arm, defaults, arm_grids[arm["name"]], base_dir)
+        for run in expanded:
             if run.id not in seen:
                 seen.add(run.id)
                 runs.append(run)
-    return Study(name, path, base_dir, runs, headline)
+    return Study(name, path, base_dir, runs, headline, groups, method, eta)
+
+
+def _tune(path: Path, table, arms: list[dict], arm_grids: dict[str, dict]) -> tuple[str, int, dict[str, dict]]:
+    """The [tune] table: its method and eta, and per arm the options to try (checked)."""
+    if not isinstance(table, dict):
+        raise StudyError(f"{path}: tune must be a [tune] table")
+    method, eta = table.get("method", "halving"), table.get("eta", 3)
+    if method not in METHODS:
+        raise StudyError(f"{path}: [tune] method = {method!r}; choose one of {', '.join(METHODS)}")
+    if not isinstance(eta, int) or isinstance(eta, bool) or eta < 2:
+        raise StudyError(f"{path}: [tune] eta = {eta!r} must be a whole number >= 2 (1/eta of the candidates go on)")
+    known = {f.name for f in fields(TrainConfig)} - set(STUDY_SETS)
+    tuned = {}
+    for arm_name, options in table.items():
+        if arm_name in ("method", "eta"):
+            continue
+        if arm_name not in arm_grids:
+            raise StudyError(f"{path}: [tune.{arm_name}]: no arm named {arm_name!r} (arms: {list(arm_grids)})")
+        if not isinstance(options, dict) or not options:
+            raise StudyError(f"{path}: [tune.{arm_name}] must be a table of options, each with its values to try")
+        for key, values in options.items():
+            if key not in known or key == "seed":
+                raise StudyError(f"{path}: [tune.{arm_name}] {key}: not an option that can be tuned")
+            if key in arm_grids[arm_name]:
+                raise StudyError(f"{path}: [tune.{arm_name}] {key} is also a [grid] axis; an option is either "
+                                 f"varied for comparison or tuned, not both")
+            if not isinstance(values, list) or not values or any(v in values[:k] for k, v in enumerate(values)):
+                raise StudyError(f"{path}: [tune.{arm_name}] {key} must be a list of distinct values to try")
+        tuned[arm_name] = options
+    return method, eta, tuned
+
+
+def _tuned_groups(path: Path, arm: dict, defaults: dict, grid: dict, options: dict, base_dir: Path, method: str,
+                  eta: int) -> list[Group]:
+    """The configurations of a tuned arm, each with its candidates at the first seed."""
+    seeds = grid.get("seed") or [defaults.get("seed", arm.get("seed", TrainConfig.seed))]
+    axes = {k: v for k, v in grid.items() if k != "seed"}
+    groups = []
+    for run in _expand(path, arm, defaults, {**axes, "seed": seeds[:1]}, base_dir):
+        settings = {k: v for k, v in asdict(run.config).items() if k not in STUDY_SETS and k != "seed"}
+        cfg = run.config
+        if not cfg.has_validation or not cfg.eval_steps or not cfg.max_steps:
+            raise StudyError(f"{path}: [tune.{arm['name']}] needs validation data (validation_share or "
+                             f"validation_data), eval_steps and max_steps: candidates are compared on validation "
+                             f"F1 at steps that are multiples of eval_steps")
+        point = {k: v for k, v in run.point.items() if k != "seed"}
+        combos = [dict(zip(options, vs)) for vs in itertools.product(*options.values())]
+        group = Group("", arm["name"], point, [], list(seeds), [], settings, base_dir)
+        group.candidates = [(values, group.run(values, seeds[0])) for values in combos]
+        group.id = config_hash({k: v for k, v in settings.items() if k not in options})
+        group.schedule = rungs(len(combos), cfg.max_steps, cfg.eval_steps, method, eta)
+        groups.append(group)
+    return groups
 
 
 def _read(path: Path) -> dict:
@@ -187,12 +271,17 @@ def _expand(path: Path, arm: dict, defaults: dict, grid: dict, base_dir: Path) -
         if arm["strategy"] != "lora":
             settings = {k: v for k, v in settings.items() if k not in LORA_ONLY}
         try:
-            cfg = TrainConfig.from_dict(settings)
+            runs.append(_make_run(arm["name"], settings, point, base_dir))
         except (TypeError, ValueError) as e:
             raise StudyError(f"{path}: arm {arm['name']!r} at {point}: {e}") from e
-        rid = config_hash(cfg)
-        cfg.output_dir = str(base_dir / "runs" / rid)
-        cfg.feature_cache_dir = str(base_dir / "cache")
-        cfg.resume = True
-        runs.append(Run(rid, arm["name"], cfg, point))
     return runs
+
+
+def _make_run(arm: str, settings: dict, point: dict, base_dir: Path) -> Run:
+    """A run of the study: its configuration, named by its hash, in runs/<id>, resuming, sharing the cache."""
+    cfg = TrainConfig.from_dict(settings)
+    rid = config_hash(cfg)
+    cfg.output_dir = str(base_dir / "runs" / rid)
+    cfg.feature_cache_dir = str(base_dir / "cache")
+    cfg.resume = True
+    return Run(rid, arm, cfg, point)

@@ -27,15 +27,14 @@ from qatune.checkpoints import (
     apply_checkpoint,
     latest_intact_checkpoint,
     list_checkpoints,
-    load_weights,
     save_checkpoint,
 )
 from qatune.config import TrainConfig
 from qatune.data import load_role, load_training, subsample
-from qatune.errors import Interrupted, TrainingError
+from qatune.errors import Interrupted, Paused, TrainingError
 from qatune.features import PAD_MULTIPLE, batch_width, cached_features, collate
 from qatune.inference import InferenceConfig, save_settings
-from qatune.keep import best_point, best_steps, prune_best, read_best, save_best, stalled
+from qatune.keep import Keeper
 from qatune.machine import LoadMeter, environment, peak_memory, reset_peak_memory, resolve_precision
 from qatune.models import (
     LoraSettings,
@@ -102,7 +101,6 @@ class Recipe:
             source = self.val_data or self.eval_data  # validation data when there is some: never the test questions
             n = min(cfg.eval_subset or len(source), len(source))
             self.curve_data = source.with_examples(subsample(source.examples, n, CURVE_SEED))
-        self.keep = cfg.resolved_keep()
 
         model = load_qa_model(cfg.model, cfg.num_layers)
         check_seq_length(model.config, cfg.max_seq_length, cfg.model)
@@ -181,7 +179,9 @@ class Recipe:
         self.curve: list[list[float]] = []
         # learning-curve points of an interrupted attempt, up to the checkpoint this one resumed from
         self.eval_curve = self.dir.read_curve(self.start_step) if cfg.eval_steps and self.start_step else []
-        self._restore_best()
+        self.keeper = Keeper(cfg.resolved_keep(), cfg.early_stopping_patience, self.dir.checkpoints, self.eval_curve)
+        if self.main:
+            self.keeper.restore(self.start_step)
         self.curve_eval_s = 0.0
         self.windows_seen = self.tokens_seen = 0
         self.plan = self._plan()
@@ -191,7 +191,9 @@ class Recipe:
         prefetch = Prefetcher(self._batch, self.start_step * cfg.grad_accum, self.total_steps * cfg.grad_accum,
                               pin=device.type == "cuda")
         self.model.train()
-        self.end_step = self.start_step if self._no_gain() else self.total_steps  # an early stop, resumed
+        self.end_step = self.start_step if self.keeper.stalled() else self.total_steps  # an early stop, resumed
+        if cfg.pause_at is not None:  # a tuning candidate trains up to its rung
+            self.end_step = max(self.start_step, min(self.end_step, cfg.pause_at))
         events = [] if device.type == "cuda" else None  # (start, end) per step: device time, read at the end
         load = LoadMeter()
         t0 = last_progress = time.perf_counter()
@@ -235,9 +237,9 @@ class Recipe:
                         self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], done)
                 if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == self.total_steps):
                     self._curve_point(done)
-                early = self._no_gain()
+                early = self.keeper.stalled()
                 stopping = graceful and STOP.is_set()
-                if done % cfg.save_steps == 0 or done == self.total_steps or stopping or early:
+                if done % cfg.save_steps == 0 or done == self.end_step or stopping or early:
                     self._raise_if_nonfinite()
                     self._save_checkpoint(done)
                 if early:  # the schedule is the full run's: stopping early only leaves out its last steps
@@ -253,12 +255,23 @@ class Recipe:
             prefetch.close()
             bar.close()
         self._raise_if_nonfinite()
+        if cfg.pause_at is not None:
+            self._pause()
         self.train_s = time.perf_counter() - t0 - self.curve_eval_s
         self.load = load.read()
         if events is not None:
             torch.cuda.synchronize()
             self.load["device_s"] = sum(a.elapsed_time(b) for a, b in events) / 1000
         self._write_progress(self.end_step, t0)
+
+    def _pause(self) -> None:
+        """A candidate at its rung: the validation score of the model it would keep, then :class:`Paused` (its
+        checkpoint at this step is written; the test data is not touched)."""
+        if not self.eval_curve or self.eval_curve[-1]["step"] != self.end_step:
+            self._curve_point(self.end_step)
+        if not any(step == self.end_step for step, _ in list_checkpoints(self.dir.checkpoints)):
+            self._save_checkpoint(self.end_step)
+        raise Paused(self.end_step, self.keeper.kept()["f1"])
 
     def windows_through(self, step: int) -> int:
         """Training windows (all ranks) that went into optimizer steps [0, step): every epoch passes each once."""
@@ -275,32 +288,13 @@ class Recipe:
             m, _ = reader.evaluate(self.curve_data, cache_dir=self.cfg.feature_cache_dir)
             point = {"step": step, "windows": self.windows_through(step), "exact_match": m["exact_match"],
                      "f1": m["f1"]}
-            if self.keep == "best" and (self.best is None or point["f1"] > self.best["f1"]):
-                save_best(self.dir.checkpoints, step, self.acc.unwrap_model(self.model), point)
-            self.eval_curve.append(point)
+            self.keeper.add(point, self.acc.unwrap_model(self.model))
             self.dir.write_curve(self.eval_curve)
             if self.writer:
                 self.writer.add_scalar("curve/f1", point["f1"], step)
                 self.writer.add_scalar("curve/exact_match", point["exact_match"], step)
             self.curve_eval_s += time.perf_counter() - t
         self.acc.wait_for_everyone()
-
-    @property
-    def best(self) -> dict | None:
-        return best_point(self.eval_curve)
-
-    def _no_gain(self) -> bool:
-        return stalled(self.eval_curve, self.cfg.early_stopping_patience)
-
-    def _restore_best(self) -> None:
-        """On resume: the best step's weights the restored curve names must be here; later ones are made again."""
-        if self.keep != "best" or not self.main:
-            return
-        prune_best(self.dir.checkpoints, after=self.start_step)
-        if self.best is not None and self.best["step"] not in best_steps(self.dir.checkpoints):
-            raise TrainingError(f"{self.dir.checkpoints}: the weights of the best validation step "
-                                f"{self.best['step']} are missing, so keep = best cannot be honoured; train the run "
-                                f"again without --resume (or in a new --output-dir)")
 
     def _flag_nonfinite(self, loss: torch.Tensor, m: int) -> None:
         """Record a non-finite loss on the device (no host sync); every rank sees the same flag."""
@@ -327,8 +321,7 @@ class Recipe:
         if self.main:
             self.last_ckpt = save_checkpoint(self.dir.checkpoints, step, self.acc.unwrap_model(self.model),
                                              self.optimizer, self.scheduler, self.cfg.keep_checkpoints, self.cfg)
-            if self.keep == "best" and self.best is not None:  # a resume from here needs no earlier best step
-                prune_best(self.dir.checkpoints, keep=self.best["step"])
+            self.keeper.checkpointed()
 
     def _write_progress(self, step: int, t0: float) -> None:
         """The run's progress for a study's --status: which step, how fast, where (advisory)."""
@@ -387,10 +380,8 @@ class Recipe:
             return {}
         from qatune.inference import Reader
 
-        kept = self.best if self.keep == "best" else (self.eval_curve[-1] if self.eval_curve else None)
-        if kept is not None and kept["step"] != self.end_step:
-            load_weights(module, read_best(self.dir.checkpoints, kept["step"]))
-        out = {"keep": self.keep, "source": self.val_data.source, "stopped_at": None}
+        kept = self.keeper.load_kept(module, self.end_step)
+        out = {"keep": self.keeper.keep, "source": self.val_data.source, "stopped_at": None}
         if self.end_step < self.total_steps:
             out["stopped_at"] = self.end_step
         reader = Reader(module, self.tokenizer, self.infer, device=self.acc.device)

@@ -48,7 +48,7 @@ def execute(config: dict, threads: int | None = None) -> dict:
     import torch
 
     from qatune.config import TrainConfig
-    from qatune.errors import Interrupted
+    from qatune.errors import Interrupted, Paused
     from qatune.train import train
 
     if threads:
@@ -58,6 +58,8 @@ def execute(config: dict, threads: int | None = None) -> dict:
         with run_lock(Path(cfg.output_dir)):
             record = train(cfg, progress=False)
         return {"status": "finished", "record": record.to_dict()}
+    except Paused as e:  # before Interrupted: a pause is a stop asked for by the driver, with a score
+        return {"status": "paused", "step": e.step, "score": e.score}
     except Interrupted as e:
         return {"status": "interrupted", "error": str(e)}
     except Exception as e:  # noqa: BLE001 - a failed run is data, handed to the driver
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(Path(spec["config"]["output_dir"]) / OUTCOME, outcome)
     if outcome["status"] == "failed":
         print(outcome["traceback"], file=sys.stderr)
-    return {"finished": 0, "interrupted": 130}.get(outcome["status"], 1)
+    return {"finished": 0, "paused": 0, "interrupted": 130}.get(outcome["status"], 1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""Tuning an arm inside a study: the rules, as pure functions (the study file declares, the driver applies them).
+
+Successive halving (Li et al., "A System for Massively Parallel Hyperparameter Tuning", MLSys 2020; Optuna's
+``SuccessiveHalvingPruner`` and Ray Tune's ``ASHAScheduler`` implement the same rule): every candidate trains to the
+first rung; the best 1/eta continue to the next, and so on to the full run. A candidate's schedule is its full
+run's, so a promoted candidate continues from its checkpoint and ends exactly as an unpruned run would. ``grid``
+trains every candidate fully. Candidates are compared on validation F1 only.
+"""
+
+from __future__ import annotations
+
+import math
+
+METHODS = ("halving", "grid")
+
+
+def rungs(candidates: int, total_steps: int, eval_steps: int, method: str = "halving", eta: int = 3) -> list[int]:
+    """The steps at which candidates are compared: total_steps / eta^k for the rungs halving needs (each rounded up
+    to a multiple of eval_steps, so a rung is a step every run evaluates at), the last one the full run."""
+    if method == "grid" or candidates <= 1:
+        return [total_steps]
+    count = 1 + int(math.floor(math.log(candidates) / math.log(eta) + 1e-9))
+    out = []
+    for k in range(count - 1, 0, -1):
+        step = math.ceil(total_steps / eta**k / eval_steps) * eval_steps
+        if step < total_steps and (not out or step > out[-1]):
+            out.append(step)
+    return out + [total_steps]
+
+
+def survivors(alive: int, eta: int, last: bool) -> int:
+    """How many of ``alive`` candidates go on after a rung (one wins the last)."""
+    return 1 if last else max(1, alive // eta)
+
+
+def planned_steps(candidates: int, schedule: list[int], eta: int) -> int:
+    """Optimizer steps the candidates of one configuration train in all (a promoted one continues, not restarts)."""
+    total, alive, done = 0, candidates, 0
+    for k, step in enumerate(schedule):
+        total += alive * (step - done)
+        done = step
+        alive = survivors(alive, eta, k == len(schedule) - 1)
+    return total
+
+
+def expected_max(scores: list[float], trials: int) -> float:
+    """Expected best of ``trials`` configurations drawn (with replacement) from those tried: Dodge et al., "Show
+    Your Work" (EMNLP 2019), the closed form over the empirical distribution of the tried scores."""
+    v = sorted(scores)
+    n = len(v)
+    return sum(x * ((i / n) ** trials - ((i - 1) / n) ** trials) for i, x in enumerate(v, 1))
+
+
+def at_edge(values: list, chosen) -> bool:
+    """A chosen number at the smallest or largest value tried: the best may lie outside the range."""
+    numbers = [x for x in values if isinstance(x, int | float) and not isinstance(x, bool)]
+    return len(numbers) == len(values) >= 2 and chosen in (min(numbers), max(numbers))
+
+
+def summarize(rows: list[dict], chosen: dict[str, dict]) -> list[dict]:
+    """Per tuned configuration (rows of the store with a ``grp``): the values tried with their validation F1 at the
+    last rung each reached, the value chosen (``chosen``: the store's decisions) and whether it lies at the edge of
+    its range. Only validation numbers: a candidate's test score is never looked at."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("grp"):
+            groups.setdefault(r["grp"], []).append(r)
+    out = []
+    for grp, members in groups.items():
+        points = [{k: v for k, v in r["point"].items() if k != "seed"} for r in members]
+        options = sorted(k for k in points[0] if len({repr(p.get(k)) for p in points}) > 1)
+        tried = []
+        for r, p in zip(members, points):
+            scores = r.get("scores") or []
+            last = scores[-1] if scores else {}
+            tried.append({"value": p[options[0]] if len(options) == 1 else {k: p[k] for k in options},
+                          "validation_f1": last.get("f1"), "steps": last.get("step"),
+                          "rungs": [{"step": s["step"], "validation_f1": s["f1"]} for s in scores],
+                          "stage": r.get("stage")})
+        pick = chosen.get(grp)
+        value = None if pick is None else (pick.get(options[0]) if len(options) == 1 else pick)
+        out.append({"configuration": grp, "arm": members[0]["arm"],
+                    "option": options[0] if len(options) == 1 else options, "tried": tried, "chosen": value,
+                    "at_edge": value is not None and len(options) == 1 and at_edge([t["value"] for t in tried], value),
+                    "point": {k: v for k, v in points[0].items() if k not in options}})
+    return out
+
+
+def expected_max_curves(summary: list[dict]) -> dict[str, list[dict]]:
+    """Per arm, the expected best validation F1 against the number of configurations tried (all its candidates,
+    each at the last rung it reached: a halving study's early scores are at shorter budgets)."""
+    scores: dict[str, list[float]] = {}
+    for s in summary:
+        scores.setdefault(s["arm"], []).extend(t["validation_f1"] for t in s["tried"] if t["validation_f1"] is not None)
+    return {arm: [{"trials": n, "expected_f1": expected_max(v, n)} for n in range(1, len(v) + 1)]
+            for arm, v in scores.items() if v}
+
+
+def stable_from(a: list[dict], b: list[dict]) -> int | None:
+    """The fewest trials from which arm a's expected best stays on the same side of arm b's (None: never)."""
+    n = min(len(a), len(b))
+    if not n:
+        return None
+    signs = [a[k]["expected_f1"] > b[k]["expected_f1"] for k in range(n)]
+    k = n - 1
+    while k > 0 and signs[k - 1] == signs[-1]:
+        k -= 1
+    return k + 1
