@@ -115,6 +115,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_models, train_file, monkeypa
     part.resume = True
     r = train(part, progress=False)
     assert r.timing["resumed_from_step"] == 3 and r.timing["steps_run"] == 3
+    assert r.timing["train_s_total"] > r.timing["train_s"] > 0  # the first attempt's 3 steps count too
     wa, wb = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
     assert json.loads((tmp_path / "a" / "predictions.json").read_text()) == \

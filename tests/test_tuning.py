@@ -126,6 +126,9 @@ def test_halving_with_nine_candidates_trains_the_expected_steps_per_rung(halving
     winner = next(r for r in candidates if r["stage"] == "chosen")
     record = json.loads((study.directory / "runs" / winner["id"] / "run.json").read_text())
     assert record["timing"]["resumed_from_step"] == 9  # it paused at the end, then only its test evaluation ran
+    # its training time is that of every attempt (rung by rung), not of the last one, which trained no step
+    assert record["timing"]["train_s_total"] > record["timing"]["train_s"] >= 0
+    assert winner["costs"] and json.loads(winner["costs"])["train_s"] == record["timing"]["train_s_total"]
     rungs_scores = {s["rung"]: s["f1"] for s in json.loads(winner["scores"])}
     assert rungs_scores[2] == record["validation"]["f1"]  # chosen on the validation F1 of the model it keeps
     # its final run with the other seed exists and finished; no pruned candidate was scored on the test data

@@ -25,7 +25,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, keep: int, cfg: TrainConfig) -> Path:
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, keep: int, cfg: TrainConfig,
+                    train_s: float | None = None) -> Path:
     """Atomically write checkpoint-<step>: trainable weights (safetensors), optimizer/scheduler/RNG state, and
     the configuration they were trained with (what --resume checks)."""
     from safetensors.torch import save_file
@@ -37,6 +38,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, keep
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save({
         "step": step,
+        "train_s": train_s,  # training seconds of every attempt up to this step (None: not known)
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),

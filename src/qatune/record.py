@@ -22,7 +22,7 @@ class RunRecord:
     data: dict  # sources, question and window counts
     params: dict  # trainable_params, total_params, trainable_percent; lora_min_width, lora_layers(_at_full_rank)
     metrics: dict  # the official SQuAD metric on the evaluation data ({} without evaluation)
-    # setup_s, train_s, eval_s, steps_run, resumed_from_step, train_windows_per_s, train_tokens_per_s, train_flops,
+    # setup_s, train_s (this attempt), train_s_total (every attempt), eval_s, steps_run, resumed_from_step, train_windows_per_s, train_tokens_per_s, train_flops,
     # train_flop_per_s, process_cpu_s, device_s (GPU), others_cores, cores, curve_eval_s
     timing: dict
     memory: dict  # peak_rss_mb, cuda_peak_mb on a GPU
@@ -52,7 +52,7 @@ class RunRecord:
     def costs(self) -> dict:
         """The cost columns a study stores and reports: parameter counts, time, throughput, memory."""
         t, m = self.timing, self.memory
-        return {**self.params, "train_s": t["train_s"], "eval_s": t["eval_s"],
+        return {**self.params, "train_s": t.get("train_s_total") or t["train_s"], "eval_s": t["eval_s"],
                 "train_windows_per_s": t["train_windows_per_s"], "train_tokens_per_s": t["train_tokens_per_s"],
                 "peak_rss_mb": m["peak_rss_mb"], "cuda_peak_mb": m.get("cuda_peak_mb"),
                 "resumed_from_step": t["resumed_from_step"], "train_questions": self.data["train_questions"],

@@ -136,7 +136,7 @@ class _Driver:
                 self.tracker.log(o.run_id, run.arm, run.point, o.record)
             m = o.record.metrics
             score = f"EM {exact_match(m):.2f}, F1 {m['f1']:.2f}, " if m else ""
-            self.say(f"  finished {o.run_id} ({run.arm}): {score}train {o.record.timing['train_s']:.0f}s")
+            self.say(f"  finished {o.run_id} ({run.arm}): {score}train {o.record.costs()['train_s']:.0f}s")
             if (o.record.inference or {}).get("error"):
                 self.say(f"  inference cost of {o.run_id} not measured: {o.record.inference['error']} (kept in its "
                          f"run.json and listed in the report)")

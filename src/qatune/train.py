@@ -129,10 +129,11 @@ class Recipe:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * self.total_steps),
                                                          self.total_steps)
         model.to(acc.device)
-        self.start_step = 0
+        self.start_step, self.train_s_before = 0, 0.0
         self.last_ckpt = None
         if ckpts:
             self.last_ckpt, weights, state = latest_intact_checkpoint(ckpts)
+            self.train_s_before = state.get("train_s")  # None for checkpoints of earlier versions
             self.start_step = apply_checkpoint(self.last_ckpt, weights, state, model, self.optimizer, self.scheduler)
         if cfg.early_stopping_patience and self.world > 1:
             raise TrainingError("early_stopping_patience needs one process (its ranks would have to agree on the "
@@ -196,7 +197,7 @@ class Recipe:
             self.end_step = max(self.start_step, min(self.end_step, cfg.pause_at))
         events = [] if device.type == "cuda" else None  # (start, end) per step: device time, read at the end
         load = LoadMeter()
-        t0 = last_progress = time.perf_counter()
+        t0 = last_progress = self.t0 = time.perf_counter()
         self._write_progress(self.start_step, t0)
         try:
             for step in range(self.start_step, self.end_step):
@@ -319,8 +320,11 @@ class Recipe:
     def _save_checkpoint(self, step: int) -> None:
         self.acc.wait_for_everyone()
         if self.main:
+            so_far = (None if self.train_s_before is None
+                      else self.train_s_before + time.perf_counter() - self.t0 - self.curve_eval_s)
             self.last_ckpt = save_checkpoint(self.dir.checkpoints, step, self.acc.unwrap_model(self.model),
-                                             self.optimizer, self.scheduler, self.cfg.keep_checkpoints, self.cfg)
+                                             self.optimizer, self.scheduler, self.cfg.keep_checkpoints, self.cfg,
+                                             so_far)
             self.keeper.checkpointed()
 
     def _write_progress(self, step: int, t0: float) -> None:
@@ -424,6 +428,8 @@ class Recipe:
             params=self.counts,
             metrics=metrics,
             timing={"setup_s": self.setup_s, "train_s": train_s, "eval_s": eval_s,
+                    # every attempt's training time (a resumed run, a tuning candidate promoted rung by rung)
+                    "train_s_total": None if self.train_s_before is None else self.train_s_before + train_s,
                     "steps_run": self.end_step - self.start_step, "resumed_from_step": self.start_step,
                     "train_windows_per_s": self.windows_seen * world / train_s if train_s else None,
                     "train_tokens_per_s": self.tokens_seen * world / train_s if train_s else None,
