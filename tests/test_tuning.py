@@ -11,7 +11,7 @@ from qatune.launch import LocalLauncher
 from qatune.study import run_study
 from qatune.studyfile import StudyError, load_study
 from qatune.train import train
-from qatune.tuning import at_edge, expected_max, planned_steps, rungs, survivors
+from qatune.tuning import at_edge, expected_max, planned_steps, rungs, stable_from, survivors
 
 
 def test_halving_rungs_and_the_steps_they_save():
@@ -29,6 +29,17 @@ def test_expected_maximum_equals_a_hand_computation():
     assert expected_max([3.0, 1.0, 2.0], 1) == pytest.approx(2.0)  # one draw: the mean
     assert expected_max([1.0, 2.0, 3.0], 2) == pytest.approx(1 * 1 / 9 + 2 * 3 / 9 + 3 * 5 / 9)
     assert expected_max([1.0, 2.0, 3.0], 50) == pytest.approx(3.0, abs=1e-8)
+
+
+def test_the_budget_from_which_the_order_of_two_arms_holds():
+    def curve(values):
+        return [{"trials": n, "expected_f1": v} for n, v in enumerate(values, 1)]
+
+    # a leads at 1 trial, b from 2 trials on: the order of the largest budget holds from 2
+    assert stable_from(curve([50, 52, 53, 54]), curve([49, 53, 55, 56])) == 2
+    assert stable_from(curve([50, 52]), curve([40, 41, 42])) == 1  # a leads throughout (shortest curve counts)
+    assert stable_from(curve([50, 52, 53]), curve([51, 51, 54])) == 3  # it flips twice: only the last budget
+    assert stable_from([], curve([1])) is None
 
 
 def test_a_choice_at_the_edge_of_its_range_is_flagged():
