@@ -392,3 +392,24 @@ def test_a_diagonal_study_says_its_factors_are_confounded(tmp_path, capsys):
     out = report_json(capsys, tmp_path / "s")
     assert out["factorial"] == [] and "confounded" in out["factorial_note"]
     assert "The model and strategy effects are confounded" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_with_validation_scores_the_headline_chooses_on_them_and_every_question_tests(tmp_path, capsys):
+    """The LoRA rank that is better on the test questions is not the one chosen: validation F1 chooses."""
+    construct(tmp_path, "lora_rank = [8, 16]\nseed = [1]",
+              lambda run, q: 0.8 if run.point.get("lora_rank") == 16 else (0.4 if run.arm == "lora" else 0.6))
+    db = sqlite3.connect(tmp_path / "s" / "study.sqlite")
+    for rid, point, costs in db.execute("SELECT id, point, costs FROM runs").fetchall():
+        rank = json.loads(point).get("lora_rank")
+        validation = {"f1": {8: 70.0, 16: 50.0}.get(rank, 60.0), "best_step": 2, "keep": "best"}
+        db.execute("UPDATE runs SET costs = ? WHERE id = ?", (json.dumps(json.loads(costs) | {"validation": validation}),
+                                                              rid))
+    db.commit()
+    db.close()
+    out = report_json(capsys, tmp_path / "s")
+    labels = {c["id"]: c["label"] for c in out["configurations"]}
+    (comp,) = out["comparisons"]
+    assert labels[comp["b"]].startswith("lora r=8")  # validation's pick, though r=16 scores higher on the test data
+    assert comp["test_questions"] == out["questions"] == 120 and comp["split"]["on"] == "validation"
+    assert not (tmp_path / "s" / "split.json").exists()
+    assert "chosen on its runs' validation F1" in (tmp_path / "s" / "report.md").read_text()

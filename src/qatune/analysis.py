@@ -236,10 +236,31 @@ class Analysis:
     tuning: list[dict]  # per tuned configuration: values tried, validation F1, chosen (qatune.tuning.summarize)
 
 
-def _pair(cfgs: list[Config], qids: list[str], scores: Scores, choose: bool) -> Config:
-    """The configuration of an arm to compare: the only one, or the best on the selection questions."""
-    if len(cfgs) == 1 or not choose:
+def validation_f1(c: Config) -> float | None:
+    """Mean validation F1 of a configuration's runs (run.json ``validation``), None unless every run has one."""
+    values = [(r["costs"].get("validation") or {}).get("f1") for r in c.runs]
+    return float(np.mean(values)) if values and all(v is not None for v in values) else None
+
+
+def _choice(groups: list[list[Config]], questions: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """How one configuration per group is chosen, and on which questions the result is tested: nothing to choose
+    (all questions test); validation F1, when every candidate has it (all questions test: none chose); else a
+    fixed selection part of the questions chooses and the rest tests."""
+    if not any(len(g) > 1 for g in groups):
+        return None, [], questions
+    if all(validation_f1(c) is not None for g in groups for c in g):
+        return "validation", [], questions
+    return ("selection", [q for q in questions if selection_part(q)],
+            [q for q in questions if not selection_part(q)])
+
+
+def _pair(cfgs: list[Config], qids: list[str], scores: Scores, on: str | None) -> Config:
+    """The configuration of an arm to compare: the only one, or the best on validation data or on the selection
+    questions (``on``, from :func:`_choice`)."""
+    if len(cfgs) == 1 or on is None:
         return cfgs[0]
+    if on == "validation":
+        return max(cfgs, key=validation_f1)
     return max(cfgs, key=lambda c: scores.matrix(c, qids, "f1").mean())
 
 
@@ -296,16 +317,15 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
             by[(c.arm, c.volume)].append(c)
         volumes = sorted(v for v in {c.volume for c in configs}
                          if by.get((headline[0], v)) and by.get((headline[1], v)))
-        choose = any(len(by[(a, v)]) > 1 for a in headline for v in volumes)
-        selection = [q for q in questions if selection_part(q)] if choose else []
-        test = [q for q in questions if not selection_part(q)] if choose else questions
+        on, selection, test = _choice([by[(a, v)] for a in headline for v in volumes], questions)
         split = {"seed": SPLIT_SEED, "selection_share": SELECTION_SHARE, "selection": len(selection),
-                 "test": len(test), "chosen": choose, "selection_ids": selection, "test_ids": test}
+                 "test": len(test), "chosen": on is not None, "on": on, "selection_ids": selection,
+                 "test_ids": test}
         pairs = {}
         for v in volumes:
             if not test:
                 break
-            a, b = (_pair(by[(arm, v)], selection, scores, choose) for arm in headline)
+            a, b = (_pair(by[(arm, v)], selection, scores, on) for arm in headline)
             pairs[v] = (a, b)
             comparisons.append({"volume": v, "a": a, "b": b, "candidates": [len(by[(arm, v)]) for arm in headline],
                                 **_contrast([(a, 1.0), (b, -1.0)], test, scores, seed=int(v))})
@@ -329,9 +349,8 @@ def _factorial(configs: list[Config], questions: list[str], scores: Scores,
                order: list[str]) -> tuple[list[dict], str | None]:
     """Model size and fine-tuning strategy as two factors, when the arms cross two models with full and LoRA.
 
-    Per data volume each cell is its arm(s) at the configuration chosen on the selection questions (as the
-    headline chooses), and every effect is a contrast on the other questions with its two-level bootstrap
-    interval: strategy (full - LoRA) within each model, model (first - second, in the order the arms name them)
+    Per data volume each cell is its arm(s) at the configuration chosen as the headline chooses (:func:`_choice`),
+    and every effect is a contrast on the test questions with its two-level bootstrap interval: strategy (full - LoRA) within each model, model (first - second, in the order the arms name them)
     within each strategy, and their interaction ((full - LoRA) of the first model - that of the second).
     ``order`` is the runs' models in study order."""
     models = list(dict.fromkeys(order))
@@ -350,10 +369,8 @@ def _factorial(configs: list[Config], questions: list[str], scores: Scores,
     for v in sorted({c.volume for c in configs}, reverse=True):
         if any((m, s, v) not in cells for m in models for s in ("full", "lora")) or not questions:
             continue
-        choose = any(len(cells[(m, s, v)]) > 1 for m in models for s in ("full", "lora"))
-        selection = [q for q in questions if selection_part(q)] if choose else []
-        test = [q for q in questions if not selection_part(q)] if choose else questions
-        cell = {(m, s): _pair(cells[(m, s, v)], selection, scores, choose) for m in models for s in ("full", "lora")}
+        on, selection, test = _choice([cells[(m, s, v)] for m in models for s in ("full", "lora")], questions)
+        cell = {(m, s): _pair(cells[(m, s, v)], selection, scores, on) for m in models for s in ("full", "lora")}
         (a, b) = models
 
         def effect(*terms: tuple[tuple[str, str], float], seed: int, cell=cell, test=test) -> Contrast:

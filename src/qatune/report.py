@@ -118,9 +118,11 @@ def _findings(a: Analysis) -> list[str]:
 
 
 def _where(comp: dict, split: dict | None) -> str:
-    if split and split["chosen"]:
+    if split and split.get("on") == "selection":
         return (f" (tested on {split['test']} questions; the configurations were chosen on the other "
                 f"{split['selection']})")
+    if split and split.get("on") == "validation":
+        return f" (on {comp['f1'].questions} questions; the configurations were chosen on validation F1)"
     return f" (on {comp['f1'].questions} questions)"
 
 
@@ -182,7 +184,11 @@ def _reading_blocks(a: Analysis) -> list[tuple]:
                      f"the best is chosen on a fixed selection part of the evaluation questions "
                      f"({a.split['selection']} questions: a hash of the question id with seed {SPLIT_SEED}, share "
                      f"{SELECTION_SHARE:.0%}) and the difference is tested on the other {a.split['test']} (listed in "
-                     f"`split.json`)." if a.split and a.split["chosen"] else
+                     f"`split.json`)." if a.split and a.split.get("on") == "selection" else
+                     "Headline choice without bias: where an arm of the headline has several configurations, the "
+                     "best is chosen on its runs' validation F1 (validation data apart from the evaluation "
+                     "questions), and all evaluation questions test the difference."
+                     if a.split and a.split.get("on") == "validation" else
                      "Headline: each headline arm has a single configuration, so nothing is chosen and all "
                      "questions test the difference."),
                     f"Learning curves: a run is \"not converged\" when F1 on its curve questions still rose by more "
@@ -292,9 +298,9 @@ def _factorial_blocks(a: Analysis) -> list[tuple]:
     b: list[tuple] = [("h2", "Model and strategy: two factors")]
     if a.factorial_note:
         return b + [("p", a.factorial_note)]
-    b.append(("p", "Each cell is its arm at the configuration chosen on the selection questions (as the headline "
-                   "chooses); F1 and the effects are measured on the other questions, each effect with its two-level "
-                   "bootstrap interval. Strategy effect: full − LoRA within a model; model effect: the first model − "
+    b.append(("p", "Each cell is its arm at the configuration chosen as the headline chooses (on validation F1, "
+                   "else on the selection questions); F1 and the effects are measured on the test questions, each "
+                   "effect with its two-level bootstrap interval. Strategy effect: full − LoRA within a model; model effect: the first model − "
                    "the second within a strategy; interaction: how much the strategy effect changes between models."))
     for f in a.factorial:
         (m1, m2) = f["models"]
@@ -426,11 +432,11 @@ def write_report(study_dir: str | Path, all_runs: bool = False) -> dict:
     md, page = study_dir / "report.md", study_dir / "report.html"
     _write(md, to_markdown(blocks))
     _write(page, to_html(blocks, study_dir))
-    if a.split and a.split["chosen"]:
+    if a.split and a.split.get("on") == "selection":
         _write(study_dir / "split.json", json.dumps({k: a.split[k] for k in ("seed", "selection_share")}
                                                     | {"selection": a.split["selection_ids"],
                                                        "test": a.split["test_ids"]}, indent=1))
-    else:  # nothing was chosen: a split from an earlier report would describe nothing here
+    else:  # nothing was chosen on test questions: a split from an earlier report would describe nothing here
         (study_dir / "split.json").unlink(missing_ok=True)
     return {"report": str(md), "html": str(page), "figures": written, **summary(a)}
 
