@@ -133,8 +133,8 @@ def test_dry_run_lists_costs(tmp_path, tiny_distilbert, train_file, capsys):
 def test_seed_preset_dry_run_offline(capsys):
     assert main(["study", "studies/seed.toml", "--dry-run", "--json"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    # four cells: each model fully fine-tuned (4 volumes x 3 seeds) and with LoRA (6 ranks x 3 policies x 4 volumes x
-    # 3 seeds)
+    # four cells: each model fully fine-tuned (4 volumes) and with LoRA (6 ranks x 3 policies x 4 volumes), each
+    # configuration with 3 learning-rate candidates
     assert json.loads(out[-1])["runs"] == 2 * (12 + 216)
     cells = {(line.split()[2], line.split()[4]) for line in out if "rajpurkar" not in line and "-uncased" in line}
     assert cells == {("mobilebert-full", "full"), ("mobilebert-lora", "lora"), ("distilbert-full", "full"),
@@ -142,7 +142,7 @@ def test_seed_preset_dry_run_offline(capsys):
     row = next(line for line in out if "mobilebert-full" in line and "google/mobilebert-uncased" in line)
     assert "24,582,914" in row  # MobileBERT QA parameters, counted offline from its config
     capped = [line for line in out if "distilbert-lora" in line and " ‡ " in line]
-    assert len(capped) == 36 and all("lora_rank=1024" in line for line in capped)  # 3 policies x 4 volumes x 3 seeds
+    assert len(capped) == 36 and all("lora_rank=1024" in line for line in capped)  # 3 policies x 4 volumes x 3 rates
     assert any(line.startswith("‡ r=1024 >= min(d_in, d_out) of all adapted layers (narrowest 768)") for line in out)
 
 
@@ -154,10 +154,13 @@ def test_seed_preset_calibrates_offline(capsys):
             "--set", "batch_size=2", "--set", "max_seq_length=64", "--set", "doc_stride=32", *narrow]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    runs = 2 * (12 + 108)  # two models, each full (4 volumes x 3 seeds) and LoRA (3 ranks x 3 policies x 4 x 3)
+    # two models, each full (4 volumes) and LoRA (3 ranks x 3 policies x 4 volumes): 80 configurations, each with
+    # 3 learning-rate candidates at the first seed, then its chosen value at 2 more seeds
+    runs = 2 * (12 + 108)
     assert out["runs"] == runs and out["total_pflop"] > 0 and out["slots"] == 2
     per_run = out["per_run"]
-    assert len(per_run) == runs and all(p["projected_s"] > 0 and p["s_per_step"] > 0 for p in per_run)
+    assert len(per_run) == runs + 160 and sum(p["final"] for p in per_run) == 160
+    assert all(p["projected_s"] > 0 and p["s_per_step"] > 0 for p in per_run)
     by_shape = {}
     for p, r in zip(per_run, load_study("studies/seed.toml", [narrow[1]]).runs):
         rank = r.config.lora_rank if r.config.strategy == "lora" else 0

@@ -217,3 +217,52 @@ def test_dry_run_shows_candidates_rungs_and_what_halving_saves(tmp_path, tiny_mo
     assert t["candidates"] == 9 and t["rungs"] == [1, 3, 9] and t["steps"] == 21 and t["grid_steps"] == 81
     assert any("21 candidate steps instead of 81 for the grid (26%)" in line for line in lines)
     assert not (tmp_path / "s").exists()
+
+
+def test_the_projection_counts_the_halving_steps_and_the_final_seeds(tmp_path, tiny_models, train_file, monkeypatch):
+    """9 candidates (21 halving steps in all), then the chosen value at the second seed (9 steps): the projection
+    trains 30 steps, not the grid's 9 x 9 + 9, and only the chosen runs are tested."""
+    import qatune.calibrate
+    from qatune.plan import RUN_OVERHEAD_S, WINDOWS_PER_QUESTION, dry_run, estimate, project
+
+    rates = "[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]"
+    study = load_study(write(tmp_path, tiny_models["distilbert"], train_file, rates), directory=tmp_path / "s")
+    monkeypatch.setattr(qatune.calibrate, "calibrate", lambda keys, **kw: dict.fromkeys(keys, 2.0))
+    proj = project(study, slots=1, threads=1, progress=False)
+    cands, finals = [p for p in proj["per_run"] if not p.get("final")], [p for p in proj["per_run"] if p.get("final")]
+    assert len(cands) == 9 and len(finals) == 1 and finals[0]["point"]["seed"] == 2
+    assert sum(p["steps"] for p in cands) == pytest.approx(21) and finals[0]["steps"] == 9
+    test = estimate(study.runs[0])["eval_windows"]
+    assert test > 0
+    cfg = study.runs[0].config  # batch 4, a curve point every step on eval_subset (all) questions
+    curve = test if not cfg.eval_subset else cfg.eval_subset * WINDOWS_PER_QUESTION
+    one = lambda steps, tested: RUN_OVERHEAD_S + steps * 2.0 + (tested + int(steps // 1) * curve) * 2.0 / 4 / 3  # noqa: E731
+    assert proj["serial_hours"] * 3600 == pytest.approx(9 * one(21 / 9, test / 9) + one(9, test))
+    plan = dry_run(study)
+    grid = sum(estimate(r)["train_pflop"] for r in study.runs) + estimate(study.runs[0])["train_pflop"]
+    assert plan["summary"]["total_pflop"] == pytest.approx(grid * 30 / 90)
+
+
+def test_a_study_in_epochs_places_its_rungs_on_the_estimated_steps_and_ends_each_run_at_its_own_end(
+        tmp_path, tiny_models, train_file):
+    """With epochs instead of max_steps the rungs come from the estimated steps (question count x windows per
+    question, which here overcounts: the validation articles are held out of it); a candidate at the last rung still
+    trains to its real end, so the chosen run is the same as an unpruned one."""
+    from qatune.sizes import optimizer_steps
+
+    path = write(tmp_path, tiny_models["distilbert"], train_file, "[1e-4, 1e-3, 1e-2]")
+    path.write_text(path.read_text().replace("max_steps = 9", "epochs = 2"))
+    study = load_study(path, directory=tmp_path / "s")
+    (group,) = study.groups
+    estimated = optimizer_steps(group.candidates[0][1].config)
+    assert group.schedule == [-(-estimated // 3), estimated]
+    counts = run_study(study, LocalLauncher(workers=2, threads=1), poll_s=0.1, progress=False)
+    assert counts == {"finished": 2, "pruned": 2}
+    by_id = rows(study.directory)
+    winner = next(r for r in by_id.values() if r["stage"] == "chosen")
+    record = json.loads((study.directory / "runs" / winner["id"] / "run.json").read_text())
+    real_end = record["curve"][-1]["step"]
+    assert real_end != estimated  # the estimate was off, and the run went to its own end regardless
+    assert [s["step"] for s in json.loads(winner["scores"])] == [group.schedule[0], real_end]
+    final = next(r for r in by_id.values() if r["grp"] is None)
+    assert json.loads((study.directory / "runs" / final["id"] / "run.json").read_text())["curve"][-1]["step"] == real_end

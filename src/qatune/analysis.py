@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qatune.config import model_name
 from qatune.errors import QatuneError
 from qatune.metrics import squad_v1_scores, squad_v2_scores
 from qatune.rundir import PREDICTIONS, RunDir
@@ -338,11 +339,6 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
     factorial, note = _factorial(configs, questions, scores, [model_name(r["config"]) for r in done])
     return Analysis(covered, done, grid, other_rows, configs, scores, intervals, questions,
                     comparisons, rank_tests, interaction, headline, split, factorial, note, tuning)
-
-
-def model_name(config: dict) -> str:
-    """A run's model as a factor level: its name, and how many layers were kept when it was cut."""
-    return config["model"] + (f" ({config['num_layers']} layers)" if config.get("num_layers") else "")
 
 
 def _factorial(configs: list[Config], questions: list[str], scores: Scores,

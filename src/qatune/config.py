@@ -43,7 +43,8 @@ class TrainConfig:
     train_split: str = _f("train", "split when train_data is a datasets id")
     train_articles: str | None = _f(None, "1-based article ranges in file order, e.g. 1-36")
     train_questions: int | float | None = _f(None, "question count (int) or fraction (float) drawn with the seed")
-    eval_data: str | None = _f(None, "SQuAD JSON file or datasets id[:split]; none skips evaluation")
+    eval_data: str | None = _f(None, "SQuAD JSON file or datasets id[:split] (the test data); leave it out to train "
+                                     "without evaluating")
     eval_split: str = _f("validation", "split when eval_data is a datasets id")
     eval_articles: str | None = _f(None, "1-based article ranges, e.g. 37-48")
     eval_questions: int | float | None = _f(None, "question count or fraction drawn with the seed")
@@ -288,6 +289,12 @@ NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compil
 # Options added later: part of a run's identity only when set, so the runs of existing studies keep their ids.
 IN_HASH_WHEN_SET = ("num_layers", "eval_steps", "eval_subset", "validation_data", "validation_split", "validation_articles",
                     "validation_questions", "validation_share", "keep", "early_stopping_patience")
+
+
+def model_name(config: dict) -> str:
+    """A run's model as a reader names it (and the factorial's model factor): its name, and how many layers were
+    kept when it was cut."""
+    return config["model"] + (f" ({config['num_layers']} layers)" if config.get("num_layers") else "")
 
 
 def config_hash(cfg: TrainConfig | dict, leave_out: tuple[str, ...] = ()) -> str:

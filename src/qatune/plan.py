@@ -7,19 +7,13 @@ run shape on this machine (`qatune.calibrate`) and projects the study's wall tim
 
 from __future__ import annotations
 
-import functools
-import json
-import math
-from pathlib import Path
+from dataclasses import asdict
 
-from qatune.config import TrainConfig
+from qatune.config import TrainConfig, model_name
+from qatune.sizes import WINDOWS_PER_QUESTION, estimate_windows, optimizer_steps, train_windows
 from qatune.studyfile import Run, Study
 from qatune.tuning import planned_steps
 
-# Question counts of hub data sets, for dry-run estimates when the data is not at hand (offline).
-KNOWN_SIZES = {("rajpurkar/squad", "train"): 87599, ("rajpurkar/squad", "validation"): 10570,
-               ("rajpurkar/squad_v2", "train"): 130319, ("rajpurkar/squad_v2", "validation"): 11873}
-WINDOWS_PER_QUESTION = 1.02  # measured on SQuAD v1.1 dev at 384/128 (qatune data check)
 RUN_OVERHEAD_S = 10.0  # worker process start, imports and model load per run (tokenisation is cached per study)
 
 
@@ -30,9 +24,8 @@ def estimate(run: Run) -> dict:
 
     cfg = run.config
     params = count_params(cfg)
-    windows = estimate_windows(cfg.train_data, cfg.train_split, cfg.train_articles, cfg.train_questions, cfg.seed)
-    batches = math.ceil(windows / cfg.batch_size)
-    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * max(1, batches // cfg.grad_accum)))
+    windows = train_windows(cfg)
+    steps = optimizer_steps(cfg, windows)
     trained = steps * cfg.grad_accum * cfg.batch_size  # windows that pass through the model
     # Counted FLOPs per window (forward + backward, attention and LoRA's frozen weights included) at the padded
     # width a typical batch has: what the run will record, computed from the same count.
@@ -49,24 +42,48 @@ def project(study: Study, slots: int, threads: int | None, runs_per_device: int 
     """Time every distinct run shape on this machine and project each run's wall time and the study's for
     ``slots`` runs at once (study order, as the driver claims them). ``runs_per_device`` runs sharing one
     GPU are assumed to share it without gain (each takes that many times longer): an upper bound, since small
-    models usually gain from sharing (measure with benchmarks/bench_study.py)."""
-    from qatune.calibrate import StepKey, calibrate, makespan, project_run_seconds
+    models usually gain from sharing (measure with benchmarks/bench_study.py).
+
+    A tuned configuration's candidates are projected at their share of the halving's steps (which of them go on
+    is not known before they run), without the test evaluation that only the chosen one has, and its chosen value's
+    runs at the other seeds follow as full runs (``per_run`` entries with ``"final": true``)."""
+    from qatune.calibrate import StepKey, calibrate, makespan
 
     keys = {r.id: StepKey.from_config(r.config) for r in study.runs}
     seconds = calibrate(keys.values(), threads=threads, progress=progress, device=device)
-    per_run = []
+    group_of = {run.id: g for g in study.groups for _, run in g.candidates}
+    per_run, finals = [], []
     for r in study.runs:
-        est = estimate(r)
-        s = seconds[keys[r.id]]
-        alone = project_run_seconds(est["steps"], s, est["eval_windows"], r.config.batch_size, RUN_OVERHEAD_S,
-                                    r.config.grad_accum)
-        per_run.append({"id": r.id, "arm": r.arm, "point": r.point, "steps": est["steps"], "s_per_step": s,
-                        "train_pflop": est["train_pflop"], "projected_s": alone * runs_per_device})
+        est, s, g = estimate(r), seconds[keys[r.id]], group_of.get(r.id)
+        steps = est["steps"] if g is None else planned_steps(len(g.candidates), g.schedule, study.eta) / len(g.candidates)
+        tested = est["eval_windows"] if g is None else est["eval_windows"] / len(g.candidates)
+        per_run.append({"id": r.id, "arm": r.arm, "point": r.point, "steps": steps, "s_per_step": s,
+                        "train_pflop": est["train_pflop"] * steps / est["steps"],
+                        "projected_s": _seconds(r.config, steps, s, tested) * runs_per_device})
+        if g is not None and r.id == g.candidates[-1][1].id:
+            finals += [{"id": f"{g.id}/seed={seed}", "arm": g.arm, "point": {**g.point, "seed": seed},
+                        "steps": est["steps"], "s_per_step": s, "train_pflop": est["train_pflop"], "final": True,
+                        "projected_s": _seconds(r.config, est["steps"], s, est["eval_windows"]) * runs_per_device}
+                       for seed in g.seeds[1:]]
+    per_run += finals
     wall = makespan([p["projected_s"] for p in per_run], slots, longest_first=False)
     return {"runs": len(per_run), "total_pflop": sum(p["train_pflop"] for p in per_run),
             "projected_hours": wall / 3600, "serial_hours": sum(p["projected_s"] for p in per_run) / 3600,
             "slots": slots, "threads": threads, "runs_per_device": runs_per_device, "device": device,
             "per_run": per_run}
+
+
+def _seconds(cfg: TrainConfig, steps: float, s_per_step: float, test_windows: float) -> float:
+    """One run alone: start-up, its steps, the learning-curve evaluations (every eval_steps, on eval_subset
+    questions) and the test evaluation."""
+    from qatune.calibrate import project_run_seconds
+
+    curve = 0.0
+    if cfg.eval_steps:
+        subset = cfg.eval_subset * WINDOWS_PER_QUESTION if cfg.eval_subset else test_windows
+        curve = int(steps // cfg.eval_steps) * subset
+    return project_run_seconds(steps, s_per_step, test_windows + curve, cfg.batch_size, RUN_OVERHEAD_S,
+                               cfg.grad_accum)
 
 
 def count_params(cfg: TrainConfig) -> dict:
@@ -89,25 +106,6 @@ def rank_note(widths: dict, rank: int) -> str:
             f"the update's rank cannot grow there")
 
 
-def estimate_windows(source: str, split: str, articles: str | None, questions, seed: int) -> float:
-    """Windows of a data selection: question count x windows per question. Hub data sets of known size are
-    not downloaded for this (a dry run works offline); other sources are loaded once."""
-    name, _, named_split = source.partition(":") if not Path(source).exists() else (source, "", "")
-    total = KNOWN_SIZES.get((name, named_split or split))
-    if total is not None and not articles:
-        n = total if questions is None else (round(questions * total) if isinstance(questions, float) else questions)
-        return n * WINDOWS_PER_QUESTION
-    return _question_count(source, split, articles, json.dumps(questions), seed) * WINDOWS_PER_QUESTION
-
-
-@functools.lru_cache(maxsize=64)
-def _question_count(source: str, split: str, articles: str | None, questions: str, seed: int) -> int:
-    from qatune.data import load_squad, select_articles, subsample
-
-    data = select_articles(load_squad(source, split=split), articles)
-    return len(subsample(data.examples, json.loads(questions), seed))
-
-
 def hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
@@ -117,13 +115,19 @@ def dry_run(study: Study, calibrate_here: bool = False, slots: int = 1, threads:
     """Every run's parameters, windows, steps and training compute; with ``calibrate_here``, measured seconds
     per step and projected wall times for ``slots`` runs at once. Returns ``{summary, header, rows, notes}``."""
     rows, total, run_notes = [], 0.0, []
+    group_of = {run.id: g for g in study.groups for _, run in g.candidates}
     for k, r in enumerate(study.runs, 1):
         est = estimate(r)
-        total += est["train_pflop"]
+        g = group_of.get(r.id)
+        if g is None:
+            total += est["train_pflop"]
+        else:  # its share of the halving's steps; the last candidate brings the chosen value's other seeds
+            share = planned_steps(len(g.candidates), g.schedule, study.eta) / len(g.candidates) / est["steps"]
+            total += est["train_pflop"] * (share + (len(g.seeds) - 1 if r.id == g.candidates[-1][1].id else 0))
         point = ", ".join(f"{key}={v}" for key, v in r.point.items())
         run_notes.append(rank_note(est, r.config.lora_rank) if r.config.strategy == "lora" else "")
         point += " ‡" if run_notes[-1] else ""
-        rows.append([k, r.id, r.arm, r.config.model, r.config.strategy, point,
+        rows.append([k, r.id, r.arm, model_name(asdict(r.config)), r.config.strategy, point,
                      f"{est['trainable_params']:,}", f"{est['total_params']:,}", f"{est['trainable_percent']:.2f}",
                      f"{est['train_windows']:,.0f}", f"{est['steps']:,}", f"{est['train_pflop']:.2f}"])
     header = ["#", "run", "arm", "model", "strategy", "grid point", "trainable", "total", "%", "train windows",
@@ -131,7 +135,9 @@ def dry_run(study: Study, calibrate_here: bool = False, slots: int = 1, threads:
     summary = {"runs": len(study.runs), "total_pflop": total}
     notes = [*(f"‡ {n}" for n in sorted({n for n in run_notes if n})),
              f"total training compute: {total:.2f} PFLOP (FLOPs per window counted on each model shape at the "
-             f"typical padded width, x windows trained; windows estimated from question counts)"]
+             f"typical padded width, x windows trained; windows estimated from question counts"
+             + ("; tuning candidates at the halving's steps, and the chosen values' runs at the other seeds)"
+                if study.groups else ")")]
     if calibrate_here:
         proj = project(study, slots, threads, runs_per_gpu if gpus else 1, "cuda" if gpus else "cpu")
         for row, p in zip(rows, proj["per_run"]):
@@ -140,11 +146,12 @@ def dry_run(study: Study, calibrate_here: bool = False, slots: int = 1, threads:
         where = f"{gpus} GPU(s) x {runs_per_gpu} runs per GPU" if gpus else f"{slots} worker(s) x {threads} CPU thread(s)"
         notes.append(f"projected on this machine ({where}): {proj['projected_hours']:.2f} h for the whole study "
                      f"({proj['serial_hours']:.2f} h of runs; each run = {RUN_OVERHEAD_S:.0f} s start-up + steps x "
-                     f"measured s/step + evaluation at 1/3 of a step per window)")
+                     f"measured s/step + learning-curve and test evaluation at 1/3 of a step per window)")
         summary.update({k: proj[k] for k in ("projected_hours", "serial_hours", "slots", "threads",
                                              "runs_per_device", "device")})
         summary["per_run"] = [{"id": p["id"], "arm": p["arm"], "steps": p["steps"], "s_per_step": p["s_per_step"],
-                               "projected_s": p["projected_s"]} for p in proj["per_run"]]
+                               "projected_s": p["projected_s"], "final": p.get("final", False)}
+                              for p in proj["per_run"]]
     if study.groups:
         notes += tuning_notes(study)
         summary["tuning"] = [{"configuration": g.id, "arm": g.arm, "candidates": len(g.candidates),
@@ -155,14 +162,20 @@ def dry_run(study: Study, calibrate_here: bool = False, slots: int = 1, threads:
 
 
 def tuning_notes(study: Study) -> list[str]:
-    """What tuning will train: candidates per configuration, the rungs, and the steps halving saves over a grid.
-    The table above lists the candidates (first seed); each chosen value then trains with the other seeds."""
-    out = []
+    """What tuning will train: candidates per configuration, the rungs, and the steps halving saves over a grid
+    (configurations of one arm with the same rungs share a line). The table above lists the candidates (first
+    seed); each chosen value then trains with the other seeds."""
+    alike: dict[tuple, list] = {}
     for g in study.groups:
-        steps = planned_steps(len(g.candidates), g.schedule, study.eta)
-        grid = len(g.candidates) * g.schedule[-1]
-        where = ", ".join(f"{k}={v}" for k, v in g.point.items()) or "its one configuration"
-        out.append(f"tuning {g.arm} at {where}: {len(g.candidates)} candidates ({study.method}, eta {study.eta}), "
-                   f"rungs at steps {g.schedule}: {steps:,} candidate steps instead of {grid:,} for the grid "
-                   f"({steps / grid:.0%}); then the chosen value with {len(g.seeds) - 1} more seed(s)")
+        alike.setdefault((g.arm, len(g.candidates), tuple(g.schedule), len(g.seeds)), []).append(g)
+    out = []
+    for (arm, candidates, schedule, seeds), groups in alike.items():
+        steps = planned_steps(candidates, list(schedule), study.eta) * len(groups)
+        grid = candidates * schedule[-1] * len(groups)
+        where = (", ".join(f"{k}={v}" for k, v in groups[0].point.items()) or "its one configuration"
+                 if len(groups) == 1 else f"{len(groups)} configurations")
+        each = " each" if len(groups) > 1 else ""
+        out.append(f"tuning {arm} at {where}: {candidates} candidates{each} ({study.method}, eta {study.eta}), "
+                   f"rungs at steps {list(schedule)}: {steps:,} candidate steps instead of {grid:,} for the grid "
+                   f"({steps / grid:.0%}); then the chosen value with {seeds - 1} more seed(s)")
     return out

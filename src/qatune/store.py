@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qatune.errors import QatuneError
-from qatune.tuning import survivors
+from qatune.tuning import pause_step, survivors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -437,7 +437,7 @@ def decide(db: sqlite3.Connection, grp: str, schedule: Sequence[int], eta: int, 
                 db.execute("UPDATE runs SET stage='chosen', pause_at=NULL WHERE id=?", (r["id"],))
             elif r["id"] in keep:
                 db.execute("UPDATE runs SET stage='candidate', rung=?, pause_at=? WHERE id=?",
-                           (rung + 1, schedule[rung + 1], r["id"]))
+                           (rung + 1, pause_step(schedule, rung + 1), r["id"]))
             else:
                 db.execute("UPDATE runs SET stage='pruned' WHERE id=?", (r["id"],))
         if not last:

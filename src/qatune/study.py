@@ -18,6 +18,7 @@ from qatune.record import exact_match
 from qatune.rundir import RunDir
 from qatune.studyfile import Group, Run, Study
 from qatune.tracking import StudyTracker
+from qatune.tuning import pause_step
 
 LEASE_S = 120.0  # a run whose driver stopped renewing its lease this long ago is claimed again
 STATUS_EVERY_S = 30.0
@@ -74,7 +75,8 @@ class _Driver:
         register(self.db, self.study)
         self.group_of = {run.id: g for g in self.study.groups for _, run in g.candidates}
         for g in self.study.groups:
-            store.register_candidates(self.db, g.id, [run.id for _, run in g.candidates], g.schedule[0])
+            store.register_candidates(self.db, g.id, [run.id for _, run in g.candidates],
+                                      pause_step(g.schedule, 0))
             self.decide(g)  # a driver that stopped between a pause and its decision left one to make
         for rid, why in untrusted_finished(self.db, self.study).items():
             store.reopen(self.db, rid, why)
@@ -122,7 +124,7 @@ class _Driver:
             self.waiting = False
             done = sum(s == "finished" for s in store.statuses(self.db, self.ids).values())
             label = ", ".join(f"{k}={v}" for k, v in run.point.items()) or "no grid"
-            self.say(f"[{done}/{len(self.ids)} done] start {rid}: {run.arm} ({label}) on {slot.describe()}")
+            self.say(f"[{done}/{self.study.final_runs} done] start {rid}: {run.arm} ({label}) on {slot.describe()}")
 
     def record(self, o: Outcome) -> None:
         self.free.append(self.active.pop(o.run_id))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qatune.config import TrainConfig, config_hash
 from qatune.errors import QatuneError, unreadable
+from qatune.sizes import optimizer_steps
 from qatune.tuning import METHODS, rungs
 
 LORA_ONLY = ("lora_rank", "alpha_policy", "lora_alpha", "lora_dropout", "lora_targets")
@@ -68,6 +69,20 @@ class Study:
     groups: list[Group] = field(default_factory=list)  # tuned configurations ([tune.ARM]); candidates are in runs
     method: str = "halving"
     eta: int = 3
+
+    @property
+    def final_runs(self) -> int:
+        """Runs that end scored on the test data: every untuned run, and each tuned configuration's chosen values
+        at every seed (its pruned candidates never are)."""
+        return len(self.runs) - sum(len(g.candidates) for g in self.groups) + sum(len(g.seeds) for g in self.groups)
+
+    def size(self) -> str:
+        """How many runs, said the way a user counts them (candidates are tried, finals are scored)."""
+        if not self.groups:
+            return f"{len(self.runs)} runs"
+        candidates = sum(len(g.candidates) for g in self.groups)
+        return (f"{len(self.runs)} runs ({candidates} tuning candidates in {len(self.groups)} configurations); "
+                f"{self.final_runs} final runs scored on the test data")
 
 
 def load_study(path: str | Path, overrides: list[str] = (), directory: str | Path | None = None) -> Study:
@@ -142,16 +157,17 @@ def _tuned_groups(path: Path, arm: dict, defaults: dict, grid: dict, options: di
     for run in _expand(path, arm, defaults, {**axes, "seed": seeds[:1]}, base_dir):
         settings = {k: v for k, v in asdict(run.config).items() if k not in STUDY_SETS and k != "seed"}
         cfg = run.config
-        if not cfg.has_validation or not cfg.eval_steps or not cfg.max_steps:
+        if not cfg.has_validation or not cfg.eval_steps:
             raise StudyError(f"{path}: [tune.{arm['name']}] needs validation data (validation_share or "
-                             f"validation_data), eval_steps and max_steps: candidates are compared on validation "
-                             f"F1 at steps that are multiples of eval_steps")
+                             f"validation_data) and eval_steps: candidates are compared on validation F1 at steps "
+                             f"that are multiples of eval_steps")
         point = {k: v for k, v in run.point.items() if k != "seed"}
         combos = [dict(zip(options, vs)) for vs in itertools.product(*options.values())]
         group = Group("", arm["name"], point, [], list(seeds), [], settings, base_dir)
         group.candidates = [(values, group.run(values, seeds[0])) for values in combos]
         group.id = config_hash({k: v for k, v in settings.items() if k not in options})
-        group.schedule = rungs(len(combos), cfg.max_steps, cfg.eval_steps, method, eta)
+        # in epochs, the rungs sit at shares of the estimated steps; the last rung is the run's end either way
+        group.schedule = rungs(len(combos), optimizer_steps(cfg), cfg.eval_steps, method, eta)
         groups.append(group)
     return groups
 

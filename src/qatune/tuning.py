@@ -28,6 +28,15 @@ def rungs(candidates: int, total_steps: int, eval_steps: int, method: str = "hal
     return out + [total_steps]
 
 
+END_OF_RUN = 2**31 - 1  # a last rung's pause: the run's own last step, however many steps it turns out to have
+
+
+def pause_step(schedule: list[int], rung: int) -> int:
+    """The step a candidate at ``rung`` pauses at: the rung's step, or the end of its run at the last rung (whose
+    step in ``schedule`` may be an estimate, for runs given in epochs)."""
+    return schedule[rung] if rung < len(schedule) - 1 else END_OF_RUN
+
+
 def survivors(alive: int, eta: int, last: bool) -> int:
     """How many of ``alive`` candidates go on after a rung (one wins the last)."""
     return 1 if last else max(1, alive // eta)

@@ -68,7 +68,7 @@ def _run(loaded, args: argparse.Namespace) -> None:
         launcher = make_launcher(args.launcher, args.workers, args.runs_per_gpu, args.threads, args.ray_address)
     except LaunchError as e:
         raise CliError(str(e)) from e
-    print(f"study {loaded.name}: {len(loaded.runs)} runs -> {loaded.directory}; {launcher.name} launcher, "
+    print(f"study {loaded.name}: {loaded.size()} -> {loaded.directory}; {launcher.name} launcher, "
           f"{len(launcher.slots)} at a time ({launcher.slots[0].describe()}{', ...' if len(launcher.slots) > 1 else ''})",
           flush=True)
     counts = run_study(loaded, launcher, max_attempts=args.max_attempts, retry_failed=args.retry_failed)
@@ -108,7 +108,7 @@ def _dry_run(loaded, args: argparse.Namespace) -> None:
         else:  # a cluster's size is not known before it is reached: project for the given slots
             slots, threads = args.workers or 1, args.threads or 1
     plan = dry_run(loaded, args.calibrate, slots, threads, args.runs_per_gpu, gpus)
-    emit(plan["summary"], args.json, [f"study {loaded.name}: {len(loaded.runs)} runs -> {loaded.directory}",
+    emit(plan["summary"], args.json, [f"study {loaded.name}: {loaded.size()} -> {loaded.directory}",
                                       *table(plan["header"], plan["rows"]), *plan["notes"]])
 
 
