@@ -413,3 +413,31 @@ def test_with_validation_scores_the_headline_chooses_on_them_and_every_question_
     assert comp["test_questions"] == out["questions"] == 120 and comp["split"]["on"] == "validation"
     assert not (tmp_path / "s" / "split.json").exists()
     assert "chosen on its runs' validation F1" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_with_a_tuned_learning_rate_each_rank_is_tested_at_its_own_chosen_value(tmp_path, capsys):
+    """r=2 chose lr 1e-3 and r=4 chose 2e-3: the rank test compares those two, not ranks at one learning rate."""
+    arms = ARMS.replace("max_steps = 2", "max_steps = 2\nvalidation_share = 0.2\neval_steps = 1") + \
+        "\n[tune.lora]\nlearning_rate = [1e-3, 2e-3]\n"
+    construct(tmp_path, "lora_rank = [2, 4]\nseed = [1]", arms=arms,
+              accuracy=lambda run, q: 0.9 if run.point.get("lora_rank") == 4 else 0.3)
+    study = load_study(tmp_path / "study.toml", directory=tmp_path / "s")
+    db = store.connect(study.directory)
+    pick = {2: 1e-3, 4: 2e-3}
+    for g in study.groups:
+        store.register_candidates(db, g.id, [r.id for _, r in g.candidates], 1)  # pending only: done by hand here
+        for values, run in g.candidates:
+            chosen = values["learning_rate"] == pick[g.point["lora_rank"]]
+            db.execute("UPDATE runs SET grp=?, stage=?, scores=? WHERE id=?",
+                       (g.id, "chosen" if chosen else "pruned",
+                        json.dumps([{"rung": 0, "step": 2, "f1": 60.0 if chosen else 40.0}]), run.id))
+        db.execute("INSERT INTO decisions (grp, chosen, decided_at) VALUES (?, ?, 0)",
+                   (g.id, json.dumps({"learning_rate": pick[g.point["lora_rank"]]})))
+    db.commit()
+    db.close()
+    out = report_json(capsys, tmp_path / "s")
+    (test,) = out["tests"]["rank"]
+    assert test["ranks"] == [2, 4] and test["fixed"] == {} and test["tuned"] == ["learning_rate"]
+    assert test["tuned_values"] == [{"learning_rate": 1e-3}, {"learning_rate": 2e-3}]
+    assert test["f1"][1] > test["f1"][0] + 40 and test["p_holm"] < 0.05
+    assert "each rank at its own tuned lr (r=2: 0.001, r=4: 0.002)" in (tmp_path / "s" / "report.md").read_text()

@@ -106,6 +106,31 @@ def test_set_on_a_grid_key_changes_that_arms_grid_and_is_checked(tmp_path, tiny_
         load_study(own)
 
 
+def test_an_arms_own_grid_table_replaces_or_adds_axes_for_that_arm(tmp_path, tiny_distilbert, train_file):
+    path = write_study(tmp_path, tiny_distilbert, train_file)
+    text = path.read_text()
+    path.write_text(text + "\n[grid.lora]\nlora_rank = [8]\nwarmup_ratio = [0.0, 0.1]\n")
+    study = load_study(path, directory=tmp_path / "s")
+    lora = [r for r in study.runs if r.arm == "lora"]
+    assert {r.config.lora_rank for r in lora} == {8} and {r.config.warmup_ratio for r in lora} == {0.0, 0.1}
+    assert len(lora) == 1 * 2 * 2 * 2  # its rank, 2 policies, 2 volumes, and its own axis: 2 warm-ups
+    full = [r for r in study.runs if r.arm == "full"]
+    assert len(full) == 2 and all("warmup_ratio" not in r.point for r in full)  # the other arm keeps the [grid]
+    as_set = load_study(write_study(tmp_path, tiny_distilbert, train_file), ["lora.lora_rank=[8]"],
+                        directory=tmp_path / "s")
+    path.write_text(text + "\n[grid.lora]\nlora_rank = [8]\n")
+    # on an axis of the [grid], the same as --set ARM.key=[...]
+    assert [r.id for r in as_set.runs] == [r.id for r in load_study(path, directory=tmp_path / "s").runs]
+    for extra, words in [("[grid.nope]\nseed = [1]", "[grid.nope]: no arm named 'nope'"),
+                         ("[grid.full]\nlora_rank = [8]", "[grid.full] lora_rank applies to LoRA arms"),
+                         ("[grid.lora]\nseed = [1, 1]", "[grid.lora] seed lists 1 more than once"),
+                         ("[grid.lora]\nseed = 1", "[grid.lora] seed must be a non-empty list")]:
+        path.write_text(text + "\n" + extra + "\n")
+        with pytest.raises(StudyError) as e:
+            load_study(path, directory=tmp_path / "s")
+        assert words in str(e.value), (words, str(e.value))
+
+
 def test_a_study_directory_belongs_to_one_study(tmp_path, tiny_distilbert, train_file, capsys):
     path = write_study(tmp_path, tiny_distilbert, train_file, steps=1)
     narrow = ["--set", "lora_rank=[2]", "--set", "alpha_policy=['fixed']", "--set", "train_questions=[6]",

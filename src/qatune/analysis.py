@@ -335,7 +335,10 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
             cells = [(pairs[hi][0], 1.0), (pairs[hi][1], -1.0), (pairs[lo][0], -1.0), (pairs[lo][1], 1.0)]
             interaction = {"volumes": (lo, hi), "pairs": (pairs[lo], pairs[hi]),
                            **_contrast(cells, test, scores, seed=1)}
-    rank_tests = _rank_tests(configs, questions, scores)
+    tuned_options: dict[str, set] = defaultdict(set)
+    for t in tuning:
+        tuned_options[t["arm"]].update([t["option"]] if isinstance(t["option"], str) else t["option"])
+    rank_tests = _rank_tests(configs, questions, scores, tuned_options)
     factorial, note = _factorial(configs, questions, scores, [model_name(r["config"]) for r in done])
     return Analysis(covered, done, grid, other_rows, configs, scores, intervals, questions,
                     comparisons, rank_tests, interaction, headline, split, factorial, note, tuning)
@@ -385,12 +388,13 @@ def _factorial(configs: list[Config], questions: list[str], scores: Scores,
     return out, None
 
 
-def _rank_tests(configs: list[Config], qids: list[str], scores: Scores) -> list[dict]:
-    """Per LoRA arm, volume and everything else fixed: does rank change F1? One family, Holm-adjusted."""
+def _rank_tests(configs: list[Config], qids: list[str], scores: Scores, tuned: dict[str, set]) -> list[dict]:
+    """Per LoRA arm, volume and everything else fixed: does rank change F1? One family, Holm-adjusted. Options an
+    arm tunes (``tuned``) are not held fixed: each rank is compared at its own chosen value (``tuned_values``)."""
     groups: dict[tuple, dict[int, Config]] = defaultdict(dict)
     for c in configs:
         if c.strategy == "lora":
-            rest = tuple((k, v) for k, v in c.point.items() if k != "lora_rank")
+            rest = tuple((k, v) for k, v in c.point.items() if k != "lora_rank" and k not in tuned.get(c.arm, ()))
             groups[(c.arm, c.volume, rest)][c.rank] = c
     tests = []
     for (arm, volume, rest), by_rank in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], str(kv[0][2]))):
@@ -399,9 +403,11 @@ def _rank_tests(configs: list[Config], qids: list[str], scores: Scores) -> list[
         ranks = sorted(by_rank)
         cells = [scores.matrix(by_rank[r], qids, "f1") for r in ranks]
         p, method = equality_test(cells)
+        own = sorted(tuned.get(arm, ()))
         tests.append({"arm": arm, "volume": volume, "fixed": dict(rest), "ranks": ranks,
                       "configs": [by_rank[r].id for r in ranks], "f1": [float(c.mean()) for c in cells],
-                      "p": p, "method": method})
+                      "p": p, "method": method, "tuned": own,
+                      "tuned_values": [{k: by_rank[r].point.get(k) for k in own} for r in ranks]})
     for t, adj in zip(tests, holm([t["p"] for t in tests])):
         t["p_holm"] = adj
     return tests

@@ -47,6 +47,13 @@ from qatune.tuning import expected_max_curves, stable_from
 
 # ---------------------------------------------------------------------------------------------- text blocks
 # The report is a list of blocks rendered twice, as markdown and as HTML, so the two never disagree.
+def _own_values(t: dict) -> str:
+    """A rank test's tuned options with each rank's chosen value, e.g. 'lr (r=8: 0.0015, r=128: 0.0005)'."""
+    return "; ".join(f"{SHORT.get(k, k)} (" + ", ".join(f"r={r}: {v[k]:g}" if isinstance(v[k], float) else
+                                                      f"r={r}: {v[k]}" for r, v in zip(t["ranks"], t["tuned_values"]))
+                     + ")" for k in t["tuned"])
+
+
 def _ci(c: Contrast, digits: int = 1, signed: bool = False) -> str:
     f = f"+.{digits}f" if signed else f".{digits}f"
     return f"{c.estimate:{f}} [{c.ci_low:{f}}, {c.ci_high:{f}}]"
@@ -77,10 +84,12 @@ def _findings(a: Analysis) -> list[str]:
         verdict = "rank matters" if t["p_holm"] < 0.05 else "no detectable effect of rank"
         fixed = ", ".join(f"{v}" if k == "alpha_policy" else f"{SHORT.get(k, k)}={v}" for k, v in t["fixed"].items()
                           if k not in ("train_questions",))
+        own = _own_values(t)
         out.append(f"{t['arm']} ({fixed or 'one setting'}) at {int(t['volume'])} questions: F1 goes from "
                    f"{means.min():.2f} (r={lo_r}) to {means.max():.2f} (r={hi_r}) across ranks "
-                   f"{t['ranks'][0]}–{t['ranks'][-1]}; Holm-adjusted p = {_p(t['p_holm'])} over {len(a.rank_tests)} "
-                   f"test(s): {verdict} at the 5% level.")
+                   f"{t['ranks'][0]}–{t['ranks'][-1]}" + (f", each rank at its own tuned {own}" if own else "")
+                   + f"; Holm-adjusted p = {_p(t['p_holm'])} over {len(a.rank_tests)} test(s): {verdict} at the 5% "
+                   f"level.")
     if a.interaction:
         it, (lo, hi) = a.interaction["f1"], a.interaction["volumes"]
         (alo, blo), (ahi, bhi) = a.interaction["pairs"]
@@ -263,8 +272,10 @@ def _comparison_blocks(a: Analysis) -> list[tuple]:
                     "(statistic: range of the rank means); p-values Holm-adjusted over the family. A large p-value "
                     "means no detectable effect, not proof that there is none."),
               ("table", ["arm", "train q", "setting", "F1 by rank", "p", "Holm p", "method"],
-               [[t["arm"], f"{int(t['volume'])}", ", ".join(f"{k}={v}" for k, v in t["fixed"].items()
-                                                            if k != "train_questions") or "—",
+               [[t["arm"], f"{int(t['volume'])}", ", ".join([*(f"{k}={v}" for k, v in t["fixed"].items()
+                                                              if k != "train_questions"),
+                                                            *([f"tuned per rank: {_own_values(t)}"] if t["tuned"]
+                                                              else [])]) or "—",
                  ", ".join(f"r={r}: {m:.2f}" for r, m in zip(t["ranks"], t["f1"])), _p(t["p"]), _p(t["p_holm"]),
                  t["method"]] for t in a.rank_tests])]
     return b

@@ -2,7 +2,8 @@
 
 A study file has shared ``[defaults]`` (any training option), a list of ``[[arms]]`` (a model x strategy
 pair with its own options) and a ``[grid]`` whose lists multiply the runs: ``lora_rank``, ``alpha_policy``
-(LoRA arms only), ``train_questions`` (data volumes) and ``seed`` (all arms), or any other option.
+(LoRA arms only), ``train_questions`` (data volumes) and ``seed`` (all arms), or any other option; a
+``[grid.ARM]`` table adds or replaces axes for one arm (as ``--set ARM.key=[...]`` does).
 Each run is named by a hash of its resolved configuration, so re-running the study skips finished runs,
 resumes an interrupted one from its checkpoint, and a changed setting is a new run rather than a stale one.
 """
@@ -89,13 +90,13 @@ def load_study(path: str | Path, overrides: list[str] = (), directory: str | Pat
     """Read a study file, apply command-line overrides (``--set``) and expand its grid into runs."""
     path = Path(path)
     spec = _read(path)
-    meta, defaults, arms, grid = _tables(path, spec)
+    meta, defaults, arms, grid, own = _tables(path, spec)
     name = meta.get("name", path.stem)
     if not isinstance(name, str) or not name.strip() or "/" in name:
         raise StudyError(f"{path}: [study] name = {name!r} must be a non-empty string without '/'")
     arm_names = [a["name"] for a in arms]
     headline = _headline(path, meta.get("headline"), arm_names)
-    arm_grids = {a["name"]: dict(grid) for a in arms}
+    arm_grids = {a["name"]: {**grid, **own.get(a["name"], {})} for a in arms}  # [grid.ARM]: one arm's own axes
     for override in overrides:
         _apply(override, defaults, arms, arm_grids)
     _check_keys(path, defaults, arms, arm_grids)
@@ -183,8 +184,8 @@ def _read(path: Path) -> dict:
         raise StudyError(f"{path}: not valid TOML: {e}") from e
 
 
-def _tables(path: Path, spec: dict) -> tuple[dict, dict, list[dict], dict]:
-    """The [study], [defaults], [[arms]] and [grid] tables, checked for shape."""
+def _tables(path: Path, spec: dict) -> tuple[dict, dict, list[dict], dict, dict]:
+    """The [study], [defaults], [[arms]] and [grid] tables, and the [grid.ARM] tables by arm, checked for shape."""
     for table in ("study", "defaults", "grid"):
         if not isinstance(spec.get(table, {}), dict):
             raise StudyError(f"{path}: {table} must be a [{table}] table, got {spec[table]!r}")
@@ -201,13 +202,22 @@ def _tables(path: Path, spec: dict) -> tuple[dict, dict, list[dict], dict]:
     if twice:
         raise StudyError(f"{path}: arm name(s) {twice} used more than once; give every [[arms]] its own name")
     grid = dict(spec.get("grid", {}))
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise StudyError(f"{path}: [grid] {key} must be a non-empty list")
-        twice = [v for k, v in enumerate(values) if v in values[:k]]
-        if twice:
-            raise StudyError(f"{path}: [grid] {key} lists {twice[0]!r} more than once; give each value once")
-    return spec.get("study", {}), dict(spec.get("defaults", {})), [dict(a) for a in arms], grid
+    own = {k: grid.pop(k) for k in [k for k, v in grid.items() if isinstance(v, dict)]}  # [grid.ARM] tables
+    for arm_name, table in own.items():
+        if arm_name not in names:
+            raise StudyError(f"{path}: [grid.{arm_name}]: no arm named {arm_name!r} (arms: {names})")
+        lora_only = sorted(set(table) & set(LORA_ONLY))
+        if lora_only and next(a for a in arms if a["name"] == arm_name)["strategy"] != "lora":
+            raise StudyError(f"{path}: [grid.{arm_name}] {lora_only[0]} applies to LoRA arms; arm {arm_name!r} "
+                             f"fine-tunes fully")
+    for where, table in [("grid", grid), *((f"grid.{n}", t) for n, t in own.items())]:
+        for key, values in table.items():
+            if not isinstance(values, list) or not values:
+                raise StudyError(f"{path}: [{where}] {key} must be a non-empty list")
+            twice = [v for k, v in enumerate(values) if v in values[:k]]
+            if twice:
+                raise StudyError(f"{path}: [{where}] {key} lists {twice[0]!r} more than once; give each value once")
+    return spec.get("study", {}), dict(spec.get("defaults", {})), [dict(a) for a in arms], grid, own
 
 
 def _headline(path: Path, headline, arm_names: list[str]) -> tuple[str, str] | None:
