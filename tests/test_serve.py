@@ -134,6 +134,16 @@ def test_a_body_not_declared_as_json_is_refused(server):
     assert code == 415 and "application/json" in reply["message"]
 
 
+def test_a_parameter_in_the_url_is_refused_not_ignored(server):
+    req = urllib.request.Request(server + "/answer?top_k=3", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"question": "Who?", "context": CONTEXT}).encode())
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    code, reply = e.value.code, json.loads(e.value.read())
+    assert code == 422 and "put top_k in the JSON body" in reply["message"] and reply["detail"][0]["loc"] == \
+        ["query", "top_k"]
+
+
 def test_a_client_that_leaves_mid_body_costs_one_log_line_not_a_traceback(server, caplog):
     import socket
     from urllib.parse import urlparse

@@ -230,6 +230,10 @@ def create_app(reader: Reader, max_batch: int = 32, batch_wait_ms: float = 2.0, 
             kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if kind != "application/json":
                 raise RequestError(415, "content-type", f"{kind or 'none'}; send the body as application/json")
+            if request.query_params:  # e.g. ?top_k=3, which would otherwise be ignored without a word
+                name = next(iter(request.query_params))
+                raise RequestError(422, f"query.{name}", f"the URL's parameters are not read; put "
+                                   f"{name if name in FIELDS else 'every field'} in the JSON body")
             body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), BODY_TIMEOUT_S)
             items, many = parse_items(body, limits)
         except RequestError as e:
