@@ -70,6 +70,19 @@ def test_hold_out_is_by_article_and_the_same_for_every_seed_and_volume(tmp_path)
     assert len({tuple(v) for v in splits.values()}) == 1  # one validation set for every run
 
 
+def test_every_seed_is_tested_on_the_same_draw_of_eval_questions_and_trains_on_its_own(tmp_path):
+    """A study's seeds are compared question by question: a per-seed test draw would leave few shared questions."""
+    from qatune.data import load_role
+
+    path = tmp_path / "d.json"
+    write_squad_json(make_examples(n_articles=10, per_article=6), path)
+    configs = [TrainConfig(train_data=str(path), eval_data=str(path), train_articles="1-5", train_questions=10,
+                           eval_articles="6-10", eval_questions=12, seed=seed) for seed in (1, 2, 3)]
+    tests = {tuple(ex.id for ex in load_role(c, "eval").examples) for c in configs}
+    trains = {tuple(ex.id for ex in load_role(c, "train").examples) for c in configs}
+    assert len(tests) == 1 and len(next(iter(tests))) == 12 and len(trains) == 3
+
+
 def test_validation_file_sharing_articles_with_training_is_refused(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     examples = make_examples(n_articles=4, per_article=3)

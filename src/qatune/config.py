@@ -47,7 +47,8 @@ class TrainConfig:
                                      "without evaluating")
     eval_split: str = _f("validation", "split when eval_data is a datasets id")
     eval_articles: str | None = _f(None, "1-based article ranges, e.g. 37-48")
-    eval_questions: int | float | None = _f(None, "question count or fraction drawn with the seed")
+    eval_questions: int | float | None = _f(None, "question count or fraction (one fixed draw, the same for every "
+                                                  "seed and run)")
     validation_data: str | None = _f(None, "validation data, SQuAD JSON file or datasets id[:split]: the learning "
                                            "curve, the kept checkpoint and the v2 null threshold are chosen on it, "
                                            "never on eval_data")

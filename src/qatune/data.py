@@ -377,6 +377,7 @@ def load_split(source: str, split: str, articles: str | None, questions, seed: i
 
 
 VALIDATION_SEED = 0  # one validation selection for every run of a study, whatever its seed or data volume
+EVAL_SEED = 0  # one draw of eval_questions for every run: seeds and configurations are scored on the same questions
 
 
 def hold_out(data: SquadData, share: float) -> tuple[SquadData, SquadData]:
@@ -423,7 +424,9 @@ def load_training(cfg) -> tuple[SquadData, SquadData | None]:
 
 def load_role(cfg, role: str) -> SquadData:
     """The ``role`` ("train" or "eval") data of a training configuration: its ``{role}_data``, ``_split``,
-    ``_articles`` and ``_questions`` options with the run's seed (``cfg`` a TrainConfig or its dict)."""
+    ``_articles`` and ``_questions`` options (``cfg`` a TrainConfig or its dict). Training questions are drawn with
+    the run's seed; evaluation questions with ``EVAL_SEED``, the same for every run, so that a study's seeds and
+    configurations are compared question by question."""
     get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
     return load_split(get(f"{role}_data"), get(f"{role}_split"), get(f"{role}_articles"), get(f"{role}_questions"),
-                      get("seed"), get("repair_answers"), role)
+                      EVAL_SEED if role == "eval" else get("seed"), get("repair_answers"), role)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from qatune.cli.common import MODEL_HELP, CliError, count_or_fraction, emit
+from qatune.data import EVAL_SEED
 from qatune.errors import check_writable
 
 
@@ -16,7 +17,8 @@ def add(sub) -> None:
     e.add_argument("--split", default="validation")
     e.add_argument("--articles", help="1-based article ranges, e.g. 37-48")
     e.add_argument("--questions", type=count_or_fraction, help="question count or fraction")
-    e.add_argument("--seed", type=int, default=42)
+    e.add_argument("--seed", type=int, default=EVAL_SEED,
+                   help="draw of --questions (default: the one every training run's evaluation uses)")
     e.add_argument("--repair-answers", action="store_true")
     e.add_argument("--output-dir", required=True)
     e.add_argument("--max-seq-length", type=int, help="default: as saved with the model")
