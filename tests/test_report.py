@@ -441,3 +441,13 @@ def test_with_a_tuned_learning_rate_each_rank_is_tested_at_its_own_chosen_value(
     assert test["tuned_values"] == [{"learning_rate": 1e-3}, {"learning_rate": 2e-3}]
     assert test["f1"][1] > test["f1"][0] + 40 and test["p_holm"] < 0.05
     assert "each rank at its own tuned lr (r=2: 0.001, r=4: 0.002)" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_a_rank_test_that_cannot_reach_five_percent_with_its_seeds_says_so(tmp_path, capsys):
+    construct(tmp_path, "lora_rank = [2, 4]\nseed = [1, 2]",
+              lambda run, q: 0.9 if run.point.get("lora_rank") == 4 else 0.2)
+    out = report_json(capsys, tmp_path / "s")
+    (test,) = out["tests"]["rank"]
+    assert test["method"] == "runs permuted between configurations" and test["smallest_p"] == pytest.approx(1 / 3)
+    assert test["p"] == pytest.approx(1 / 3)  # as separated as runs can be: the floor, not a verdict
+    assert "cannot go below p = 0.3333: more seeds are needed" in (tmp_path / "s" / "report.md").read_text()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qatune.stats import bootstrap_contrast, equality_test, holm
+from qatune.stats import bootstrap_contrast, equality_test, holm, smallest_p
 
 
 def test_one_seed_bootstrap_is_scipys_paired_bootstrap():
@@ -58,3 +58,14 @@ def test_holm_by_hand():
     assert holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
     assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
     assert holm([]) == []
+
+
+def test_the_smallest_p_of_the_run_level_test_is_that_of_perfectly_separated_runs():
+    """Two configurations with 3 runs each: 20 ways to split 6 runs, the observed split and its mirror are the most
+    extreme, so p >= 2/20 whatever the data; equality_test on separated runs reaches exactly that floor."""
+    assert smallest_p([3, 3]) == pytest.approx(0.1)
+    assert smallest_p([2, 2]) == pytest.approx(2 / 6)
+    assert smallest_p([5, 5]) == pytest.approx(2 / 252)
+    separated = [np.full((3, 4), 0.1), np.full((3, 4), 0.9)]
+    separated[0][0, 0] = 0.2  # runs differ a little within each configuration
+    assert equality_test(separated)[0] == pytest.approx(smallest_p([3, 3]))

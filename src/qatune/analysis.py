@@ -16,7 +16,7 @@ from qatune.config import model_name
 from qatune.errors import QatuneError
 from qatune.metrics import squad_v1_scores, squad_v2_scores
 from qatune.rundir import PREDICTIONS, RunDir
-from qatune.stats import Contrast, bootstrap_contrast, equality_test, holm
+from qatune.stats import Contrast, bootstrap_contrast, equality_test, holm, smallest_p
 from qatune.store import connect, decisions, latest_grid, rows
 from qatune.store import exists as store_exists
 from qatune.tuning import summarize
@@ -404,9 +404,10 @@ def _rank_tests(configs: list[Config], qids: list[str], scores: Scores, tuned: d
         cells = [scores.matrix(by_rank[r], qids, "f1") for r in ranks]
         p, method = equality_test(cells)
         own = sorted(tuned.get(arm, ()))
+        floor = smallest_p([c.shape[0] for c in cells]) if method.startswith("runs") else None
         tests.append({"arm": arm, "volume": volume, "fixed": dict(rest), "ranks": ranks,
                       "configs": [by_rank[r].id for r in ranks], "f1": [float(c.mean()) for c in cells],
-                      "p": p, "method": method, "tuned": own,
+                      "p": p, "method": method, "smallest_p": floor, "tuned": own,
                       "tuned_values": [{k: by_rank[r].point.get(k) for k in own} for r in ranks]})
     for t, adj in zip(tests, holm([t["p"] for t in tests])):
         t["p_holm"] = adj

@@ -89,7 +89,8 @@ def _findings(a: Analysis) -> list[str]:
                    f"{means.min():.2f} (r={lo_r}) to {means.max():.2f} (r={hi_r}) across ranks "
                    f"{t['ranks'][0]}–{t['ranks'][-1]}" + (f", each rank at its own tuned {own}" if own else "")
                    + f"; Holm-adjusted p = {_p(t['p_holm'])} over {len(a.rank_tests)} test(s): {verdict} at the 5% "
-                   f"level.")
+                   f"level." + (f" With these seeds the test cannot go below p = {_p(t['smallest_p'])}: more seeds "
+                                f"are needed for a verdict." if (t.get("smallest_p") or 0) > 0.05 else ""))
     if a.interaction:
         it, (lo, hi) = a.interaction["f1"], a.interaction["volumes"]
         (alo, blo), (ahi, bhi) = a.interaction["pairs"]

@@ -102,6 +102,16 @@ def equality_test(cells: Sequence[np.ndarray], n_resamples: int = N_PERM, seed: 
     return float(res.pvalue), "configurations permuted within each question"
 
 
+def smallest_p(runs_per_configuration: Sequence[int], n_resamples: int = N_PERM) -> float:
+    """The smallest p-value the run-level test of :func:`equality_test` can give with these numbers of runs (that of
+    perfectly separated configurations): with 3 runs each for two configurations it is 0.1, so no such test can
+    reject at the 5% level however large the difference."""
+    apart = [np.arange(n, dtype=float) + 1e6 * k for k, n in enumerate(runs_per_configuration)]
+    res = stats.permutation_test(apart, _spread, permutation_type="independent", vectorized=True,
+                                 n_resamples=n_resamples, alternative="greater", rng=np.random.default_rng(0))
+    return float(res.pvalue)
+
+
 def holm(pvalues: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment: controls the chance of any false claim in the family at the level."""
     p = np.asarray(pvalues, dtype=float)
