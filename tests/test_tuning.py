@@ -113,6 +113,14 @@ def test_tune_table_mistakes_are_refused(tmp_path, tiny_models, train_file):
         assert words in str(e.value), (words, str(e.value))
 
 
+def test_set_replaces_the_values_an_arm_tries(tmp_path, tiny_models, train_file):
+    path = write(tmp_path, tiny_models["distilbert"], train_file, "[1e-3, 2e-3]")
+    (group,) = load_study(path, ["full.learning_rate=[1e-4, 3e-4, 1e-3]"], directory=tmp_path / "s").groups
+    assert [values for values, _ in group.candidates] == [{"learning_rate": v} for v in (1e-4, 3e-4, 1e-3)]
+    (group,) = load_study(path, ["learning_rate=5e-4"], directory=tmp_path / "s").groups  # one value: no tuning left
+    assert [values for values, _ in group.candidates] == [{"learning_rate": 5e-4}] and group.schedule == [9]
+
+
 @pytest.fixture(scope="module")
 def halving_study(tmp_path_factory, tiny_models, train_file):
     tmp = tmp_path_factory.mktemp("halving")

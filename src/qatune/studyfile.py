@@ -97,10 +97,11 @@ def load_study(path: str | Path, overrides: list[str] = (), directory: str | Pat
     arm_names = [a["name"] for a in arms]
     headline = _headline(path, meta.get("headline"), arm_names)
     arm_grids = {a["name"]: {**grid, **own.get(a["name"], {})} for a in arms}  # [grid.ARM]: one arm's own axes
+    tune = spec.get("tune", {})
     for override in overrides:
-        _apply(override, defaults, arms, arm_grids)
+        _apply(override, defaults, arms, arm_grids, tune if isinstance(tune, dict) else {})
     _check_keys(path, defaults, arms, arm_grids)
-    method, eta, tuned = _tune(path, spec.get("tune", {}), arms, arm_grids)
+    method, eta, tuned = _tune(path, tune, arms, arm_grids)
     base_dir = Path(directory) if directory else Path(meta.get("directory", f"studies-out/{name}"))
     if not base_dir.is_absolute() and directory is None:
         base_dir = Path.cwd() / base_dir
@@ -242,9 +243,9 @@ def parse_override(text: str) -> tuple[str | None, str, object]:
     return arm or None, key, value
 
 
-def _apply(text: str, defaults: dict, arms: list[dict], arm_grids: dict[str, dict]) -> None:
-    """One ``--set``: a grid key replaces that axis (of every arm, or of the one named); any other key sets the
-    option (a plain override wins over the arms' own settings too)."""
+def _apply(text: str, defaults: dict, arms: list[dict], arm_grids: dict[str, dict], tune: dict) -> None:
+    """One ``--set``: a grid key replaces that axis (of every arm, or of the one named), a tuned key the values
+    that arm tries; any other key sets the option (a plain override wins over the arms' own settings too)."""
     arm_name, key, value = parse_override(text)
     known = {f.name for f in fields(TrainConfig)}
     if key not in known:
@@ -261,7 +262,10 @@ def _apply(text: str, defaults: dict, arms: list[dict], arm_grids: dict[str, dic
         raise StudyError(f"--set {text!r}: {key} applies to LoRA arms; arm {arm_name!r} fine-tunes fully")
     for arm in targets:
         grid = arm_grids[arm["name"]]
-        if key in grid:
+        tried = tune.get(arm["name"])
+        if isinstance(tried, dict) and key in tried:
+            tried[key] = value if isinstance(value, list) else [value]
+        elif key in grid:
             values = value if isinstance(value, list) else [value]
             if not values:
                 raise StudyError(f"--set {text!r}: a grid axis needs at least one value")
