@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,12 @@ def minilm_run(tmp_path_factory) -> tuple[Path, Path]:
                       max_seq_length=96, doc_stride=32, batch_size=8, max_steps=30, learning_rate=3e-4,
                       save_steps=1000, precision="fp32"), progress=False)
     return root / "run", data
+
+
+def db_rows(directory) -> dict[str, dict]:
+    """A study's store rows by run id, as SQLite holds them (JSON columns still text)."""
+    db = sqlite3.connect(directory / "study.sqlite")
+    db.row_factory = sqlite3.Row
+    out = {r["id"]: dict(r) for r in db.execute("SELECT * FROM runs")}
+    db.close()
+    return out

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 from qatune import store
 from qatune.study import run_study
 from qatune.studyfile import load_study
+from tests.runs import db_rows
 from tests.test_study import write_study
 
 # Four runs: full fine-tuning and LoRA r=2, each at two data volumes.
@@ -30,14 +30,6 @@ def tiny_model(tmp_path_factory):
 
 def study_cmd(path, directory, *extra):
     return [sys.executable, "-m", "qatune.cli", "study", str(path), "--dir", str(directory), *NARROW, *extra]
-
-
-def db_rows(directory) -> dict[str, dict]:
-    db = sqlite3.connect(directory / "study.sqlite")
-    db.row_factory = sqlite3.Row
-    out = {r["id"]: dict(r) for r in db.execute("SELECT * FROM runs")}
-    db.close()
-    return out
 
 
 def run_json(directory, rid) -> dict:

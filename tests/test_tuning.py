@@ -2,7 +2,6 @@
 chosen value's runs with every seed, and nothing chosen on the test data."""
 
 import json
-import sqlite3
 
 import pytest
 
@@ -12,6 +11,7 @@ from qatune.study import run_study
 from qatune.studyfile import StudyError, load_study
 from qatune.train import train
 from qatune.tuning import at_edge, expected_max, planned_steps, rungs, stable_from, survivors
+from tests.runs import db_rows
 
 
 def test_halving_rungs_and_the_steps_they_save():
@@ -90,14 +90,6 @@ def write(tmp_path, model, data, rates, method="halving", test=None, test_articl
     return path
 
 
-def rows(directory) -> dict[str, dict]:
-    db = sqlite3.connect(directory / "study.sqlite")
-    db.row_factory = sqlite3.Row
-    out = {r["id"]: dict(r) for r in db.execute("SELECT * FROM runs")}
-    db.close()
-    return out
-
-
 def test_tune_table_mistakes_are_refused(tmp_path, tiny_models, train_file):
     path = write(tmp_path, tiny_models["distilbert"], train_file, "[1e-3, 2e-3]")
     text = path.read_text()
@@ -119,6 +111,11 @@ def test_set_replaces_the_values_an_arm_tries(tmp_path, tiny_models, train_file)
     assert [values for values, _ in group.candidates] == [{"learning_rate": v} for v in (1e-4, 3e-4, 1e-3)]
     (group,) = load_study(path, ["learning_rate=5e-4"], directory=tmp_path / "s").groups  # one value: no tuning left
     assert [values for values, _ in group.candidates] == [{"learning_rate": 5e-4}] and group.schedule == [9]
+    for bad in ("full.learning_rate=[]", "full.learning_rate=[1e-3, 1e-3]"):
+        with pytest.raises(StudyError, match=r"--set .*full tunes learning_rate; give the distinct values it tries"):
+            load_study(path, [bad], directory=tmp_path / "s")
+    with pytest.raises(StudyError, match=r"learning_rate = 'abc'"):  # a value of the wrong type, checked as any
+        load_study(path, ["full.learning_rate=abc"], directory=tmp_path / "s")
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +132,7 @@ def test_halving_with_nine_candidates_trains_the_expected_steps_per_rung(halving
     (group,) = study.groups
     assert group.schedule == [1, 3, 9]
     assert counts == {"finished": 2, "pruned": 8}  # the chosen candidate and its second seed
-    by_id = rows(study.directory)
+    by_id = db_rows(study.directory)
     candidates = [by_id[run.id] for _, run in group.candidates]
     reached = sorted(len(json.loads(r["scores"])) for r in candidates)
     assert reached == [1] * 6 + [2] * 2 + [3]  # 9 at step 1, 3 at step 3, 1 to the end
@@ -160,7 +157,7 @@ def test_halving_with_nine_candidates_trains_the_expected_steps_per_rung(halving
 
 def test_a_promoted_candidate_ends_exactly_as_an_unpruned_run(halving_study, tmp_path):
     study, _ = halving_study
-    winner = next(r for r in rows(study.directory).values() if r["stage"] == "chosen")
+    winner = next(r for r in db_rows(study.directory).values() if r["stage"] == "chosen")
     config = json.loads(winner["config"])
     straight = train(TrainConfig(**{**config, "output_dir": str(tmp_path / "straight"), "resume": False,
                                     "pause_at": None, "feature_cache_dir": None}), progress=False)
@@ -184,7 +181,7 @@ def test_the_choice_does_not_depend_on_the_test_data(tmp_path, tiny_models, trai
         study = load_study(write(d, tiny_models["distilbert"], train_file, "[1e-4, 1e-3, 1e-2]", method="grid",
                                  test=test, test_articles=articles), directory=d / "s")
         run_study(study, LocalLauncher(workers=2, threads=1), poll_s=0.1, progress=False)
-        by_id = rows(d / "s")
+        by_id = db_rows(d / "s")
         results.append(({json.loads(r["config"])["learning_rate"]: json.loads(r["scores"])
                           for r in by_id.values() if r["grp"]},
                          next(json.loads(r["config"])["learning_rate"] for r in by_id.values()
@@ -199,7 +196,7 @@ def test_the_report_shows_the_tuning_on_validation_and_the_expected_maximum(halv
     assert main(["report", str(study.directory), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (t,) = out["tuning"]
-    winner = next(r for r in rows(study.directory).values() if r["stage"] == "chosen")
+    winner = next(r for r in db_rows(study.directory).values() if r["stage"] == "chosen")
     assert t["arm"] == "full" and t["option"] == "learning_rate" and len(t["tried"]) == 9
     assert t["chosen"] == json.loads(winner["config"])["learning_rate"]
     assert t["at_edge"] == (t["chosen"] in (1e-5, 1e-1))
@@ -266,7 +263,7 @@ def test_a_study_in_epochs_places_its_rungs_on_the_estimated_steps_and_ends_each
     assert group.schedule == [-(-estimated // 3), estimated]
     counts = run_study(study, LocalLauncher(workers=2, threads=1), poll_s=0.1, progress=False)
     assert counts == {"finished": 2, "pruned": 2}
-    by_id = rows(study.directory)
+    by_id = db_rows(study.directory)
     winner = next(r for r in by_id.values() if r["stage"] == "chosen")
     record = json.loads((study.directory / "runs" / winner["id"] / "run.json").read_text())
     real_end = record["curve"][-1]["step"]

@@ -166,7 +166,10 @@ def _tuned_groups(path: Path, arm: dict, defaults: dict, grid: dict, options: di
         point = {k: v for k, v in run.point.items() if k != "seed"}
         combos = [dict(zip(options, vs)) for vs in itertools.product(*options.values())]
         group = Group("", arm["name"], point, [], list(seeds), [], settings, base_dir)
-        group.candidates = [(values, group.run(values, seeds[0])) for values in combos]
+        try:
+            group.candidates = [(values, group.run(values, seeds[0])) for values in combos]
+        except (TypeError, ValueError) as e:
+            raise StudyError(f"{path}: [tune.{arm['name']}] at {point or 'its one configuration'}: {e}") from e
         group.id = config_hash({k: v for k, v in settings.items() if k not in options})
         # in epochs, the rungs sit at shares of the estimated steps; the last rung is the run's end either way
         group.schedule = rungs(len(combos), optimizer_steps(cfg), cfg.eval_steps, method, eta)
@@ -264,7 +267,10 @@ def _apply(text: str, defaults: dict, arms: list[dict], arm_grids: dict[str, dic
         grid = arm_grids[arm["name"]]
         tried = tune.get(arm["name"])
         if isinstance(tried, dict) and key in tried:
-            tried[key] = value if isinstance(value, list) else [value]
+            values = value if isinstance(value, list) else [value]
+            if not values or any(v in values[:k] for k, v in enumerate(values)):
+                raise StudyError(f"--set {text!r}: {arm['name']} tunes {key}; give the distinct values it tries")
+            tried[key] = values
         elif key in grid:
             values = value if isinstance(value, list) else [value]
             if not values:
