@@ -2,10 +2,11 @@
 
 Reads a study directory (``qatune study FILE`` with a ``[tune]`` table, finished) and prints, per tuned
 configuration: the candidates, the rungs, the training windows its candidates trained (each to the last rung it
-reached) against the grid's (every candidate to the end), their ratio, and the chosen value with its validation
-F1 per rung; then the whole study's training windows (candidates + final runs at the other seeds) with halving and
-with the grid. Seconds are estimated from each configuration's measured seconds per step (its finished runs):
-a grid study was not run, so the time column is a projection, the windows are exact counts.
+reached; the choice is made at the first rung that leaves one candidate, else at the last) against the grid's
+(every candidate to the end), their ratio, and the chosen value with its validation F1 per rung; then the whole
+study's training windows (candidates + the chosen values' final runs, one fresh run per seed) with halving and with
+the grid. Seconds are estimated from each configuration's measured seconds per step (its finished final runs): a
+grid study was not run, so the time column is a projection, the windows are exact counts.
 
     python benchmarks/bench_tuning.py studies-out/offline [--json out.json]
 """
@@ -36,20 +37,21 @@ def summarize(directory: Path) -> dict:
     for grp, members in groups.items():
         cfg = members[0]["config"]
         per_step = cfg["batch_size"] * cfg["grad_accum"]
-        full = cfg["max_steps"]
+        full = cfg["max_steps"] or max((r["total_steps"] or 0 for r in rows if r["arm"] == members[0]["arm"]),
+                                       default=0)  # given in epochs: the steps its runs reported
         reached = [max((s["step"] for s in r["scores"] or []), default=0) for r in members]
         finals = [r for r in rows if not r["grp"] and r["arm"] == members[0]["arm"]
                   and {k: v for k, v in r["point"].items() if k != "seed"}
                   == {k: v for k, v in members[0]["point"].items() if k != "seed"} | (chosen.get(grp) or {})]
         finished = [r for r in [*members, *finals] if r["status"] == "finished" and r["costs"]]
-        # a finished run trained all its steps (train_s counts every attempt of a promoted candidate)
+        # a finished run trained all its steps (train_s counts every attempt); candidates never finish
         s_per_step = sum(r["costs"]["train_s"] for r in finished) / (len(finished) * full) if finished else None
         halving = sum(reached) * per_step
         grid = len(members) * full * per_step
         final_windows = len(finals) * full * per_step
         total_halving += halving + final_windows
         total_grid += grid + final_windows
-        winner = next((r for r in members if r["stage"] == "chosen"), None)
+        winner = next((r for r in members if r["stage"] in ("winner", "chosen")), None)  # chosen: earlier versions
         tuned = {k for k in members[0]["point"] if len({repr(r["point"].get(k)) for r in members}) > 1}
         out.append({"configuration": grp, "arm": members[0]["arm"],
                     "point": {k: v for k, v in members[0]["point"].items() if k != "seed" and k not in tuned},
@@ -83,7 +85,7 @@ def main() -> None:
                       " -> ".join(map(str, c["chosen_rungs"] or [])) or "-"])
     markdown_table(["arm", "configuration", "candidates", "rungs", "windows (halving)", "windows (grid)", "ratio",
                     "min (halving)", "min (grid, est.)", "chosen", "its validation F1 by rung"], lines, left=2)
-    print(f"\nwhole study (candidates + final runs at the other seeds): {result['study_windows_halving']:,} training "
+    print(f"\nwhole study (candidates + final runs at every seed): {result['study_windows_halving']:,} training "
           f"windows with halving, {result['study_windows_grid']:,} with the grid: ratio {result['study_ratio']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

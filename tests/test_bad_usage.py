@@ -135,8 +135,9 @@ def test_train_files_that_cannot_be_used(tmp_path, small_squad, capsys):
 def finished_run(tmp_path_factory, tiny_models, train_file):
     """A finished 3-step run that kept its last two checkpoints."""
     out = tmp_path_factory.mktemp("run") / "r"
-    args = ["train", "--model", tiny_models["distilbert"], "--train-data", train_file, "--train-questions", "8",
-            "--eval-data", train_file, "--eval-questions", "6", "--max-steps", "3", "--save-steps", "1",
+    args = ["train", "--model", tiny_models["distilbert"], "--train-data", train_file, "--train-articles", "1-3",
+            "--train-questions", "8", "--eval-data", train_file, "--eval-articles", "4", "--eval-questions", "6",
+            "--max-steps", "3", "--save-steps", "1",
             "--keep-checkpoints", "2", "--output-dir", out, *TINY]
     assert main([str(a) for a in args]) == 0
     return out, [str(a) for a in args]
@@ -361,8 +362,8 @@ def test_every_run_failed_exits_2_and_says_why(tmp_path, small_squad, capsys):
 def finished_study(tmp_path_factory, tiny_models, train_file):
     root = tmp_path_factory.mktemp("study")
     path = study_file(root, train_file, model=tiny_models["distilbert"])
-    text = path.read_text().replace('train_data = "', f'eval_data = "{train_file}"\neval_questions = 6\n'
-                                                      f'train_data = "')
+    text = path.read_text().replace('train_data = "', f'eval_data = "{train_file}"\neval_articles = "4"\n'
+                                                      f'eval_questions = 6\ntrain_articles = "1-3"\ntrain_data = "')
     path.write_text(text)
     assert main(["study", str(path), "--dir", str(root / "s")]) == 0
     return path, root / "s"
@@ -476,9 +477,29 @@ def test_files_of_the_wrong_kind(tmp_path, small_squad, capsys):
                  "cannot create the study directory /proc/no/such")
     expect_error(["train", "--train-data", small_squad, "--output-dir", "/proc/no/such", *TINY], capsys,
                  "cannot write to output_dir /proc/no/such")
-    expect_error(["train", "--train-data", small_squad, "--eval-data", small_squad, "--eval-questions", "1000",
-                  "--output-dir", tmp_path / "o", *TINY], capsys, "eval_articles / eval_questions",
-                 "asked for 1000 questions but only 12")
+    expect_error(["train", "--train-data", small_squad, "--train-articles", "1", "--eval-data", small_squad,
+                  "--eval-articles", "2-3", "--eval-questions", "1000", "--output-dir", tmp_path / "o", *TINY], capsys,
+                 "eval_articles / eval_questions", "asked for 1000 questions but only 8")
+
+
+def test_training_on_the_test_articles_is_refused(tmp_path, small_squad, capsys):
+    """The test articles are never trained on: overlapping ranges of one file are refused with the options, before
+    anything is created or loaded; another file holding a training article is refused when the data loads."""
+    from qatune.data import write_squad_json
+
+    argv = ["train", "--train-data", small_squad, "--train-articles", "1-2", "--eval-data", small_squad,
+            "--eval-articles", "2-3", "--output-dir", tmp_path / "out", *TINY]
+    _, _, err = run(argv, capsys)
+    assert err.strip() == (f"error: option eval_articles = '2-3' is not allowed: eval_articles '2-3' overlaps "
+                           f"train_articles '1-2' of {small_squad} in article 2: give train_articles and "
+                           f"eval_articles that do not overlap (flag --eval-articles)")
+    expect_error(argv, capsys, "eval_articles '2-3' overlaps train_articles '1-2'")  # exit 2
+    assert not (tmp_path / "out").exists()
+    other = tmp_path / "dev-v2.0.json"
+    write_squad_json(make_examples()[4:], other)  # articles 2 and 3 of the training file, under their titles
+    expect_error([*argv[:5], "--eval-data", other, "--output-dir", tmp_path / "out", *TINY], capsys,
+                 f"{other} (all articles): 1 test article(s) are also training articles of {small_squad} "
+                 f"(train_articles '1-2'), by title: 'Article_1'", "choose eval_data / eval_articles apart")
 
 
 def test_debug_shows_the_traceback(tmp_path, small_squad):

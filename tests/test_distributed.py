@@ -25,9 +25,9 @@ def _train(args, out, nproc):
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, train_file):
     model = save_tiny_model(tmp_path / "m", "distilbert", dropout=0.0)  # no dropout: ranks draw no random masks
-    common = ["--model", str(model), "--train-data", str(train_file), "--eval-data", str(train_file),
-              "--max-seq-length", "96", "--doc-stride", "32", "--max-steps", "6", "--precision", "fp32",
-              "--learning-rate", "1e-3", "--save-steps", "100",
+    common = ["--model", str(model), "--train-data", str(train_file), "--train-articles", "1-3", "--eval-data",
+              str(train_file), "--eval-articles", "4", "--max-seq-length", "96", "--doc-stride", "32",
+              "--max-steps", "6", "--precision", "fp32", "--learning-rate", "1e-3", "--save-steps", "100",
               "--pad-to-max-length"]  # HF QA heads put padding positions in the softmax: equal widths, equal losses
     one = _train([*common, "--batch-size", "8"], tmp_path / "one", 1)
     two = _train([*common, "--batch-size", "4"], tmp_path / "two", 2)  # the same global batch of 8

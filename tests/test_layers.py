@@ -43,9 +43,9 @@ def test_a_layer_count_the_model_does_not_have_is_refused(tiny_models):
 def test_a_cut_model_trains_evaluates_exports_and_serves(tmp_path, tiny_models, train_file, strategy, capsys):
     out = tmp_path / "run"
     r = train(TrainConfig(model=str(tiny_models["distilbert"]), strategy=strategy, num_layers=1, lora_rank=2,
-                          train_data=str(train_file), eval_data=str(train_file), eval_articles="4",
-                          output_dir=str(out), max_seq_length=96, doc_stride=32, batch_size=4, max_steps=2,
-                          precision="fp32", learning_rate=1e-3), progress=False)
+                          train_data=str(train_file), train_articles="1-3", eval_data=str(train_file),
+                          eval_articles="4", output_dir=str(out), max_seq_length=96, doc_stride=32, batch_size=4,
+                          max_steps=2, precision="fp32", learning_rate=1e-3), progress=False)
     assert r.config["num_layers"] == 1
     whole = load_qa_model(str(tiny_models["distilbert"]))
     assert r.params["total_params"] < sum(p.numel() for p in whole.parameters())

@@ -287,6 +287,18 @@ def test_v2_no_answer_best_uses_raw_prediction_string() -> None:
     assert out["best_exact_thresh"] == 0.0
 
 
+def test_v2_best_threshold_abstains_everywhere_below_negative_null_odds() -> None:
+    # A run's null odds (null score - best span score) can be negative: when abstaining on every question is best,
+    # the threshold must lie below all of them (the official initial 0.0 would answer n1 and h).
+    refs = {"n1": [], "n2": [], "h": ["x"]}
+    preds = {"n1": "a", "n2": "b", "h": "wrong"}
+    odds = {"n1": -2.0, "n2": 0.5, "h": -1.0}
+    out = squad_v2(refs, preds, na_probs=odds)
+    assert out["best_f1"] == pytest.approx(200 / 3) and out["best_f1_thresh"] < -2.0
+    assert squad_v2(refs, preds, na_probs=odds, na_prob_thresh=out["best_f1_thresh"])["f1"] == \
+        pytest.approx(out["best_f1"])
+
+
 def test_v2_high_threshold_keeps_raw_and_negative_threshold_abstains_everywhere() -> None:
     raw = squad_v2_scores(V2_REFS, V2_PREDS)
     assert raw == squad_v2_scores(V2_REFS, V2_PREDS, na_probs=V2_NA, na_prob_thresh=1.0)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import re
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ name = "constructed"
 headline = ["full", "lora"]
 
 [defaults]
-train_data = "{data}"
+train_data = "{train}"
 eval_data = "{data}"
 max_steps = 2
 
@@ -57,8 +58,10 @@ def construct(tmp_path: Path, grid: str, accuracy, arms: str = ARMS, curve=None,
     """A study whose runs "finished" with predictions drawn from ``accuracy(run, qid) -> P(correct)``, with
     random draws seeded by ``key(run)`` (runs with one key and one accuracy predict alike)."""
     data = write_eval(tmp_path, version)
+    train = tmp_path / "train.json"  # articles of their own: the test articles are never trained on
+    write_squad_json([replace(ex, title=f"Train_{ex.article}") for ex in make_examples(n_articles=2)], train)
     path = tmp_path / "study.toml"
-    path.write_text(arms.format(data=data, grid=grid))
+    path.write_text(arms.format(data=data, train=train, grid=grid))
     study = load_study(path, directory=tmp_path / directory)
     db = store.connect(study.directory)
     store.register(db, study.runs)
@@ -96,7 +99,7 @@ def test_learning_rate_grid_gives_separate_configurations_and_removed_values_lea
     full_only = re.sub(r'headline = .*\n|\[\[arms\]\]\nname = "lora"\n.*\n.*\n\n', "", ARMS)
     path = construct(tmp_path, grid, lambda run, q: 0.5, arms=full_only)
     out = report_json(capsys, tmp_path / "s")
-    assert [c["seeds"] for c in out["configurations"]] == [1, 1]
+    assert [len(c["seeds"]) for c in out["configurations"]] == [1, 1]
     assert sorted(c["point"]["learning_rate"] for c in out["configurations"]) == [1e-3, 2e-3]
     assert all("seed" not in c["point"] and len(c["run_ids"]) == 1 for c in out["configurations"])
     # the study file loses a grid value; running it again registers its grid, and the report follows it
@@ -113,7 +116,7 @@ def test_seeds_of_one_configuration_are_averaged_and_nothing_else(tmp_path, caps
     construct(tmp_path, "lora_rank = [2]\nseed = [1, 2, 3]", lambda run, q: 0.6)
     out = report_json(capsys, tmp_path / "s")
     by_arm = {c["arm"]: c for c in out["configurations"]}
-    assert by_arm["lora"]["seeds"] == by_arm["full"]["seeds"] == 3
+    assert len(by_arm["lora"]["seeds"]) == len(by_arm["full"]["seeds"]) == 3
     ids = {config_id(r["config"]) for r in store.rows(store.connect(tmp_path / "s")) if r["arm"] == "lora"}
     assert ids == {by_arm["lora"]["id"]}
     f1 = by_arm["lora"]["f1"]
@@ -230,7 +233,8 @@ name = "tiny-v2"
 
 [defaults]
 train_data = "{data}"
-train_articles = "2-4"
+train_articles = "3-4"
+validation_share = 0.5
 eval_data = "{data}"
 eval_articles = "1-2"
 max_seq_length = 96
@@ -325,7 +329,7 @@ name = "factorial"
 headline = ["small-full", "large-lora"]
 
 [defaults]
-train_data = "{data}"
+train_data = "{train}"
 eval_data = "{data}"
 max_steps = 2
 
@@ -381,6 +385,14 @@ def test_factorial_effects_equal_a_hand_computation(tmp_path, capsys):
     assert f["interaction"]["diff"] == pytest.approx((s_full - s_lora - l_full + l_lora).mean())
     effect = f["strategy_effect"][small]
     assert effect["ci_low"] < effect["diff"] < effect["ci_high"] and effect["p"] < 0.05  # 55 points apart
+    # one Holm family for the verdict: the headline(s) and the five effects
+    family = out["verdict_family"]
+    assert "model × strategy interaction at 100" in family and len(family) == 5 + len(out["comparisons"])
+    effects = [*f["strategy_effect"].values(), *f["model_effect"].values(), f["interaction"],
+               *(c["f1"] for c in out["comparisons"])]
+    smallest = min(e["p"] for e in effects)
+    assert min(e["p_holm"] for e in effects) == pytest.approx(min(1.0, len(family) * smallest))
+    assert all(e["p_holm"] >= e["p"] for e in effects)
     assert "## Model and strategy: two factors" in (tmp_path / "s" / "report.md").read_text()
     assert (tmp_path / "s" / "factorial.png").exists()
 
@@ -443,11 +455,35 @@ def test_with_a_tuned_learning_rate_each_rank_is_tested_at_its_own_chosen_value(
     assert "each rank at its own tuned lr (r=2: 0.001, r=4: 0.002)" in (tmp_path / "s" / "report.md").read_text()
 
 
-def test_a_rank_test_that_cannot_reach_five_percent_with_its_seeds_says_so(tmp_path, capsys):
-    construct(tmp_path, "lora_rank = [2, 4]\nseed = [1, 2]",
-              lambda run, q: 0.9 if run.point.get("lora_rank") == 4 else 0.2)
+def test_seeds_are_shown_and_the_headline_is_never_narrower_than_welch_on_the_run_means(tmp_path, capsys):
+    """2 arms x 3 seeds whose runs differ a lot from seed to seed: every configuration lists its per-seed test F1
+    (the runs' own metrics), and the headline interval contains Welch's t interval on the six per-seed F1."""
+    from scipy import stats
+
+    construct(tmp_path, "lora_rank = [2]\nseed = [1, 2, 3]",
+              lambda run, q: {1: 0.3, 2: 0.6, 3: 0.9}[run.point["seed"]] - (0.1 if run.arm == "lora" else 0.0))
     out = report_json(capsys, tmp_path / "s")
-    (test,) = out["tests"]["rank"]
-    assert test["method"] == "runs permuted between configurations" and test["smallest_p"] == pytest.approx(1 / 3)
-    assert test["p"] == pytest.approx(1 / 3)  # as separated as runs can be: the floor, not a verdict
-    assert "cannot go below p = 0.3333: more seeds are needed" in (tmp_path / "s" / "report.md").read_text()
+    rows = {r["id"]: r for r in store.rows(store.connect(tmp_path / "s"))}
+    per_seed = {}
+    for c in out["configurations"]:
+        assert [s["seed"] for s in c["seeds"]] == [1, 2, 3]
+        assert [s["f1"] for s in c["seeds"]] == [rows[rid]["metrics"]["f1"] for rid in c["run_ids"]]
+        assert c["f1"]["mean"] == pytest.approx(np.mean([s["f1"] for s in c["seeds"]]))
+        per_seed[c["arm"]] = [s["f1"] for s in c["seeds"]]
+    (comp,) = out["comparisons"]
+    welch = stats.ttest_ind(per_seed["full"], per_seed["lora"], equal_var=False).confidence_interval()
+    assert comp["f1"]["ci_low"] <= welch.low + 1e-9 and comp["f1"]["ci_high"] >= welch.high - 1e-9
+    assert comp["f1"]["seed_share"] > 0.5 and comp["f1"]["articles"] == 10  # 10 articles of 12 questions
+    text = (tmp_path / "s" / "report.md").read_text()
+    assert " / ".join(f"{f:.1f}" for f in per_seed["full"]) in text  # the table's per-seed column
+
+
+def test_the_verdict_family_is_holm_adjusted_and_tiny_p_values_are_bounds(tmp_path, capsys):
+    construct(tmp_path, "lora_rank = [2]\nseed = [1]", lambda run, q: 0.95 if run.arm == "full" else 0.05,
+              key=lambda run: [run.point["seed"], run.arm])
+    out = report_json(capsys, tmp_path / "s")
+    (comp,) = out["comparisons"]
+    assert out["verdict_family"] == ["headline at 100 questions"]
+    assert comp["f1"]["p_holm"] == pytest.approx(comp["f1"]["p"]) and comp["f1"]["p"] < 1e-4
+    findings = (tmp_path / "s" / "report.md").read_text().split("## Findings")[1]
+    assert "p < 0.0001, Holm p < 0.0001 over the 1 claims of the verdict" in findings

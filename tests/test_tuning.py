@@ -1,7 +1,8 @@
-"""Tuning each arm inside a study: successive halving (or a grid) over candidates compared on validation F1, the
-chosen value's runs with every seed, and nothing chosen on the test data."""
+"""Tuning each arm inside a study: successive halving (or a grid) over candidates compared on validation F1 at a
+seed of their own, the chosen values' fresh runs with every seed, and nothing chosen on the test data."""
 
 import json
+import sqlite3
 
 import pytest
 
@@ -10,7 +11,16 @@ from qatune.launch import LocalLauncher
 from qatune.study import run_study
 from qatune.studyfile import StudyError, load_study
 from qatune.train import train
-from qatune.tuning import at_edge, expected_max, planned_steps, rungs, stable_from, survivors
+from qatune.tuning import (
+    at_edge,
+    expected_max,
+    planned_steps,
+    promote,
+    rungs,
+    stable_from,
+    survivors,
+    tuning_seed,
+)
 from tests.runs import db_rows
 
 
@@ -20,15 +30,31 @@ def test_halving_rungs_and_the_steps_they_save():
     assert rungs(3, 90, 10) == [30, 90] and rungs(1, 90, 10) == [90]
     assert rungs(9, 100, 8) == [16, 40, 100]  # rounded up to steps every run evaluates at
     assert [survivors(9, 3, False), survivors(3, 3, False), survivors(3, 3, True), survivors(2, 3, False)] == [3, 1, 1, 1]
-    # 9 candidates: 9 x 10 steps, then 3 go on 20 more, then 1 goes on 60 more; the grid trains 9 x 90
-    assert planned_steps(9, [10, 30, 90], 3) == 90 + 60 + 60 == 210
-    assert planned_steps(9, [90], 3) == 810
+    # 9 candidates: 9 x 10 steps, then 3 go on 20 more, and one is left: chosen at step 30, none trains to 90
+    assert planned_steps(9, [10, 30, 90], 3) == 90 + 60 == 150
+    assert planned_steps(3, [30, 90], 3) == 90  # 3 or 4 candidates: one survives the first rung, chosen there
+    assert planned_steps(6, [30, 90], 3) == 180 + 2 * 60  # two survive: they train to the end, the best wins
+    assert planned_steps(9, [90], 3) == 810 and planned_steps(2, [90], 3) == 180
+    assert planned_steps(1, [90], 3) == 0  # a lone candidate is chosen without training
+
+
+def test_candidates_train_at_a_seed_that_no_final_run_has():
+    assert tuning_seed([1, 2, 3]) == 0 and tuning_seed([0, 1, 2]) == 3 and tuning_seed([0, 2]) == 1
+    assert tuning_seed([42]) == 0
+
+
+def test_a_rung_decision_promotes_the_best_of_those_that_set_out():
+    scores = [("a", 10.0), ("b", 30.0), ("c", 30.0), ("d", 5.0)]
+    assert promote(scores, 4, 3, last=False) == (["b"], True)  # one left: chosen before the last rung
+    assert promote(scores, 6, 3, last=False) == (["b", "c"], False)  # 6 set out, 2 go on (the first of equals first)
+    assert promote(scores[:1], 6, 3, last=False) == (["a"], True)  # the others failed: the one that reached it
+    assert promote(scores, 4, 3, last=True) == (["b"], True)
 
 
 def test_expected_maximum_equals_a_hand_computation():
-    assert expected_max([3.0, 1.0, 2.0], 1) == pytest.approx(2.0)  # one draw: the mean
-    assert expected_max([1.0, 2.0, 3.0], 2) == pytest.approx(1 * 1 / 9 + 2 * 3 / 9 + 3 * 5 / 9)
-    assert expected_max([1.0, 2.0, 3.0], 50) == pytest.approx(3.0, abs=1e-8)
+    assert expected_max([3.0, 1.0, 2.0], 1) == pytest.approx((2.0, (2 / 3) ** 0.5))  # one draw: the mean (and SD)
+    assert expected_max([1.0, 2.0, 3.0], 2)[0] == pytest.approx(1 * 1 / 9 + 2 * 3 / 9 + 3 * 5 / 9)
+    assert expected_max([1.0, 2.0, 3.0], 50) == pytest.approx((3.0, 0.0), abs=1e-4)
 
 
 def test_the_budget_from_which_the_order_of_two_arms_holds():
@@ -118,6 +144,103 @@ def test_set_replaces_the_values_an_arm_tries(tmp_path, tiny_models, train_file)
         load_study(path, ["full.learning_rate=abc"], directory=tmp_path / "s")
 
 
+def test_candidates_and_final_runs_are_different_runs_and_rungs_score_every_validation_question(
+        tmp_path, tiny_models, train_file):
+    path = write(tmp_path, tiny_models["distilbert"], train_file, "[1e-3, 2e-3]")
+    study = load_study(path, directory=tmp_path / "s")
+    (group,) = study.groups
+    assert group.seeds == [1, 2] and group.tuning_seed == 0
+    assert all(run.config.seed == 0 and run.point["seed"] == 0 for _, run in group.candidates)
+    finals = [group.run({"learning_rate": 2e-3}, seed) for seed in group.seeds]
+    assert {r.id for r in finals}.isdisjoint(run.id for _, run in group.candidates)
+    assert study.final_runs == 2 and "2 tuning candidates in 1 configurations); 2 final runs" in study.size()
+    # the file sets no eval_subset: the candidates' curves (the rungs) and the final runs' score all validation questions
+    assert all(r.config.eval_subset is None for r in [*finals, *(run for _, run in group.candidates)])
+    for extra in (["eval_subset=50"], ["full.eval_subset=50"]):  # set by the file or --set: kept
+        (group,) = load_study(path, extra, directory=tmp_path / "s").groups
+        assert all(run.config.eval_subset == 50 for _, run in group.candidates)
+    path.write_text(path.read_text().replace("eval_steps = 1\n", "eval_steps = 1\neval_subset = 7\n"))
+    (group,) = load_study(path, directory=tmp_path / "s").groups
+    assert all(run.config.eval_subset == 7 for _, run in group.candidates)
+
+
+# ---------------------------------------------------------------------------------------------- rung decisions
+def _store_with(tmp_path, tiny_models, train_file, rates: str):
+    """A study's store with its candidates registered, decided by hand (no training)."""
+    from qatune import store
+
+    study = load_study(write(tmp_path, tiny_models["distilbert"], train_file, rates), directory=tmp_path / "s")
+    (group,) = study.groups
+    db = store.connect(study.directory)
+    store.register(db, study.runs)
+    store.register_candidates(db, group.id, [run.id for _, run in group.candidates], group.schedule[0])
+    return db, group, [run.id for _, run in group.candidates], {run.id: v for v, run in group.candidates}
+
+
+def _reach(db, rid, rung, step, f1):
+    scores = json.loads(db.execute("SELECT scores FROM runs WHERE id=?", (rid,)).fetchone()[0]) + \
+        [{"rung": rung, "step": step, "f1": f1}]
+    db.execute("UPDATE runs SET status='pending', stage='paused', scores=? WHERE id=?", (json.dumps(scores), rid))
+
+
+def _fail(db, rid, error="TrainingError: non-finite loss (nan) at step 2"):
+    db.execute("UPDATE runs SET status='failed', attempts=1, error=? WHERE id=?", (error, rid))
+
+
+def test_a_rung_whose_last_candidate_failed_is_decided_among_those_that_reached_it(tmp_path, tiny_models, train_file):
+    from qatune import store
+
+    db, group, ids, values = _store_with(tmp_path, tiny_models, train_file, "[1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]")
+    assert group.schedule == [3, 9]
+    decide = lambda: store.decide(db, group.id, group.schedule, 3, values)  # noqa: E731
+    for k, rid in enumerate(ids[:4]):
+        _reach(db, rid, 0, 3, [10.0, 40.0, 30.0, 20.0][k])
+    _fail(db, ids[4])
+    assert decide() is None  # one is still on its way
+    _fail(db, ids[5])  # the last one fails too: the rung is decided among the four that reached it
+    assert decide() is None  # 6 set out, 2 go on, to the end
+    st = store.statuses(db, ids)
+    assert [st[rid] for rid in ids] == ["pruned", "pending", "pending", "pruned", "pruned", "pruned"]
+    assert store.claim(db, ids, store.Owner.new(), 60, 1, "w") == ids[1]  # the promoted ones train on
+    _fail(db, ids[1])
+    _reach(db, ids[2], 1, 9, 31.0)
+    decision = decide()  # at the last rung one reached the end: it wins
+    assert decision.chosen == values[ids[2]] and decision.winner == ids[2] and decision.step == 9 and decision.new
+    assert store.statuses(db, ids)[ids[2]] == "winner" and store.statuses(db, ids)[ids[1]] == "pruned"
+    assert store.decisions(db) == {group.id: values[ids[2]]} and store.failed_decisions(db) == {}
+    assert store.claim(db, ids, store.Owner.new(), 60, 1, "w") is None  # a winner is never claimed
+    again = decide()
+    assert again.chosen == values[ids[2]] and not again.new
+    assert store.retry_failed(db, ids) == 0  # failed candidates of a decided rung are pruned: nothing to retry
+
+
+def test_a_rung_that_no_candidate_reached_fails_its_configuration_until_retried(tmp_path, tiny_models, train_file):
+    from qatune import store
+
+    db, group, ids, values = _store_with(tmp_path, tiny_models, train_file, "[1e-3, 2e-3, 3e-3]")
+    for rid in ids:
+        _fail(db, rid)
+    decision = store.decide(db, group.id, group.schedule, 3, values)
+    assert decision.chosen is None and decision.new
+    assert decision.error.startswith("no candidate reached step 3 (rung 1 of 2): ") and "non-finite loss" in decision.error
+    assert all(rid in decision.error for rid in ids)
+    assert store.decisions(db) == {} and store.failed_decisions(db) == {group.id: decision.error}
+    assert set(store.statuses(db, ids).values()) == {"failed"}
+    assert store.retry_failed(db, ids) == 3 and store.failed_decisions(db) == {}  # undecided again
+    assert store.decide(db, group.id, group.schedule, 3, values) is None  # its candidates train again
+    assert store.claim(db, ids, store.Owner.new(), 60, 1, "w") == ids[0]
+
+
+def test_a_lone_candidate_is_chosen_without_training(tmp_path, tiny_models, train_file):
+    from qatune import store
+
+    db, group, ids, values = _store_with(tmp_path, tiny_models, train_file, "[1e-3]")
+    decision = store.decide(db, group.id, group.schedule, 3, values)
+    assert decision.chosen == {"learning_rate": 1e-3} and decision.step is None
+    assert store.statuses(db, ids) == {ids[0]: "winner"}
+
+
+# ---------------------------------------------------------------------------------------------- studies
 @pytest.fixture(scope="module")
 def halving_study(tmp_path_factory, tiny_models, train_file):
     tmp = tmp_path_factory.mktemp("halving")
@@ -127,53 +250,126 @@ def halving_study(tmp_path_factory, tiny_models, train_file):
     return study, counts
 
 
-def test_halving_with_nine_candidates_trains_the_expected_steps_per_rung(halving_study):
+def test_halving_with_nine_candidates_is_decided_when_one_is_left_and_every_seed_is_a_fresh_run(halving_study):
     study, counts = halving_study
     (group,) = study.groups
     assert group.schedule == [1, 3, 9]
-    assert counts == {"finished": 2, "pruned": 8}  # the chosen candidate and its second seed
+    assert counts == {"finished": 2, "pruned": 8, "winner": 1}  # the chosen values at both seeds; no candidate
     by_id = db_rows(study.directory)
     candidates = [by_id[run.id] for _, run in group.candidates]
     reached = sorted(len(json.loads(r["scores"])) for r in candidates)
-    assert reached == [1] * 6 + [2] * 2 + [3]  # 9 at step 1, 3 at step 3, 1 to the end
+    assert reached == [1] * 6 + [2] * 3  # 9 at step 1, 3 at step 3: one left there, so none trains to step 9
     for r in candidates:
         steps = [s["step"] for s in json.loads(r["scores"])]
-        assert steps == [1, 3, 9][: len(steps)]
-    winner = next(r for r in candidates if r["stage"] == "chosen")
-    record = json.loads((study.directory / "runs" / winner["id"] / "run.json").read_text())
-    assert record["timing"]["resumed_from_step"] == 9  # it paused at the end, then only its test evaluation ran
-    # its training time is that of every attempt (rung by rung), not of the last one, which trained no step
-    assert record["timing"]["train_s_total"] > record["timing"]["train_s"] >= 0
-    assert winner["costs"] and json.loads(winner["costs"])["train_s"] == record["timing"]["train_s_total"]
-    rungs_scores = {s["rung"]: s["f1"] for s in json.loads(winner["scores"])}
-    assert rungs_scores[2] == record["validation"]["f1"]  # chosen on the validation F1 of the model it keeps
-    # its final run with the other seed exists and finished; no pruned candidate was scored on the test data
+        assert steps == [1, 3][: len(steps)]
+        assert json.loads(r["config"])["seed"] == 0  # the tuning seed, none of the final seeds
+        # no candidate is test-evaluated or finished
+        assert r["status"] == "pending" and not (study.directory / "runs" / r["id"] / "run.json").exists()
+        assert not (study.directory / "runs" / r["id"] / "predictions.json").exists()
+    (winner,) = [r for r in candidates if r["stage"] == "winner"]
+    assert max(s["step"] for s in json.loads(winner["scores"])) == 3
+    chosen = {"learning_rate": json.loads(winner["config"])["learning_rate"]}
+    db = sqlite3.connect(study.directory / "study.sqlite")
+    (row,) = db.execute("SELECT chosen, winner, step, failed FROM decisions").fetchall()
+    assert (json.loads(row[0]), row[1], row[2], row[3]) == (chosen, winner["id"], 3, None)
+    # the final runs: every seed, each a fresh run of the chosen values, none of them a candidate
     finals = [r for r in by_id.values() if r["grp"] is None]
-    assert len(finals) == 1 and finals[0]["status"] == "finished"
-    assert json.loads(finals[0]["config"])["learning_rate"] == record["config"]["learning_rate"]
-    assert not any((study.directory / "runs" / r["id"] / "predictions.json").exists()
-                   for r in candidates if r["stage"] == "pruned")
+    assert sorted(json.loads(r["config"])["seed"] for r in finals) == [1, 2]
+    assert {r["id"] for r in finals} == {group.run(chosen, seed).id for seed in (1, 2)}
+    assert not {r["id"] for r in finals} & {r["id"] for r in candidates}
+    for r in finals:
+        record = json.loads((study.directory / "runs" / r["id"] / "run.json").read_text())
+        assert r["status"] == "finished" and record["timing"]["resumed_from_step"] == 0
+        assert record["config"]["learning_rate"] == chosen["learning_rate"] and record["curve"][-1]["step"] == 9
+    assert json.loads(db.execute("SELECT run_ids FROM grids ORDER BY seq DESC").fetchone()[0])[-2:] == \
+        [group.run(chosen, seed).id for seed in (1, 2)]  # the report's grid covers them
 
 
-def test_a_promoted_candidate_ends_exactly_as_an_unpruned_run(halving_study, tmp_path):
+def test_question_scores_are_saved_at_every_curve_step(halving_study):
+    from qatune.rundir import RunDir
+
     study, _ = halving_study
-    winner = next(r for r in db_rows(study.directory).values() if r["stage"] == "chosen")
+    by_id = db_rows(study.directory)
+    winner = next(r for r in by_id.values() if r["stage"] == "winner")
+    final = next(r for r in by_id.values() if r["grp"] is None)
+    for r, steps in [(winner, [1, 2, 3]), (final, list(range(1, 10)))]:
+        run_dir = RunDir(study.directory / "runs" / r["id"])
+        scores = run_dir.read_question_scores()
+        curve = json.loads((run_dir.path / "curve.json").read_text())
+        assert sorted(scores) == steps == [p["step"] for p in curve]  # the paused-and-resumed winner kept step 1
+        for point in curve:  # each question's F1 (0-100): their mean is the curve's F1
+            per_question = scores[point["step"]]
+            assert len(per_question) == 6 and all(0 <= f1 <= 100 for f1 in per_question.values())
+            assert sum(per_question.values()) / len(per_question) == pytest.approx(point["f1"])
+        assert json.loads((run_dir.path / "question_scores.json").read_text()).keys() == {str(s) for s in steps}
+
+
+def test_question_scores_file_merges_steps_and_reads_back_empty_when_damaged(tmp_path):
+    from qatune.rundir import RunDir
+
+    run_dir = RunDir(tmp_path)
+    assert run_dir.read_question_scores() == {}
+    for step in (2, 1, 3):
+        run_dir.write_question_scores(step, {"q1": 50.0 * (step % 2), "q2": 100.0})
+    assert run_dir.read_question_scores() == {1: {"q1": 50.0, "q2": 100.0}, 2: {"q1": 0.0, "q2": 100.0},
+                                              3: {"q1": 50.0, "q2": 100.0}}
+    run_dir.keep_question_scores(2)  # a run resumed from its step-2 checkpoint
+    assert sorted(run_dir.read_question_scores()) == [1, 2]
+    (tmp_path / "question_scores.json").write_text("{not json")
+    assert run_dir.read_question_scores() == {}
+
+
+def test_a_promoted_candidate_scores_as_one_trained_straight_to_its_rung(halving_study, tmp_path):
+    """The winner paused at step 1 and went on from its checkpoint to step 3: a run trained straight to step 3
+    with the same (full-run) schedule has the same curve, question scores and rung score."""
+    from qatune.errors import Paused
+    from qatune.rundir import RunDir
+
+    study, _ = halving_study
+    winner = next(r for r in db_rows(study.directory).values() if r["stage"] == "winner")
     config = json.loads(winner["config"])
-    straight = train(TrainConfig(**{**config, "output_dir": str(tmp_path / "straight"), "resume": False,
-                                    "pause_at": None, "feature_cache_dir": None}), progress=False)
-    paused = json.loads((study.directory / "runs" / winner["id"] / "run.json").read_text())
-    assert straight.metrics == paused["metrics"] and straight.curve == paused["curve"]
-    assert straight.validation == paused["validation"]
-    assert json.loads((tmp_path / "straight" / "predictions.json").read_text()) == \
-        json.loads((study.directory / "runs" / winner["id"] / "predictions.json").read_text())
+    with pytest.raises(Paused) as paused:
+        train(TrainConfig(**{**config, "output_dir": str(tmp_path / "straight"), "resume": False, "pause_at": 3,
+                             "feature_cache_dir": None}), progress=False)
+    assert paused.value.step == 3 and paused.value.score == json.loads(winner["scores"])[-1]["f1"]
+    ours, straight = RunDir(study.directory / "runs" / winner["id"]), RunDir(tmp_path / "straight")
+    assert json.loads((ours.path / "curve.json").read_text()) == json.loads((straight.path / "curve.json").read_text())
+    assert ours.read_question_scores() == straight.read_question_scores()
+    assert ours.read_pauses() == {1: json.loads(winner["scores"])[0]["f1"], 3: paused.value.score}
+
+
+def test_a_lost_store_is_rebuilt_with_the_same_choice_and_nothing_retrained(halving_study, tmp_path):
+    import shutil
+
+    from qatune.study import rebuild_store
+
+    study, counts = halving_study
+    copy = tmp_path / "s"
+    shutil.copytree(study.directory, copy)
+    (copy / "study.sqlite").write_bytes(b"not a database")
+    for suffix in ("-wal", "-shm"):
+        (copy / f"study.sqlite{suffix}").unlink(missing_ok=True)
+    again = load_study(study.path, directory=copy)
+    result = rebuild_store(again)
+    assert result["finished"] == 2 and result["tuned"] == 1 and result["pending"] == 0
+    old, new = db_rows(study.directory), db_rows(copy)
+    assert {k: (r["stage"], r["status"], json.loads(r["scores"] or "null")) for k, r in new.items()} == \
+        {k: (r["stage"], r["status"], json.loads(r["scores"] or "null")) for k, r in old.items()}
+    assert run_study(again, LocalLauncher(workers=1, threads=1), poll_s=0.1, progress=False) == counts
+    assert {k: r["attempts"] for k, r in db_rows(copy).items() if r["grp"] is None} == {
+        k: 1 for k, r in old.items() if r["grp"] is None}  # the final runs were not trained again
 
 
 def test_the_choice_does_not_depend_on_the_test_data(tmp_path, tiny_models, train_file):
+    """A grid: every candidate trains to the end (several are left at the last rung), the best validation F1 wins."""
+    from dataclasses import replace
+
     from qatune.data import write_squad_json
     from tests.conftest import make_examples
 
-    other = tmp_path / "other-test.json"
-    write_squad_json(make_examples(n_articles=2, per_article=5, seed=7), other)
+    other = tmp_path / "other-test.json"  # other articles (titles apart from the training ones)
+    write_squad_json([replace(ex, title=f"Other_{ex.article}") for ex in make_examples(n_articles=2, per_article=5,
+                                                                                        seed=7)], other)
     results = []
     for k, (test, articles) in enumerate([(train_file, "4"), (other, "1-2")]):
         d = tmp_path / f"t{k}"
@@ -182,10 +378,11 @@ def test_the_choice_does_not_depend_on_the_test_data(tmp_path, tiny_models, trai
                                  test=test, test_articles=articles), directory=d / "s")
         run_study(study, LocalLauncher(workers=2, threads=1), poll_s=0.1, progress=False)
         by_id = db_rows(d / "s")
-        results.append(({json.loads(r["config"])["learning_rate"]: json.loads(r["scores"])
-                          for r in by_id.values() if r["grp"]},
-                         next(json.loads(r["config"])["learning_rate"] for r in by_id.values()
-                              if r["stage"] == "chosen")))
+        scores = {json.loads(r["config"])["learning_rate"]: json.loads(r["scores"]) for r in by_id.values() if r["grp"]}
+        assert all([s["step"] for s in v] == [9] for v in scores.values())
+        winner = next(r for r in by_id.values() if r["stage"] == "winner")
+        assert json.loads(winner["scores"])[0]["f1"] == max(v[0]["f1"] for v in scores.values())
+        results.append((scores, json.loads(winner["config"])["learning_rate"]))
     assert results[0] == results[1]  # the same validation scores, the same chosen learning rate
 
 
@@ -196,19 +393,49 @@ def test_the_report_shows_the_tuning_on_validation_and_the_expected_maximum(halv
     assert main(["report", str(study.directory), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (t,) = out["tuning"]
-    winner = next(r for r in db_rows(study.directory).values() if r["stage"] == "chosen")
+    text = (study.directory / "report.md").read_text()
+    winner = next(r for r in db_rows(study.directory).values() if r["stage"] == "winner")
     assert t["arm"] == "full" and t["option"] == "learning_rate" and len(t["tried"]) == 9
     assert t["chosen"] == json.loads(winner["config"])["learning_rate"]
     assert t["at_edge"] == (t["chosen"] in (1e-5, 1e-1))
-    final = [x["validation_f1"] for x in t["tried"]]
-    curve = out["expected_max"]["full"]
+    first = [x["rungs"][0]["validation_f1"] for x in t["tried"]]  # every candidate at the first rung's budget
+    (expected,) = out["expected_max"]
+    curve = expected["curve"]
+    assert expected["arm"] == "full" and expected["budget_steps"] == 1
     assert [p["trials"] for p in curve] == list(range(1, 10))
-    assert curve[0]["expected_f1"] == pytest.approx(sum(final) / 9)  # one trial: the mean of those tried
-    assert curve[-1]["expected_f1"] <= max(final) + 1e-9
-    assert [c["seeds"] for c in out["configurations"]] == [2]  # the chosen value with both seeds; no candidate
-    text = (study.directory / "report.md").read_text()
+    assert curve[0]["expected_f1"] == pytest.approx(sum(first) / 9)  # one trial: the mean of those tried
+    assert curve[-1]["expected_f1"] <= max(first) + 1e-9
+    # the choice against the runner-up where both were last scored, paired over the validation questions
+    rungs = [{r["rung"]: r["validation_f1"] for r in x["rungs"]} for x in t["tried"]]
+    won = next(k for k, x in enumerate(t["tried"]) if x["value"] == t["chosen"])
+    last = max(k for k in rungs[won] if sum(k in r for r in rungs) >= 2)
+    others = [(r[last], x["value"]) for r, x in zip(rungs, t["tried"]) if last in r and x["value"] != t["chosen"]]
+    best_other, runner_up = max(others, key=lambda o: o[0])
+    assert t["runner_up"] == runner_up and t["margin"] == pytest.approx(rungs[won][last] - best_other)
+    low, high = t["margin_ci"]
+    assert low <= t["margin"] + 1e-9 and t["margin"] - 1e-9 <= high  # the mean of the per-question differences
+    assert t["separable"] == (low > 0 or high < 0)
+    assert "separable" in text and ("cannot separate from the runner-up" in text) == (not t["separable"])
+    # the chosen value's final runs with both seeds; no candidate (seed 0)
+    assert [sorted(x["seed"] for x in c["seeds"]) for c in out["configurations"]] == [[1, 2]]
     assert "## Tuning (validation data only)" in text and "Incomplete study" not in text
     assert (study.directory / "expected_max.png").exists()
+
+
+def test_status_shows_candidates_as_tuned_and_the_final_runs(halving_study, capsys):
+    from qatune.cli import main
+
+    study, _ = halving_study
+    assert main(["study", str(study.path), "--dir", str(study.directory), "--status", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert out["runs"] == 11 and out["finished"] == 2 and out["winner"] == 1 and out["pruned"] == 8
+    assert out["failed_configurations"] == []
+    assert [r["status"] for r in out["per_run"]][-3:] == ["pruned", "finished", "finished"]  # finals after candidates
+    assert main(["study", str(study.path), "--dir", str(study.directory), "--status"]) == 0
+    text = capsys.readouterr().out
+    assert "2 finished; tuned: 1 winner, 8 pruned" in text
+    assert "tuned: validation F1" in text and "at step 3" in text
 
 
 def test_dry_run_shows_candidates_rungs_and_what_halving_saves(tmp_path, tiny_models, train_file, capsys):
@@ -219,55 +446,134 @@ def test_dry_run_shows_candidates_rungs_and_what_halving_saves(tmp_path, tiny_mo
     assert main(["study", str(path), "--dir", str(tmp_path / "s"), "--dry-run", "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     (t,) = json.loads(lines[-1])["tuning"]
-    assert t["candidates"] == 9 and t["rungs"] == [1, 3, 9] and t["steps"] == 21 and t["grid_steps"] == 81
-    assert any("21 candidate steps instead of 81 for the grid (26%)" in line for line in lines)
+    assert t["candidates"] == 9 and t["rungs"] == [1, 3, 9] and t["steps"] == 15 and t["grid_steps"] == 81
+    assert t["final_seeds"] == 2 and t["tuning_seed"] == 0
+    assert any("at seed 0" in line and "15 candidate steps instead of 81 for the grid (19%)" in line
+               and "2 seed(s), each a fresh final run" in line for line in lines)
     assert not (tmp_path / "s").exists()
 
 
 def test_the_projection_counts_the_halving_steps_and_the_final_seeds(tmp_path, tiny_models, train_file, monkeypatch):
-    """9 candidates (21 halving steps in all), then the chosen value at the second seed (9 steps): the projection
-    trains 30 steps, not the grid's 9 x 9 + 9, and only the chosen runs are tested."""
+    """9 candidates (15 halving steps in all, none tested), then the chosen value at both seeds (9 steps each): the
+    projection trains 33 steps, not the grid's 9 x 9 + 18, and only the final runs are tested."""
     import qatune.calibrate
-    from qatune.plan import RUN_OVERHEAD_S, WINDOWS_PER_QUESTION, dry_run, estimate, project
+    from qatune.plan import RUN_OVERHEAD_S, WINDOWS_PER_QUESTION, curve_windows, dry_run, estimate, project
+    from qatune.sizes import estimate_windows
 
     rates = "[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]"
     study = load_study(write(tmp_path, tiny_models["distilbert"], train_file, rates), directory=tmp_path / "s")
     monkeypatch.setattr(qatune.calibrate, "calibrate", lambda keys, **kw: dict.fromkeys(keys, 2.0))
     proj = project(study, slots=1, threads=1, progress=False)
     cands, finals = [p for p in proj["per_run"] if not p.get("final")], [p for p in proj["per_run"] if p.get("final")]
-    assert len(cands) == 9 and len(finals) == 1 and finals[0]["point"]["seed"] == 2
-    assert sum(p["steps"] for p in cands) == pytest.approx(21) and finals[0]["steps"] == 9
+    assert len(cands) == 9 and [f["point"]["seed"] for f in finals] == [1, 2]
+    assert sum(p["steps"] for p in cands) == pytest.approx(15) and [f["steps"] for f in finals] == [9, 9]
     test = estimate(study.runs[0])["eval_windows"]
     assert test > 0
-    cfg = study.runs[0].config  # batch 4, a curve point every step on eval_subset (all) questions
-    curve = test if not cfg.eval_subset else cfg.eval_subset * WINDOWS_PER_QUESTION
+    cfg = study.runs[0].config  # batch 4, a curve point every step on all the validation questions (no eval_subset)
+    curve = curve_windows(cfg)
+    assert cfg.eval_subset is None and curve == pytest.approx(0.34 * 18 * WINDOWS_PER_QUESTION)
+    assert curve == pytest.approx(0.34 * estimate_windows(str(train_file), "train", "1-3", None, 0))
     one = lambda steps, tested: RUN_OVERHEAD_S + steps * 2.0 + (tested + int(steps // 1) * curve) * 2.0 / 4 / 3  # noqa: E731
-    assert proj["serial_hours"] * 3600 == pytest.approx(9 * one(21 / 9, test / 9) + one(9, test))
+    assert proj["serial_hours"] * 3600 == pytest.approx(9 * one(15 / 9, 0) + 2 * one(9, test))
     plan = dry_run(study)
-    grid = sum(estimate(r)["train_pflop"] for r in study.runs) + estimate(study.runs[0])["train_pflop"]
-    assert plan["summary"]["total_pflop"] == pytest.approx(grid * 30 / 90)
+    assert plan["summary"]["total_pflop"] == pytest.approx(estimate(study.runs[0])["train_pflop"] * (15 + 18) / 9)
 
 
-def test_a_study_in_epochs_places_its_rungs_on_the_estimated_steps_and_ends_each_run_at_its_own_end(
-        tmp_path, tiny_models, train_file):
+def test_several_left_at_the_last_rung_train_to_their_own_end_in_epochs(tmp_path, tiny_models, train_file):
     """With epochs instead of max_steps the rungs come from the estimated steps (question count x windows per
-    question, which here overcounts: the validation articles are held out of it); a candidate at the last rung still
-    trains to its real end, so the chosen run is the same as an unpruned one."""
+    question, which here overcounts: the validation articles are held out of it). Six candidates leave two at the
+    first rung: they train to their real end and the better one wins; the final runs end there too."""
     from qatune.sizes import optimizer_steps
 
-    path = write(tmp_path, tiny_models["distilbert"], train_file, "[1e-4, 1e-3, 1e-2]")
-    path.write_text(path.read_text().replace("max_steps = 9", "epochs = 2"))
+    path = write(tmp_path, tiny_models["distilbert"], train_file, "[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]")
+    path.write_text(path.read_text().replace("max_steps = 9", "epochs = 2").replace("seed = [1, 2]", "seed = [1]"))
     study = load_study(path, directory=tmp_path / "s")
     (group,) = study.groups
     estimated = optimizer_steps(group.candidates[0][1].config)
     assert group.schedule == [-(-estimated // 3), estimated]
     counts = run_study(study, LocalLauncher(workers=2, threads=1), poll_s=0.1, progress=False)
-    assert counts == {"finished": 2, "pruned": 2}
+    assert counts == {"finished": 1, "pruned": 5, "winner": 1}
     by_id = db_rows(study.directory)
-    winner = next(r for r in by_id.values() if r["stage"] == "chosen")
-    record = json.loads((study.directory / "runs" / winner["id"] / "run.json").read_text())
-    real_end = record["curve"][-1]["step"]
-    assert real_end != estimated  # the estimate was off, and the run went to its own end regardless
-    assert [s["step"] for s in json.loads(winner["scores"])] == [group.schedule[0], real_end]
     final = next(r for r in by_id.values() if r["grp"] is None)
-    assert json.loads((study.directory / "runs" / final["id"] / "run.json").read_text())["curve"][-1]["step"] == real_end
+    real_end = json.loads((study.directory / "runs" / final["id"] / "run.json").read_text())["curve"][-1]["step"]
+    assert real_end != estimated  # the estimate was off, and the runs went to their own end regardless
+    last = [r for r in by_id.values() if r["grp"] and len(json.loads(r["scores"])) == 2]
+    assert len(last) == 2 and all([s["step"] for s in json.loads(r["scores"])] == [group.schedule[0], real_end]
+                                  for r in last)
+    (winner,) = [r for r in last if r["stage"] == "winner"]
+    assert json.loads(winner["scores"])[-1]["f1"] == max(json.loads(r["scores"])[-1]["f1"] for r in last)
+
+
+DIVERGING = """
+[[arms]]
+name = "other"
+model = "{model}"
+strategy = "full"
+learning_rate = 1e-3
+max_steps = 2
+"""
+
+
+def diverging_study(tmp_path, model, data, rates):
+    """18 steps, rungs of 3 candidates at [6, 18]; weight decay 1e3 makes a learning rate near 1 flip and grow the
+    weights about 900-fold a step, so its loss goes non-finite within a few steps (the others' decay is mild)."""
+    path = write(tmp_path, model, data, rates)
+    text = path.read_text().replace("max_steps = 9", "max_steps = 18\nweight_decay = 1e3\nwarmup_ratio = 0.0")
+    path.write_text(text.replace("seed = [1, 2]", "seed = [1]").replace("[tune]", DIVERGING.format(model=model) + "\n[tune]"))
+    return path
+
+
+def test_a_diverging_last_candidate_is_left_out_and_the_rung_decided_among_the_others(
+        tmp_path, tiny_models, train_file, capsys):
+    """One worker trains the candidates in order: the two good ones pause at step 6 and wait for the third, which
+    fails (non-finite loss) with no attempt left; the rung is decided among the two, and the study ends (exit 0)."""
+    from qatune.cli import main
+
+    path = diverging_study(tmp_path, tiny_models["distilbert"], train_file, "[1e-4, 3e-4, 0.9]")
+    args = ["study", str(path), "--dir", str(tmp_path / "s"), "--workers", "1", "--threads", "1", "--max-attempts", "1"]
+    assert main(args + ["--json"]) == 0
+    out = capsys.readouterr().out
+    counts = json.loads(out.strip().splitlines()[-1])
+    assert {k: counts[k] for k in ("finished", "pruned", "winner")} == {"finished": 2, "pruned": 2, "winner": 1}
+    assert "failed" not in counts and "failed_configurations" not in counts
+    assert "(a tuning candidate, left out of the choice): TrainingError: non-finite loss" in out
+    assert "chose {'learning_rate': 0.0001" in out or "chose {'learning_rate': 0.0003" in out
+    study = load_study(path, directory=tmp_path / "s")
+    by_id = db_rows(study.directory)
+    (group,) = study.groups
+    bad = by_id[group.candidates[2][1].id]
+    assert bad["stage"] == "pruned" and bad["status"] == "failed" and "non-finite loss" in bad["error"]
+    (winner,) = [r for r in by_id.values() if r["stage"] == "winner"]
+    assert [s["step"] for s in json.loads(winner["scores"])] == [6]  # one left after the first rung: chosen there
+    assert main(["study", str(path), "--dir", str(tmp_path / "s"), "--status"]) == 0
+    assert "tuned: validation F1" in capsys.readouterr().out
+
+
+def test_a_configuration_whose_candidates_all_fail_ends_the_study_with_exit_2_naming_it(
+        tmp_path, tiny_models, train_file, capsys):
+    from qatune import store
+    from qatune.cli import main
+
+    path = diverging_study(tmp_path, tiny_models["distilbert"], train_file, "[0.9, 0.8]")
+    args = ["study", str(path), "--dir", str(tmp_path / "s"), "--workers", "2", "--threads", "1", "--max-attempts", "1"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    study = load_study(path, directory=tmp_path / "s")
+    (group,) = study.groups
+    assert f"tuning failed for full (its one configuration), configuration {group.id}: no candidate reached the " \
+           f"end of its run (rung 1 of 1)" in captured.out
+    assert f"failed: tuned configuration {group.id} (full, its one configuration): no candidate reached" in captured.err
+    assert "non-finite loss" in captured.err and "error: 2 run(s) failed" in captured.err
+    by_id = db_rows(study.directory)
+    other = [r for r in by_id.values() if r["arm"] == "other"]
+    assert len(other) == 1 and other[0]["status"] == "finished"  # the rest of the study went on
+    assert main(["study", str(path), "--dir", str(tmp_path / "s"), "--status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status["failed"] == 2 and status["failed_configurations"][0]["configuration"] == group.id
+    # --retry-failed: undecided again, its candidates train again (and fail again)
+    assert main(args + ["--retry-failed"]) == 2
+    assert "retrying 2 failed run(s)" in capsys.readouterr().out
+    db = store.connect(study.directory)
+    assert list(store.failed_decisions(db)) == [group.id]
+    assert all(r["attempts"] == 1 and r["status"] == "failed" for r in db_rows(study.directory).values() if r["grp"])
+    db.close()

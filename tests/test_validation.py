@@ -2,6 +2,8 @@
 are chosen on it, and nothing the test data holds changes a choice."""
 
 import json
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,7 +34,7 @@ def cfg(model, data, out, **kw):
     (dict(early_stopping_patience=-1), "must be >= 0"),
     (dict(keep="first"), "choose one of best, last"),
     (dict(train_data="d.json", validation_data="d.json", train_articles="1-30", validation_articles="28-33"),
-     "overlaps train_articles '1-30' in article(s) 28, 29, 30"),
+     "validation_articles '28-33' overlaps train_articles '1-30' of d.json in articles 28-30"),
     (dict(train_data="d.json", validation_data="d.json", validation_articles="31-33"),
      "give train_articles and validation_articles that do not overlap"),
     (dict(eval_steps=5), "needs validation data (validation_data or validation_share) or eval_data"),
@@ -92,6 +94,120 @@ def test_validation_file_sharing_articles_with_training_is_refused(tmp_path):
         load_training(TrainConfig(train_data=str(a), validation_data=str(b)))
 
 
+# ------------------------------------------------------------------------------ the test data is never trained on
+@pytest.mark.parametrize("kw,words", [
+    (dict(train_articles="1-40", eval_articles="37-48"),
+     ["option eval_articles = '37-48'", "eval_articles '37-48' overlaps train_articles '1-40' of d.json in articles "
+      "37-40", "give train_articles and eval_articles that do not overlap", "--eval-articles"]),
+    (dict(train_articles="1-36", validation_data="d.json", validation_articles="37-40", eval_articles="37-48"),
+     ["eval_articles '37-48' overlaps validation_articles '37-40' of d.json in articles 37-40",
+      "give validation_articles and eval_articles that do not overlap"]),
+    (dict(train_articles="1-40", validation_share=0.1, eval_articles="37-48"),
+     ["eval_articles '37-48' overlaps train_articles '1-40' of d.json in articles 37-40",
+      "validation_share holds its validation articles out of train_articles"]),
+    (dict(train_articles="1-36"),  # an unset range is every article
+     ["eval_articles (unset: every article) overlaps train_articles '1-36' of d.json in articles 1-36"]),
+    (dict(), ["eval_articles (unset: every article) overlaps train_articles (unset: every article) of d.json in "
+              "every article"]),
+    (dict(train_data="./d.json", train_articles="5", eval_articles="1-3,5"),  # one file, spelt two ways
+     ["eval_articles '1-3,5' overlaps train_articles '5' of ./d.json in article 5"]),
+    (dict(train_data="rajpurkar/squad", eval_data="rajpurkar/squad:train", eval_articles="1-10"),  # one split
+     ["eval_articles '1-10' overlaps train_articles (unset: every article) of rajpurkar/squad:train in articles 1-10"]),
+])
+def test_test_articles_that_are_training_or_validation_articles_are_refused(kw, words):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**{"train_data": "d.json", "eval_data": "d.json", **kw})
+    message = str(e.value)
+    assert "\n" not in message
+    for w in words:
+        assert w in message, (w, message)
+
+
+def test_test_articles_apart_from_the_training_and_validation_ones_are_accepted():
+    TrainConfig(train_data="d.json", train_articles="1-36", eval_data="d.json", eval_articles="37-48")
+    TrainConfig(train_data="d.json", train_articles="1-36", validation_share=0.1, eval_data="d.json",
+                eval_articles="37-48")
+    TrainConfig(train_data="d.json", train_articles="1-30", validation_data="d.json", validation_articles="31-36",
+                eval_data="d.json", eval_articles="37-48")
+    TrainConfig(train_data="a.json", eval_data="b.json")  # other files: their titles are checked when they load
+    TrainConfig(train_data="rajpurkar/squad:train", eval_data="rajpurkar/squad:validation")  # other splits
+    TrainConfig(train_data="rajpurkar/squad", eval_data="rajpurkar/squad")  # train_split train, eval_split validation
+
+
+def _retitled(examples, prefix: str):
+    return [replace(ex, title=f"{prefix}_{ex.article}") for ex in examples]
+
+
+def test_a_test_file_sharing_an_article_with_the_training_or_validation_data_is_refused_when_it_loads(tmp_path):
+    """Two files can hold one article (dev-v1.1 and dev-v2.0 share their titles): the loader compares titles."""
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    examples = make_examples(n_articles=4, per_article=3)
+    write_squad_json(examples, a)
+    write_squad_json(examples[6:], b)  # articles 3 and 4 of a.json again, in another file
+    write_squad_json(_retitled(make_examples(n_articles=3, per_article=3), "Other"), c)
+    with pytest.raises(SquadDataError) as e:
+        load_training(TrainConfig(train_data=str(a), train_articles="1-3", eval_data=str(b)))
+    assert str(e.value).startswith(f"{b} (all articles): 1 test article(s) are also training articles of {a} "
+                                   f"(train_articles '1-3'), by title: 'Article_2'; test articles must never be "
+                                   f"trained on")
+    with pytest.raises(SquadDataError) as e:  # the held-out validation articles are training articles too
+        load_training(TrainConfig(train_data=str(a), train_articles="2-4", validation_share=0.34, eval_data=str(b),
+                                  eval_articles="2"))
+    assert f"{b} (eval_articles '2'): 1 test article(s) are also training articles of {a} (train_articles " \
+           f"'2-4'), by title: 'Article_3'" in str(e.value)
+    with pytest.raises(SquadDataError) as e:
+        load_training(TrainConfig(train_data=str(c), validation_data=str(a), validation_articles="3-4",
+                                  eval_data=str(b)))
+    assert f"2 test article(s) are also validation articles of {a} (validation_articles '3-4'), by title: " \
+           f"'Article_2', 'Article_3'" in str(e.value)
+    train, validation = load_training(TrainConfig(train_data=str(a), train_articles="1-2", eval_data=str(b)))
+    assert len(train) == 6 and validation is None
+    given = load_squad(b)  # the caller's own test selection is checked the same way
+    with pytest.raises(SquadDataError, match="test article"):
+        load_training(TrainConfig(train_data=str(a), train_articles="3"), given)
+
+
+def test_a_v2_run_without_validation_data_refuses_an_oracle_threshold_where_asked(tmp_path):
+    """A study sets oracle_threshold off: v2 test data and no validation data is refused when the data loads (the
+    version is known then); `qatune train` keeps it on and its threshold is tuned on the test questions."""
+    path = tmp_path / "v2.json"
+    write_squad_json(make_examples(n_articles=4, per_article=3, unanswerable=4), path, version="2.0")
+    base = dict(train_data=str(path), train_articles="1-2", eval_data=str(path), eval_articles="3-4")
+    with pytest.raises(ConfigError) as e:
+        load_training(TrainConfig(**base, oracle_threshold=False))
+    assert str(e.value) == (f"{path}: SQuAD v2 test data without validation data: its null threshold would be tuned "
+                            f"on the test questions (an oracle); give validation data (validation_share, e.g. 0.1, or "
+                            f"validation_data) so the threshold is tuned there")
+    assert load_training(TrainConfig(**base))[1] is None  # allowed by default
+    assert load_training(TrainConfig(**base, validation_share=0.5, oracle_threshold=False))[1] is not None
+    v1 = tmp_path / "v1.json"
+    write_squad_json(make_examples(n_articles=4, per_article=3), v1)
+    load_training(TrainConfig(**{**base, "train_data": str(v1), "eval_data": str(v1)}, oracle_threshold=False))
+    from qatune.config import config_hash
+
+    assert config_hash(TrainConfig(**base, oracle_threshold=False)) == config_hash(TrainConfig(**base))  # same run
+
+
+def test_a_datasets_id_with_a_split_loads_that_split(monkeypatch):
+    """`rajpurkar/squad:validation` names its split; the split options (eval_split ...) apply to ids without one."""
+    import datasets
+
+    from qatune.data import load_split, source_identity
+
+    asked = []
+
+    def load_dataset(name, split):
+        asked.append((name, split))
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    for source in ("rajpurkar/squad:validation", "rajpurkar/squad"):
+        with pytest.raises(SquadDataError):
+            load_split(source, "train", None, None, 0, False, "eval")
+    assert asked == [("rajpurkar/squad", "validation"), ("rajpurkar/squad", "train")]
+    assert source_identity("rajpurkar/squad:validation", "train") == source_identity("rajpurkar/squad", "validation")
+
+
 def _tensors_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -128,7 +244,8 @@ def test_the_kept_model_is_an_earlier_best_steps_not_the_last(tiny_models, train
     class Scripted:
         def evaluate(self, data, **kw):
             f1 = next(scores)
-            return {"exact_match": f1 / 2, "f1": f1}, None
+            answers = SimpleNamespace(predictions={ex.id: "" for ex in data.examples}, null_odds={})
+            return {"exact_match": f1 / 2, "f1": f1}, answers
 
     monkeypatch.setattr(Reader, "live", classmethod(lambda cls, *a, **kw: Scripted()))
     out = tmp_path / "run"
@@ -153,8 +270,9 @@ def load_training_eval(config: dict):
 def test_the_test_data_changes_no_choice(best_run, tiny_models, train_file, tmp_path):
     """Same run, another test file: the same curve, the same kept step, the same validation numbers."""
     out, _ = best_run
-    other = tmp_path / "other-test.json"
-    write_squad_json(make_examples(n_articles=2, per_article=5), other)
+    other = tmp_path / "other-test.json"  # other articles: a test article may not be a training one
+    write_squad_json([replace(ex, title=f"Other_{ex.article}") for ex in make_examples(n_articles=2, per_article=5)],
+                     other)
     again = train(cfg(tiny_models["distilbert"], train_file, tmp_path / "again", max_steps=8, eval_data=str(other),
                       eval_articles=None), progress=False)
     first = json.loads((out / "run.json").read_text())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,9 @@ import numpy as np
 from qatune.config import model_name
 from qatune.errors import QatuneError
 from qatune.metrics import squad_v1_scores, squad_v2_scores
+from qatune.record import exact_match
 from qatune.rundir import PREDICTIONS, RunDir
-from qatune.stats import Contrast, bootstrap_contrast, equality_test, holm, smallest_p
+from qatune.stats import Contrast, contrast, equality_test, holm
 from qatune.store import connect, decisions, latest_grid, rows
 from qatune.store import exists as store_exists
 from qatune.tuning import summarize
@@ -24,7 +25,6 @@ from qatune.tuning import summarize
 CURVE_GAIN = 1.0  # F1 points: a run whose last learning-curve interval still raised F1 by more is "not converged"
 SPLIT_SEED = 0
 SELECTION_SHARE = 0.5  # of the evaluation questions, by a hash of their id, for choosing configurations
-N_TABLE = 2000  # bootstrap resamples for the per-configuration intervals (comparisons use N_BOOT)
 SLOW_FRACTION = 0.8  # a run below this share of its configuration's isolated FLOP/s is marked
 LOADED_CORES = 0.25  # other processes using this many cores on average while a run trained: "machine loaded"
 SHORT = {"lora_rank": "r", "learning_rate": "lr"}
@@ -54,6 +54,11 @@ class Config:
     @property
     def rank(self) -> int | None:
         return self.runs[0]["config"]["lora_rank"] if self.strategy == "lora" else None
+
+    def seed_scores(self) -> list[dict]:
+        """Each run's own test scores, so a reader sees the spread that the interval summarises."""
+        return [{"seed": r["config"]["seed"], "f1": r["metrics"]["f1"], "em": exact_match(r["metrics"])}
+                for r in self.runs]
 
 
 def volume_of(row: dict) -> float:
@@ -98,6 +103,7 @@ class Scores:
     def __init__(self):
         self._refs: dict[tuple, tuple[dict, str]] = {}
         self._runs: dict[str, dict[str, tuple[float, float]]] = {}
+        self.articles: dict[str, str] = {}  # question id -> its article's title: the clusters of the question sample
         self.version = "1.1"
 
     def refs(self, cfg: dict) -> tuple[dict, str]:
@@ -108,6 +114,7 @@ class Scores:
         if key not in self._refs:
             data = load_role(cfg, "eval")
             self._refs[key] = (data.references(), data.version)
+            self.articles.update((ex.id, ex.title) for ex in data.examples)
         return self._refs[key]
 
     def run(self, row: dict) -> dict[str, tuple[float, float]]:
@@ -132,6 +139,14 @@ class Scores:
             ids = set(self.run(r))
             common = ids if common is None else common & ids
         return sorted(common or ())
+
+    def groups(self, qids: list[str]) -> list[str]:
+        """The article of each question (questions are sampled in articles, so articles are a level of the sample)."""
+        return [self.articles.get(q, q) for q in qids]
+
+    def contrast(self, cells: list[tuple[Config, float]], qids: list[str], metric: str) -> Contrast:
+        """A linear combination of configurations' means on ``qids`` (:func:`qatune.stats.contrast`)."""
+        return contrast([self.matrix(c, qids, metric) for c, _ in cells], [w for _, w in cells], self.groups(qids))
 
     def matrix(self, config: Config, qids: list[str], metric: str) -> np.ndarray:
         """(seeds, questions) scores of one configuration."""
@@ -235,6 +250,7 @@ class Analysis:
     factorial: list[dict]  # per data volume: the 2x2 of model x strategy (see :func:`_factorial`)
     factorial_note: str | None  # why there is none (the factors are confounded, or a cell is missing)
     tuning: list[dict]  # per tuned configuration: values tried, validation F1, chosen (qatune.tuning.summarize)
+    family: list[str]  # the claims adjusted together by Holm (each F1 Contrast of them has p_holm)
 
 
 def validation_f1(c: Config) -> float | None:
@@ -265,9 +281,8 @@ def _pair(cfgs: list[Config], qids: list[str], scores: Scores, on: str | None) -
     return max(cfgs, key=lambda c: scores.matrix(c, qids, "f1").mean())
 
 
-def _contrast(cells: list[tuple[Config, float]], qids: list[str], scores: Scores, seed: int) -> dict[str, Contrast]:
-    return {m: bootstrap_contrast([scores.matrix(c, qids, m) for c, _ in cells], [w for _, w in cells], seed=seed)
-            for m in ("f1", "em")}
+def _contrast(cells: list[tuple[Config, float]], qids: list[str], scores: Scores) -> dict[str, Contrast]:
+    return {m: scores.contrast(cells, qids, m) for m in ("f1", "em")}
 
 
 def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
@@ -284,7 +299,7 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
     chosen = decisions(db)
     db.close()
     for r in every:  # tuning candidates waiting for their rung, or dropped: not results
-        if r.get("stage") in ("paused", "pruned"):
+        if r.get("stage") in ("paused", "pruned", "winner"):
             r["status"] = r["stage"]
     for r in every:  # a finished run whose files were deleted is reported as such, not read
         if r["status"] == "finished" and not RunDir(r["output_dir"]).predictions.is_file():
@@ -296,8 +311,9 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
     else:
         covered = every
     tuning = summarize(covered, chosen)
+    _separability(tuning, covered)
     other_rows = len(every) - len(covered)
-    covered = [r for r in covered if r["status"] != "pruned"]
+    covered = [r for r in covered if r["status"] not in ("pruned", "winner")]
     done = [r for r in covered if r["status"] == "finished" and r["metrics"]]
     configs = configurations(done)
     scores = Scores()
@@ -305,8 +321,7 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
     intervals = {}
     for c in configs:
         qids = scores.questions(c.runs)
-        intervals[c.id] = {m: bootstrap_contrast([scores.matrix(c, qids, m)], [1.0], n_resamples=N_TABLE)
-                           for m in ("em", "f1")}
+        intervals[c.id] = {m: scores.contrast([(c, 1.0)], qids, m) for m in ("em", "f1")}
     questions = scores.questions(done) if done else []
     arms = list(dict.fromkeys(c.arm for c in configs))
     headline = tuple(grid["headline"]) if grid and grid.get("headline") else (
@@ -329,19 +344,84 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
             a, b = (_pair(by[(arm, v)], selection, scores, on) for arm in headline)
             pairs[v] = (a, b)
             comparisons.append({"volume": v, "a": a, "b": b, "candidates": [len(by[(arm, v)]) for arm in headline],
-                                **_contrast([(a, 1.0), (b, -1.0)], test, scores, seed=int(v))})
+                                **_contrast([(a, 1.0), (b, -1.0)], test, scores)})
         if len(pairs) >= 2:
             lo, hi = min(pairs), max(pairs)
             cells = [(pairs[hi][0], 1.0), (pairs[hi][1], -1.0), (pairs[lo][0], -1.0), (pairs[lo][1], 1.0)]
             interaction = {"volumes": (lo, hi), "pairs": (pairs[lo], pairs[hi]),
-                           **_contrast(cells, test, scores, seed=1)}
+                           **_contrast(cells, test, scores)}
     tuned_options: dict[str, set] = defaultdict(set)
     for t in tuning:
         tuned_options[t["arm"]].update([t["option"]] if isinstance(t["option"], str) else t["option"])
     rank_tests = _rank_tests(configs, questions, scores, tuned_options)
     factorial, note = _factorial(configs, questions, scores, [model_name(r["config"]) for r in done])
+    family = _adjust(comparisons, interaction, factorial)
     return Analysis(covered, done, grid, other_rows, configs, scores, intervals, questions,
-                    comparisons, rank_tests, interaction, headline, split, factorial, note, tuning)
+                    comparisons, rank_tests, interaction, headline, split, factorial, note, tuning, family)
+
+
+def _adjust(comparisons: list[dict], interaction: dict | None, factorial: list[dict]) -> list[str]:
+    """Holm's adjustment over the F1 claims a reader takes as the study's verdict: the headline at each volume, the
+    volume interaction and every factorial effect (each Contrast gains ``p_holm``). Returns the family's names."""
+    slots: list[tuple[str, dict, str]] = []  # (name, holder, key): where each contrast lives
+    for comp in comparisons:
+        slots.append((f"headline at {int(comp['volume'])} questions", comp, "f1"))
+    if interaction:
+        slots.append(("data-volume interaction", interaction, "f1"))
+    for f in factorial:
+        v = int(f["volume"])
+        slots += [(f"full − LoRA on {m} at {v}", f["strategy_effect"], m) for m in f["models"]]
+        slots += [(f"model effect with {s} at {v}", f["model_effect"], s) for s in f["strategies"]]
+        slots.append((f"model × strategy interaction at {v}", f, "interaction"))
+    adjusted = holm([holder[key].p for _, holder, key in slots])
+    for (_, holder, key), p in zip(slots, adjusted):
+        holder[key] = replace(holder[key], p_holm=p)
+    return [name for name, _, _ in slots]
+
+
+def _separability(tuning: list[dict], rows: list[dict]) -> None:
+    """Whether each tuning choice stands above the noise: the chosen candidate against the runner-up at the last
+    rung where both were scored, paired over the validation questions (their per-question F1 saved by the runs).
+    Adds ``margin`` (validation F1 points), ``runner_up``, ``separable`` (the paired 95% interval excludes zero;
+    None when the per-question scores are not there) and ``margin_ci`` to each decided entry."""
+    by_group: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("grp"):
+            by_group[r["grp"]].append(r)
+    for t in tuning:
+        t.update(margin=None, runner_up=None, separable=None, margin_ci=None)
+        members = by_group.get(t["configuration"], [])
+        if t["chosen"] is None or len(members) < 2:
+            continue
+        values = [x["value"] for x in t["tried"]]
+        winner = next((m for m, v in zip(members, values) if v == t["chosen"]), None)
+        if winner is None:
+            continue
+        rung_scores = {m["id"]: {s["rung"]: s for s in m.get("scores") or []} for m in members}
+        shared = [k for k in rung_scores[winner["id"]]
+                  if sum(k in rung_scores[m["id"]] for m in members) >= 2]
+        if not shared:
+            continue
+        rung = max(shared)
+        others = [(m, v) for m, v in zip(members, values) if m is not winner and rung in rung_scores[m["id"]]]
+        runner, runner_value = max(others, key=lambda mv: rung_scores[mv[0]["id"]][rung]["f1"])
+        a, b = rung_scores[winner["id"]][rung], rung_scores[runner["id"]][rung]
+        t.update(margin=a["f1"] - b["f1"], runner_up=runner_value)
+        qa, qb = (_question_scores(m, s) for m, s in ((winner, a), (runner, b)))
+        common = sorted(set(qa) & set(qb))
+        if len(common) >= 2:
+            c = contrast([np.array([[qa[q] for q in common]]), np.array([[qb[q] for q in common]])], [1.0, -1.0])
+            t.update(separable=c.excludes_zero(), margin_ci=[c.ci_low, c.ci_high], margin_questions=len(common))
+
+
+def _question_scores(row: dict, rung: dict) -> dict[str, float]:
+    """A candidate's per-question validation F1 behind its score at a rung: of the saved steps up to the rung's,
+    the one whose mean is the score (the kept model's step: the best so far under keep = best)."""
+    saved = {s: q for s, q in RunDir(row["output_dir"]).read_question_scores().items() if s <= rung["step"] and q}
+    if not saved:
+        return {}
+    step = min(saved, key=lambda s: abs(np.mean(list(saved[s].values())) - rung["f1"]))
+    return saved[step]
 
 
 def _factorial(configs: list[Config], questions: list[str], scores: Scores,
@@ -349,7 +429,8 @@ def _factorial(configs: list[Config], questions: list[str], scores: Scores,
     """Model size and fine-tuning strategy as two factors, when the arms cross two models with full and LoRA.
 
     Per data volume each cell is its arm(s) at the configuration chosen as the headline chooses (:func:`_choice`),
-    and every effect is a contrast on the test questions with its two-level bootstrap interval: strategy (full - LoRA) within each model, model (first - second, in the order the arms name them)
+    and every effect is a contrast on the test questions with its interval (:func:`qatune.stats.contrast`): strategy
+    (full - LoRA) within each model, model (first - second, in the order the arms name them)
     within each strategy, and their interaction ((full - LoRA) of the first model - that of the second).
     ``order`` is the runs' models in study order."""
     models = list(dict.fromkeys(order))
@@ -372,18 +453,15 @@ def _factorial(configs: list[Config], questions: list[str], scores: Scores,
         cell = {(m, s): _pair(cells[(m, s, v)], selection, scores, on) for m in models for s in ("full", "lora")}
         (a, b) = models
 
-        def effect(*terms: tuple[tuple[str, str], float], seed: int, cell=cell, test=test) -> Contrast:
-            return bootstrap_contrast([scores.matrix(cell[k], test, "f1") for k, _ in terms], [w for _, w in terms],
-                                      seed=seed)
+        def effect(*terms: tuple[tuple[str, str], float], cell=cell, test=test) -> Contrast:
+            return scores.contrast([(cell[k], w) for k, w in terms], test, "f1")
 
         out.append({"volume": v, "models": models, "strategies": ["full", "lora"], "cells": cell,
                     "test_questions": len(test), "selection_questions": len(selection),
-                    "strategy_effect": {m: effect(((m, "full"), 1.0), ((m, "lora"), -1.0), seed=11 + k)
-                                        for k, m in enumerate(models)},
-                    "model_effect": {s: effect(((a, s), 1.0), ((b, s), -1.0), seed=21 + k)
-                                     for k, s in enumerate(("full", "lora"))},
+                    "strategy_effect": {m: effect(((m, "full"), 1.0), ((m, "lora"), -1.0)) for m in models},
+                    "model_effect": {s: effect(((a, s), 1.0), ((b, s), -1.0)) for s in ("full", "lora")},
                     "interaction": effect(((a, "full"), 1.0), ((a, "lora"), -1.0), ((b, "full"), -1.0),
-                                          ((b, "lora"), 1.0), seed=31),
+                                          ((b, "lora"), 1.0)),
                     "f1": {k: float(scores.matrix(c, test, "f1").mean()) for k, c in cell.items()}})
     return out, None
 
@@ -402,12 +480,15 @@ def _rank_tests(configs: list[Config], qids: list[str], scores: Scores, tuned: d
             continue
         ranks = sorted(by_rank)
         cells = [scores.matrix(by_rank[r], qids, "f1") for r in ranks]
-        p, method = equality_test(cells)
+        p = equality_test(cells, scores.groups(qids))
+        method = ("t-test of the rank pair" if len(ranks) == 2 else
+                  f"t-tests of the {len(ranks) * (len(ranks) - 1) // 2} rank pairs, Bonferroni")
+        method += (", seeds and articles sampled" if min(c.shape[0] for c in cells) >= 2
+                   else ", articles sampled (one seed: run-to-run variation not covered)")
         own = sorted(tuned.get(arm, ()))
-        floor = smallest_p([c.shape[0] for c in cells]) if method.startswith("runs") else None
         tests.append({"arm": arm, "volume": volume, "fixed": dict(rest), "ranks": ranks,
                       "configs": [by_rank[r].id for r in ranks], "f1": [float(c.mean()) for c in cells],
-                      "p": p, "method": method, "smallest_p": floor, "tuned": own,
+                      "p": p, "method": method, "tuned": own,
                       "tuned_values": [{k: by_rank[r].point.get(k) for k in own} for r in ranks]})
     for t, adj in zip(tests, holm([t["p"] for t in tests])):
         t["p_holm"] = adj

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 from qatune.errors import ConfigError
@@ -89,6 +90,9 @@ class TrainConfig:
     max_answer_length: int = _f(30, "longest answer in tokens")
     null_threshold: float = _f(0.0, "SQuAD v2: answer '' when null score - best span > this (with v2 evaluation "
                                     "data the run tunes it for the best F1 and saves that with the model)")
+    oracle_threshold: bool = _f(True, "SQuAD v2 test data and no validation data: tune the null threshold on the test "
+                                      "questions (an oracle score: run.json has no validation); off refuses such a "
+                                      "run when its data loads (a study always does)")
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
     pause_at: int | None = _f(None, "stop at this step with a checkpoint and a validation score, without the test "
                                     "evaluation (a study's tuning candidate; the schedule stays the full run's)")
@@ -260,33 +264,61 @@ def _check_validation(cfg: TrainConfig, bad) -> None:
                             "is chosen among validation evaluations")
 
 
+# The roles of a run's data; no article may be in two of them.
+DATA_ROLES = (("train", "validation"), ("train", "eval"), ("validation", "eval"))
+
+
 def _check_disjoint(cfg: TrainConfig, bad) -> None:
-    """Training and validation articles of one source never overlap (the data loader checks titles again)."""
-    import os
+    """No article is in two roles: where two of train_data, validation_data and eval_data are one source (one file,
+    or one datasets id and split), their article ranges must not overlap; an unset range is every article.
+    validation_share holds its articles out of train_articles, so training against test covers it. The data loader
+    checks titles again, across sources."""
+    from qatune.data import parse_ranges, source_identity
 
-    from qatune.data import parse_ranges
+    for first, second in DATA_ROLES:
+        a, b = getattr(cfg, f"{first}_data"), getattr(cfg, f"{second}_data")
+        if not (a and b):
+            continue
+        key = source_identity(a, getattr(cfg, f"{first}_split"))
+        if key != source_identity(b, getattr(cfg, f"{second}_split")):
+            continue
+        ra, rb = getattr(cfg, f"{first}_articles"), getattr(cfg, f"{second}_articles")
+        if ra is None and rb is None:
+            where = "every article"
+        else:
+            shared = sorted(set(parse_ranges(ra)) & set(parse_ranges(rb)) if ra and rb
+                            else set(parse_ranges(ra or rb)))
+            if not shared:
+                continue
+            where = f"article{'s' if len(shared) > 1 else ''} {_spans(shared)}"
+        source = a if key[1] is None or os.path.isdir(a) else f"{key[0]}:{key[1]}"  # a path, or a datasets id:split
+        held = (" (validation_share holds its validation articles out of train_articles)"
+                if first == "train" and cfg.validation_share else "")
+        raise bad(f"{second}_articles", f"{second}_articles {_range(rb)} overlaps {first}_articles {_range(ra)} of "
+                                        f"{source} in {where}{held}: give {first}_articles and {second}_articles "
+                                        f"that do not overlap")
 
-    def is_file(source: str) -> bool:  # else a datasets id, whose split tells its parts apart
-        return os.path.exists(source) or source.endswith((".json", ".gz"))
 
-    if not (cfg.validation_data and cfg.train_data):
-        return
-    file = is_file(cfg.train_data)
-    if not (os.path.abspath(cfg.train_data) == os.path.abspath(cfg.validation_data) if file
-            else cfg.train_data == cfg.validation_data and cfg.train_split == cfg.validation_split):
-        return
-    if cfg.train_articles is None or cfg.validation_articles is None:
-        raise bad("validation_articles", f"validation_data is the training file, so give train_articles and "
-                                         f"validation_articles that do not overlap (now "
-                                         f"{cfg.train_articles or 'all'} and {cfg.validation_articles or 'all'})")
-    shared = sorted(set(parse_ranges(cfg.train_articles)) & set(parse_ranges(cfg.validation_articles)))
-    if shared:
-        raise bad("validation_articles", f"overlaps train_articles {cfg.train_articles!r} in article(s) "
-                                         f"{', '.join(str(a + 1) for a in shared[:5])}: validation articles must "
-                                         f"be apart from the training ones")
+def _range(spec: str | None) -> str:
+    return repr(spec) if spec is not None else "(unset: every article)"
 
 
-NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile", "inference_cost", "pause_at")  # where/how
+def _spans(indices: list[int]) -> str:
+    """0-based article indices as 1-based ranges: [36, 37, 38, 39, 41] -> "37-40, 42"."""
+    out: list[str] = []
+    start = prev = indices[0]
+    for i in [*indices[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(f"{start + 1}-{prev + 1}" if prev > start else f"{start + 1}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(out)
+
+
+NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile", "inference_cost", "pause_at",
+               "oracle_threshold")  # where/how, and a guard that refuses a run rather than changing it
 # Options added later: part of a run's identity only when set, so the runs of existing studies keep their ids.
 IN_HASH_WHEN_SET = ("num_layers", "eval_steps", "eval_subset", "validation_data", "validation_split", "validation_articles",
                     "validation_questions", "validation_share", "keep", "early_stopping_patience")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qatune.errors import FileError, QatuneError, read_json
+from qatune.errors import ConfigError, FileError, QatuneError, read_json
 
 MAX_REPORTED_ERRORS = 10
 
@@ -101,8 +101,9 @@ def load_squad(source: str | Path, split: str | None = None, repair: bool = Fals
     if path.is_file():
         return _load_json(path, repair)
     text = str(source)
-    if ":" in text and split is None and not path.exists():
-        text, split = text.rsplit(":", 1)
+    name, named = _named_split(text)
+    if named is not None:  # `name:split`: the id's own split wins over ``split`` (as for the split options)
+        text, split = name, named
     if path.is_dir() and not (path / "dataset_info.json").exists():
         raise SquadDataError(f"{source}: a directory, not a SQuAD JSON file (nor a saved datasets directory); give "
                              f"the file inside it")
@@ -114,6 +115,28 @@ def load_squad(source: str | Path, split: str | None = None, repair: bool = Fals
         raise SquadDataError(f"{source}: no such SQuAD JSON file (check the path; relative paths start "
                              f"from {Path.cwd()})")
     return _load_hf(text, split or "train", repair)
+
+
+def _named_split(source: str) -> tuple[str, str | None]:
+    """``("rajpurkar/squad", "validation")`` for ``rajpurkar/squad:validation``; ``(source, None)`` for a path that
+    exists or a source without a split of its own."""
+    name, sep, split = source.rpartition(":")
+    if not sep or not name or not split or "/" in split or Path(source).exists():
+        return source, None
+    return name, split
+
+
+def source_identity(source: str, split: str) -> tuple[str, str | None]:
+    """What a data option names, to tell two sources apart as :func:`load_squad` reads them: a JSON file by its
+    resolved path (a file is one split), a saved datasets directory by its path and split, a datasets id by its name
+    and split (``name:split`` wins over ``split``). Two options with equal identities hold the same articles."""
+    path = Path(source)
+    if path.is_file() or (not path.exists() and source.endswith((".json", ".gz"))):
+        return str(path.resolve()), None
+    if path.is_dir():
+        return str(path.resolve()), split
+    name, named = _named_split(source)
+    return name, named or split
 
 
 def _load_json(path: Path, repair: bool) -> SquadData:
@@ -395,31 +418,74 @@ def hold_out(data: SquadData, share: float) -> tuple[SquadData, SquadData]:
             data.with_examples([ex for ex in data.examples if ex.title in held]))
 
 
-def load_training(cfg) -> tuple[SquadData, SquadData | None]:
+def load_training(cfg, test: SquadData | None = None) -> tuple[SquadData, SquadData | None]:
     """A run's training data and its validation data (None without): ``validation_data`` with its own articles and
     questions, or ``validation_share`` of the training articles held out before the training questions are drawn.
-    Refuses validation articles that are also training articles (same title)."""
+
+    No article is in two roles: validation articles that are also training articles (same title) are refused, and
+    so is a test (``eval_data``) selection that shares an article with either, whatever the files (dev-v1.1 and
+    dev-v2.0 share their titles). ``test`` is the run's evaluation selection when the caller has it; with
+    ``eval_data`` set it is otherwise loaded here to be checked. SQuAD v2 test data without validation data tunes
+    its null threshold on the test questions (an oracle): refused unless ``oracle_threshold`` (a study sets it off).
+    """
     if not cfg.validation_share:
-        train = load_role(cfg, "train")
-        if not cfg.validation_data:
-            return train, None
-        validation = load_split(cfg.validation_data, cfg.validation_split, cfg.validation_articles,
-                                cfg.validation_questions, VALIDATION_SEED, cfg.repair_answers, "validation")
-        shared = sorted({ex.title for ex in train.examples} & {ex.title for ex in validation.examples})
-        if shared:
-            raise SquadDataError(f"{validation.source}: {len(shared)} validation article(s) are also training "
-                                 f"articles (e.g. {shared[0]!r}); choose validation articles apart from the training "
-                                 f"ones (validation_articles), or hold some out with validation_share")
-        return train, validation
-    articles = load_split(cfg.train_data, cfg.train_split, cfg.train_articles, None, cfg.seed, cfg.repair_answers,
-                          "train")
-    rest, validation = hold_out(articles, cfg.validation_share)
-    try:
-        train = rest.with_examples(subsample(rest.examples, cfg.train_questions, cfg.seed))
-    except SquadDataError as e:
-        raise SquadDataError(f"train_questions (after holding out {len(articles) - len(rest)} questions of "
-                             f"validation articles): {e}") from e
+        train = articles = load_role(cfg, "train")
+        validation = None
+        if cfg.validation_data:
+            validation = load_split(cfg.validation_data, cfg.validation_split, cfg.validation_articles,
+                                    cfg.validation_questions, VALIDATION_SEED, cfg.repair_answers, "validation")
+            _refuse_shared_titles(cfg, train, "train", validation, "validation",
+                                  "choose validation articles apart from the training ones (validation_articles), or "
+                                  "hold some out with validation_share")
+    else:
+        articles = load_split(cfg.train_data, cfg.train_split, cfg.train_articles, None, cfg.seed,
+                              cfg.repair_answers, "train")
+        rest, validation = hold_out(articles, cfg.validation_share)
+        try:
+            train = rest.with_examples(subsample(rest.examples, cfg.train_questions, cfg.seed))
+        except SquadDataError as e:
+            raise SquadDataError(f"train_questions (after holding out {len(articles) - len(rest)} questions of "
+                                 f"validation articles): {e}") from e
+    if test is None and cfg.eval_data:
+        test = load_role(cfg, "eval")
+    if test is not None:
+        # with validation_share the held-out validation articles are training articles too: the test data is
+        # checked against all of train_articles
+        _refuse_shared_titles(cfg, articles, "train", test, "eval",
+                              "test articles must never be trained on: choose eval_data / eval_articles apart from "
+                              "train_data / train_articles")
+        if cfg.validation_data:
+            _refuse_shared_titles(cfg, validation, "validation", test, "eval",
+                                  "choose validation_data / validation_articles apart from the test articles, or hold "
+                                  "some training articles out with validation_share")
+        if validation is None and test.version.startswith("2") and not cfg.oracle_threshold:
+            raise ConfigError(f"{test.source}: SQuAD v2 test data without validation data: its null threshold would "
+                              f"be tuned on the test questions (an oracle); give validation data (validation_share, "
+                              f"e.g. 0.1, or validation_data) so the threshold is tuned there")
     return train, validation
+
+
+ROLE_NAMES = {"train": "training", "validation": "validation", "eval": "test"}
+
+
+def _selection(cfg, role: str, data: SquadData) -> str:
+    """A data selection as a person gave it: its source and its article range ("all articles" when unset)."""
+    if role == "validation" and cfg.validation_share:
+        return f"validation_share {cfg.validation_share} of {_selection(cfg, 'train', data)}"
+    spec = getattr(cfg, f"{role}_articles")
+    return f"{data.source} ({f'{role}_articles {spec!r}' if spec else 'all articles'})"
+
+
+def _refuse_shared_titles(cfg, first: SquadData, first_role: str, second: SquadData, second_role: str,
+                          fix: str) -> None:
+    """Refuse ``second`` when one of its articles (by title) is one of ``first``'s: the same article in two roles
+    (training, validation, test). Blank titles (datasets without a title column) tell nothing and are left out."""
+    shared = sorted(({ex.title for ex in first.examples} & {ex.title for ex in second.examples}) - {""})
+    if shared:
+        shown = ", ".join(repr(t) for t in shared[:3]) + (f" and {len(shared) - 3} more" if len(shared) > 3 else "")
+        raise SquadDataError(f"{_selection(cfg, second_role, second)}: {len(shared)} {ROLE_NAMES[second_role]} "
+                             f"article(s) are also {ROLE_NAMES[first_role]} articles of "
+                             f"{_selection(cfg, first_role, first)}, by title: {shown}; {fix}")
 
 
 def load_role(cfg, role: str) -> SquadData:

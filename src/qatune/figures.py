@@ -48,7 +48,8 @@ def _factorial(study_dir: Path, a: Analysis) -> str | None:
 
 
 def _expected_max(study_dir: Path, a: Analysis) -> str | None:
-    """Expected best validation F1 per arm against the configurations tried (Dodge et al. 2019)."""
+    """Expected best validation F1 per arm against the configurations tried, at one budget, with its SD band
+    (Dodge et al. 2019)."""
     from qatune.tuning import expected_max_curves
 
     curves = expected_max_curves(a.tuning)
@@ -57,10 +58,13 @@ def _expected_max(study_dir: Path, a: Analysis) -> str | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for arm, points in sorted(curves.items()):
-        ax.plot([p["trials"] for p in points], [p["expected_f1"] for p in points], marker="o", label=arm)
-    _axes(ax, "configurations tried", "expected best validation F1", "Expected maximum validation F1 (tuning budget)",
-          legend=8)
+    for c in sorted(curves, key=lambda c: c["arm"]):
+        n = [p["trials"] for p in c["curve"]]
+        mean, sd = np.array([p["expected_f1"] for p in c["curve"]]), np.array([p["sd"] for p in c["curve"]])
+        line, = ax.plot(n, mean, marker="o", label=f"{c['arm']} (at step {c['budget_steps']})")
+        ax.fill_between(n, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
+    _axes(ax, "configurations tried", "expected best validation F1 (± SD)",
+          "Expected maximum validation F1 at the first rung's budget", legend=8)
     return _save(fig, study_dir, "expected_max.png")
 
 

@@ -261,8 +261,11 @@ def _best_threshold(
     """
     cur_score: float = sum(1 for qid in scores if not has_answer[qid])
     best_score = cur_score
-    best_thresh = 0.0
     ordered = sorted((qid for qid in na_probs if qid in scores), key=lambda qid: na_probs[qid])
+    # "abstain on everything" needs a threshold below every na_prob: the official script starts at 0.0, made for
+    # probabilities; null-score differences (a run's null odds) can be negative, and then it starts below them
+    lowest = na_probs[ordered[0]] if ordered else 0.0
+    best_thresh = 0.0 if lowest >= 0.0 else lowest - 1.0
     for qid in ordered:
         if has_answer[qid]:
             diff: float = scores[qid]

@@ -44,9 +44,9 @@ def project(study: Study, slots: int, threads: int | None, runs_per_device: int 
     GPU are assumed to share it without gain (each takes that many times longer): an upper bound, since small
     models usually gain from sharing (measure with benchmarks/bench_study.py).
 
-    A tuned configuration's candidates are projected at their share of the halving's steps (which of them go on
-    is not known before they run), without the test evaluation that only the chosen one has, and its chosen value's
-    runs at the other seeds follow as full runs (``per_run`` entries with ``"final": true``)."""
+    A tuned configuration's candidates are projected at their share of the halving's steps up to the deciding rung
+    (which of them go on is not known before they run), without a test evaluation (no candidate has one), and its
+    chosen values' runs at every seed follow as full runs (``per_run`` entries with ``"final": true``)."""
     from qatune.calibrate import StepKey, calibrate, makespan
 
     keys = {r.id: StepKey.from_config(r.config) for r in study.runs}
@@ -56,15 +56,15 @@ def project(study: Study, slots: int, threads: int | None, runs_per_device: int 
     for r in study.runs:
         est, s, g = estimate(r), seconds[keys[r.id]], group_of.get(r.id)
         steps = est["steps"] if g is None else planned_steps(len(g.candidates), g.schedule, study.eta) / len(g.candidates)
-        tested = est["eval_windows"] if g is None else est["eval_windows"] / len(g.candidates)
+        tested = est["eval_windows"] if g is None else 0.0
         per_run.append({"id": r.id, "arm": r.arm, "point": r.point, "steps": steps, "s_per_step": s,
                         "train_pflop": est["train_pflop"] * steps / est["steps"],
-                        "projected_s": _seconds(r.config, steps, s, tested) * runs_per_device})
+                        "projected_s": _seconds(r.config, steps, s, tested) * runs_per_device if steps else 0.0})
         if g is not None and r.id == g.candidates[-1][1].id:
             finals += [{"id": f"{g.id}/seed={seed}", "arm": g.arm, "point": {**g.point, "seed": seed},
                         "steps": est["steps"], "s_per_step": s, "train_pflop": est["train_pflop"], "final": True,
                         "projected_s": _seconds(r.config, est["steps"], s, est["eval_windows"]) * runs_per_device}
-                       for seed in g.seeds[1:]]
+                       for seed in g.seeds]
     per_run += finals
     wall = makespan([p["projected_s"] for p in per_run], slots, longest_first=False)
     return {"runs": len(per_run), "total_pflop": sum(p["train_pflop"] for p in per_run),
@@ -75,15 +75,28 @@ def project(study: Study, slots: int, threads: int | None, runs_per_device: int 
 
 def _seconds(cfg: TrainConfig, steps: float, s_per_step: float, test_windows: float) -> float:
     """One run alone: start-up, its steps, the learning-curve evaluations (every eval_steps, on eval_subset
-    questions) and the test evaluation."""
+    questions) and the test evaluation (``test_windows``: 0 for a tuning candidate)."""
     from qatune.calibrate import project_run_seconds
 
-    curve = 0.0
-    if cfg.eval_steps:
-        subset = cfg.eval_subset * WINDOWS_PER_QUESTION if cfg.eval_subset else test_windows
-        curve = int(steps // cfg.eval_steps) * subset
+    curve = int(steps // cfg.eval_steps) * curve_windows(cfg) if cfg.eval_steps else 0.0
     return project_run_seconds(steps, s_per_step, test_windows + curve, cfg.batch_size, RUN_OVERHEAD_S,
                                cfg.grad_accum)
+
+
+def curve_windows(cfg: TrainConfig) -> float:
+    """Windows of one learning-curve evaluation: up to eval_subset questions of the validation data (a
+    validation_share of the training articles' questions), else of the evaluation data."""
+    if cfg.validation_data:
+        pool = estimate_windows(cfg.validation_data, cfg.validation_split, cfg.validation_articles,
+                                cfg.validation_questions, cfg.seed)
+    elif cfg.validation_share:
+        pool = cfg.validation_share * estimate_windows(cfg.train_data, cfg.train_split, cfg.train_articles, None,
+                                                       cfg.seed)
+    elif cfg.eval_data:
+        pool = estimate_windows(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions, cfg.seed)
+    else:
+        pool = 0.0
+    return min(pool, cfg.eval_subset * WINDOWS_PER_QUESTION) if cfg.eval_subset else pool
 
 
 def count_params(cfg: TrainConfig) -> dict:
@@ -121,9 +134,9 @@ def dry_run(study: Study, calibrate_here: bool = False, slots: int = 1, threads:
         g = group_of.get(r.id)
         if g is None:
             total += est["train_pflop"]
-        else:  # its share of the halving's steps; the last candidate brings the chosen value's other seeds
+        else:  # its share of the halving's steps; the last candidate brings the chosen values' runs at every seed
             share = planned_steps(len(g.candidates), g.schedule, study.eta) / len(g.candidates) / est["steps"]
-            total += est["train_pflop"] * (share + (len(g.seeds) - 1 if r.id == g.candidates[-1][1].id else 0))
+            total += est["train_pflop"] * (share + (len(g.seeds) if r.id == g.candidates[-1][1].id else 0))
         point = ", ".join(f"{key}={v}" for key, v in r.point.items())
         run_notes.append(rank_note(est, r.config.lora_rank) if r.config.strategy == "lora" else "")
         point += " ‡" if run_notes[-1] else ""
@@ -136,7 +149,7 @@ def dry_run(study: Study, calibrate_here: bool = False, slots: int = 1, threads:
     notes = [*(f"‡ {n}" for n in sorted({n for n in run_notes if n})),
              f"total training compute: {total:.2f} PFLOP (FLOPs per window counted on each model shape at the "
              f"typical padded width, x windows trained; windows estimated from question counts"
-             + ("; tuning candidates at the halving's steps, and the chosen values' runs at the other seeds)"
+             + ("; tuning candidates at the halving's steps, and the chosen values' runs at every seed)"
                 if study.groups else ")")]
     if calibrate_here:
         proj = project(study, slots, threads, runs_per_gpu if gpus else 1, "cuda" if gpus else "cpu")
@@ -156,26 +169,28 @@ def dry_run(study: Study, calibrate_here: bool = False, slots: int = 1, threads:
         notes += tuning_notes(study)
         summary["tuning"] = [{"configuration": g.id, "arm": g.arm, "candidates": len(g.candidates),
                               "rungs": g.schedule, "steps": planned_steps(len(g.candidates), g.schedule, study.eta),
-                              "grid_steps": len(g.candidates) * g.schedule[-1], "final_seeds": len(g.seeds) - 1}
+                              "grid_steps": len(g.candidates) * g.schedule[-1], "final_seeds": len(g.seeds),
+                              "tuning_seed": g.tuning_seed}
                              for g in study.groups]
     return {"summary": summary, "header": header, "rows": rows, "notes": notes}
 
 
 def tuning_notes(study: Study) -> list[str]:
     """What tuning will train: candidates per configuration, the rungs, and the steps halving saves over a grid
-    (configurations of one arm with the same rungs share a line). The table above lists the candidates (first
-    seed); each chosen value then trains with the other seeds."""
+    (configurations of one arm with the same rungs share a line). The table above lists the candidates (at the
+    tuning seed); each chosen value then trains afresh with every seed."""
     alike: dict[tuple, list] = {}
     for g in study.groups:
-        alike.setdefault((g.arm, len(g.candidates), tuple(g.schedule), len(g.seeds)), []).append(g)
+        alike.setdefault((g.arm, len(g.candidates), tuple(g.schedule), len(g.seeds), g.tuning_seed), []).append(g)
     out = []
-    for (arm, candidates, schedule, seeds), groups in alike.items():
+    for (arm, candidates, schedule, seeds, seed), groups in alike.items():
         steps = planned_steps(candidates, list(schedule), study.eta) * len(groups)
         grid = candidates * schedule[-1] * len(groups)
         where = (", ".join(f"{k}={v}" for k, v in groups[0].point.items()) or "its one configuration"
                  if len(groups) == 1 else f"{len(groups)} configurations")
         each = " each" if len(groups) > 1 else ""
-        out.append(f"tuning {arm} at {where}: {candidates} candidates{each} ({study.method}, eta {study.eta}), "
-                   f"rungs at steps {list(schedule)}: {steps:,} candidate steps instead of {grid:,} for the grid "
-                   f"({steps / grid:.0%}); then the chosen value with {seeds - 1} more seed(s)")
+        out.append(f"tuning {arm} at {where}: {candidates} candidates{each} at seed {seed} ({study.method}, eta "
+                   f"{study.eta}), rungs at steps {list(schedule)}, chosen at the first rung that leaves one: "
+                   f"{steps:,} candidate steps instead of {grid:,} for the grid ({steps / grid:.0%}); then the "
+                   f"chosen value with {seeds} seed(s), each a fresh final run")
     return out

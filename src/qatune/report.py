@@ -5,14 +5,16 @@ What a reviewer needs to trust each sentence:
 * **What one configuration is**: a run's resolved configuration without its seed (:func:`config.config_id`),
   so only seeds are averaged. The report covers the study file's latest registered grid; rows of earlier
   grids stay in ``study.sqlite`` and are reported only when asked (``all_runs``).
-* **Every number carries its uncertainty**: 95% intervals from a two-level bootstrap (seeds within each
-  configuration, questions shared by all; :mod:`qatune.stats`), scored per question with the official rules
-  of the data's SQuAD version.
-* **No winner's curse**: when an arm of the headline has several configurations, the best is chosen on a
-  fixed *selection* part of the evaluation questions and the difference is tested on the disjoint rest.
-* **Families are corrected**: the "rank makes no difference" tests get Holm-adjusted p-values.
-* **Findings claim only what an interval supports**: a difference is stated only when its interval
-  excludes zero.
+* **Every number carries its uncertainty**: 95% t intervals with seeds and articles as sampled units
+  (:mod:`qatune.stats`; coverage measured in ``benchmarks/bench_coverage.py``), scored per question with the
+  official rules of the data's SQuAD version; each configuration's per-seed scores are shown beside them.
+* **No winner's curse**: configurations are chosen on validation data (or, without it, on a fixed *selection*
+  part of the evaluation questions with the difference tested on the disjoint rest); a tuning choice that the
+  validation questions cannot separate from the runner-up is said to be so.
+* **Families are corrected**: the verdict's claims (headline, volume interaction, factorial effects) share one
+  Holm adjustment; the rank tests another.
+* **Findings claim only what the adjusted p-value supports**: a difference is stated only when its Holm-adjusted
+  p-value is below 5%.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from qatune.analysis import (
 )
 from qatune.figures import figures
 from qatune.render import to_html, to_markdown
-from qatune.stats import Contrast
+from qatune.stats import P_FLOOR, Contrast
 from qatune.tuning import expected_max_curves, stable_from
 
 
@@ -60,7 +62,23 @@ def _ci(c: Contrast, digits: int = 1, signed: bool = False) -> str:
 
 
 def _p(p: float) -> str:
-    return f"{p:.4f}" if p >= 0.0001 else "< 0.0001"
+    """A p-value for a table cell: below P_FLOOR a bound, since nothing that small is resolved by the data."""
+    return f"{p:.4f}" if p >= P_FLOOR else f"< {P_FLOOR:g}"
+
+
+def _pp(p: float, name: str = "p") -> str:
+    """A p-value in a sentence: 'p = 0.0123' or 'p < 0.0001'."""
+    return f"{name} = {p:.4f}" if p >= P_FLOOR else f"{name} < {P_FLOOR:g}"
+
+
+def _claim(c: Contrast, family: int) -> str:
+    """The p-values behind a claim: raw, and Holm-adjusted over the verdict's family when it has one."""
+    held = f", {_pp(c.p_holm, 'Holm p')} over the {family} claims of the verdict" if c.p_holm is not None else ""
+    return _pp(c.p) + held
+
+
+def _significant(c: Contrast) -> bool:
+    return (c.p_holm if c.p_holm is not None else c.p) < 0.05 and c.excludes_zero()
 
 
 def _findings(a: Analysis) -> list[str]:
@@ -68,16 +86,25 @@ def _findings(a: Analysis) -> list[str]:
     for comp in a.comparisons[-1:]:  # the headline: the largest volume both arms trained on
         f1, x, y = comp["f1"], comp["a"], comp["b"]
         where = _where(comp, a.split)
-        if f1.excludes_zero():
+        if _significant(f1):
             win, lose = (x, y) if f1.estimate > 0 else (y, x)
             lo, hi = sorted((abs(f1.ci_low), abs(f1.ci_high)))
             out.append(f"**{win.label}** beats **{lose.label}** by {abs(f1.estimate):.2f} F1 points (95% CI {lo:.2f} "
-                       f"to {hi:.2f}, p = {_p(f1.p)}) at {int(comp['volume'])} training questions{where}, training "
-                       f"{win.runs[0]['costs']['trainable_percent']:.2f}% vs "
+                       f"to {hi:.2f}, {_claim(f1, len(a.family))}) at {int(comp['volume'])} training "
+                       f"questions{where}, training {win.runs[0]['costs']['trainable_percent']:.2f}% vs "
                        f"{lose.runs[0]['costs']['trainable_percent']:.2f}% of the weights.")
         else:
             out.append(f"**{x.label}** and **{y.label}** are not distinguishable at {int(comp['volume'])} training "
-                       f"questions: F1 difference {_ci(f1, 2, True)} (95% CI), p = {_p(f1.p)}{where}.")
+                       f"questions: F1 difference {_ci(f1, 2, True)} (95% CI), {_claim(f1, len(a.family))}{where}.")
+    for f in a.factorial[:1]:  # the largest volume
+        effects = [(f"full − LoRA on {m}", f["strategy_effect"][m]) for m in f["models"]]
+        effects += [(f"{f['models'][0]} − {f['models'][1]} with {s}", f["model_effect"][s]) for s in f["strategies"]]
+        effects.append(("the model × strategy interaction", f["interaction"]))
+        held = [f"{name} {_ci(c, 2, True)}" for name, c in effects if _significant(c)]
+        unknown = [name for name, c in effects if not _significant(c)]
+        out.append(f"Model and strategy at {int(f['volume'])} training questions (Holm over the {len(a.family)} "
+                   f"claims of the verdict): " + ("; ".join(held) + " hold" if held else "no effect holds")
+                   + (f"; not distinguishable from zero: {', '.join(unknown)}." if unknown else "."))
     for t in a.rank_tests:
         means = np.array(t["f1"])
         lo_r, hi_r = t["ranks"][int(np.argmin(means))], t["ranks"][int(np.argmax(means))]
@@ -88,21 +115,28 @@ def _findings(a: Analysis) -> list[str]:
         out.append(f"{t['arm']} ({fixed or 'one setting'}) at {int(t['volume'])} questions: F1 goes from "
                    f"{means.min():.2f} (r={lo_r}) to {means.max():.2f} (r={hi_r}) across ranks "
                    f"{t['ranks'][0]}–{t['ranks'][-1]}" + (f", each rank at its own tuned {own}" if own else "")
-                   + f"; Holm-adjusted p = {_p(t['p_holm'])} over {len(a.rank_tests)} test(s): {verdict} at the 5% "
-                   f"level." + (f" With these seeds the test cannot go below p = {_p(t['smallest_p'])}: more seeds "
-                                f"are needed for a verdict." if (t.get("smallest_p") or 0) > 0.05 else ""))
+                   + f"; {_pp(t['p_holm'], 'Holm-adjusted p')} over {len(a.rank_tests)} test(s): {verdict} at the "
+                   f"5% level.")
     if a.interaction:
         it, (lo, hi) = a.interaction["f1"], a.interaction["volumes"]
         (alo, blo), (ahi, bhi) = a.interaction["pairs"]
         gap = f"gap {ahi.arm} − {bhi.arm}"
-        if it.excludes_zero():
+        if _significant(it):
             more = ahi.arm if it.estimate > 0 else bhi.arm
             out.append(f"More data helps **{more}** more: the F1 {gap} changes by {it.estimate:+.2f} points from "
                        f"{int(lo)} to {int(hi)} training questions (95% CI {it.ci_low:+.2f} to {it.ci_high:+.2f}, "
-                       f"p = {_p(it.p)}).")
+                       f"{_claim(it, len(a.family))}).")
         else:
             out.append(f"No detectable change of the F1 {gap} between {int(lo)} and {int(hi)} training questions: "
-                       f"{_ci(it, 2, True)} (95% CI), p = {_p(it.p)}.")
+                       f"{_ci(it, 2, True)} (95% CI), {_claim(it, len(a.family))}.")
+    loose = [t for t in a.tuning if t.get("separable") is False]
+    if loose:
+        out.append("Tuning choices the validation questions cannot separate from the runner-up (paired 95% interval "
+                   "of the margin includes zero): " + "; ".join(
+                       f"{t['arm']} {_where_tuned(t)}: {t['chosen']} over {t['runner_up']} by "
+                       f"{t['margin']:+.2f} [{t['margin_ci'][0]:+.2f}, {t['margin_ci'][1]:+.2f}]" for t in loose)
+                   + ". Their configurations' scores hold for the values chosen; another of those values may do as "
+                     "well, and a rerun may choose it.")
     flags = [(r, converged(r.get("curve"))) for r in a.done]
     known = [(r, f) for r, f in flags if f is not None]
     if not known:
@@ -125,6 +159,10 @@ def _findings(a: Analysis) -> list[str]:
     if len(a.done) < len(a.covered):
         out.append(f"Based on {len(a.done)} of {len(a.covered)} runs; the missing ones may change these numbers.")
     return out
+
+
+def _where_tuned(t: dict) -> str:
+    return "(" + (", ".join(f"{k}={v}" for k, v in t["point"].items() if k != "train_questions") or "one setting") + ")"
 
 
 def _where(comp: dict, split: dict | None) -> str:
@@ -185,10 +223,15 @@ def _reading_blocks(a: Analysis) -> list[tuple]:
                        if a.scores.version.startswith("2") else "") + ".",
                     "A configuration is a run's full configuration without its seed: only seeds are averaged. "
                     f"Seeds per configuration: {', '.join(map(str, seeds))}.",
-                    "Intervals are 95% percentile intervals of a two-level bootstrap: each configuration's seeds "
-                    "are resampled, and so are the evaluation questions (the same draw for every configuration in a "
-                    "comparison, so comparisons are paired)"
+                    "Intervals are 95% t intervals in which seeds and articles are sampled units: a configuration's "
+                    "run-to-run variance (unbiased, over its seeds, with few seeds' uncertainty in the t quantile) "
+                    "plus the variance of the evaluation questions clustered by article (the same questions for "
+                    "every configuration, so comparisons are paired); never narrower than Welch's t interval on the "
+                    "runs' means. Their coverage is measured by simulation (`benchmarks/bench_coverage.py`)"
                     + ("; with one seed they cover question sampling only." if seeds == [1] else "."),
+                    "Multiplicity: the verdict's claims (" + (", ".join(a.family) or "none yet") + ") share one Holm "
+                    "adjustment, and a finding states a difference only when its Holm-adjusted p is below 5%; the "
+                    "rank tests are a family of their own. p-values below 0.0001 are printed as a bound.",
                     ("Headline: no comparison yet (an arm of the headline has no finished run)." if not a.comparisons
                      else f"Headline choice without bias: where an arm of the headline has several configurations, "
                      f"the best is chosen on a fixed selection part of the evaluation questions "
@@ -226,7 +269,7 @@ def _table_blocks(a: Analysis, marks: dict) -> list[tuple]:
                       ("p", "Every configuration at the largest data volume; EM and F1: mean over seeds [95% "
                             "interval]. ‡ marks a LoRA rank at or beyond the width of the adapted layers, † runs "
                             "slowed by other load.")]
-    header = ["configuration", "train q", "seeds", "EM", "F1"]
+    header = ["configuration", "train q", "seeds", "EM", "F1", "F1 per seed"]
     if v2:
         header += ["HasAns F1", "NoAns F1", "best F1 (threshold)"]
     header += ["converged", "trainable %", "train PFLOP", "train s"]
@@ -238,7 +281,7 @@ def _table_blocks(a: Analysis, marks: dict) -> list[tuple]:
             body = []
         iv = a.intervals[c.id]
         row = [c.label + (" ‡" if c.notes else ""), f"{int(c.volume)}", str(len(c.runs)), _ci(iv["em"]),
-               _ci(iv["f1"])]
+               _ci(iv["f1"]), " / ".join(f"{s['f1']:.1f}" for s in c.seed_scores())]
         if v2:
             m = _v2_means(c)
             row += [f"{m['HasAns_f1']:.1f}" if "HasAns_f1" in m else "—", f"{m['NoAns_f1']:.1f}" if "NoAns_f1" in m
@@ -257,21 +300,22 @@ def _comparison_blocks(a: Analysis) -> list[tuple]:
     b: list[tuple] = [("h2", "Comparisons and tests")]
     if a.comparisons:
         rows = [[f"{int(comp['volume'])}", comp["a"].label, comp["b"].label, " / ".join(map(str, comp["candidates"])),
-                 _ci(comp["f1"], 2, True), _p(comp["f1"].p), _ci(comp["em"], 2, True), _p(comp["em"].p),
-                 str(comp["f1"].questions)] for comp in a.comparisons]
+                 _ci(comp["f1"], 2, True), _p(comp["f1"].p), _p(comp["f1"].p_holm), _ci(comp["em"], 2, True),
+                 _p(comp["em"].p), str(comp["f1"].questions)] for comp in a.comparisons]
         b += [("p", f"Headline arms `{a.headline[0]}` − `{a.headline[1]}` (from `[study] headline`), at each data "
                     f"volume; 'candidates' counts the configurations each arm had to choose from."),
-              ("table", ["train q", "A", "B", "candidates", "F1 diff [95% CI]", "p", "EM diff [95% CI]", "p",
-                         "test questions"], rows)]
+              ("table", ["train q", "A", "B", "candidates", "F1 diff [95% CI]", "p", "Holm p", "EM diff [95% CI]",
+                         "p", "test questions"], rows)]
     if a.interaction:
         it, (lo, hi) = a.interaction["f1"], a.interaction["volumes"]
         b.append(("p", f"Data-volume interaction: change of the F1 difference A − B from {int(lo)} to {int(hi)} "
-                       f"training questions = {_ci(it, 2, True)}, p = {_p(it.p)} (same test questions, bootstrap "
-                       f"over seeds and questions)."))
+                       f"training questions = {_ci(it, 2, True)}, {_claim(it, len(a.family))} (same test questions; "
+                       f"seeds and articles sampled)."))
     if a.rank_tests:
-        b += [("p", "Does LoRA rank matter? A permutation test per arm and setting of 'F1 does not depend on rank' "
-                    "(statistic: range of the rank means); p-values Holm-adjusted over the family. A large p-value "
-                    "means no detectable effect, not proof that there is none."),
+        b += [("p", "Does LoRA rank matter? Per arm and setting, the test of 'F1 does not depend on rank': the t "
+                    "test of each pair of ranks (seeds and articles sampled, as every interval here), Bonferroni over "
+                    "the pairs; p-values Holm-adjusted over the family. A large p-value means no detectable effect, "
+                    "not proof that there is none."),
               ("table", ["arm", "train q", "setting", "F1 by rank", "p", "Holm p", "method"],
                [[t["arm"], f"{int(t['volume'])}", ", ".join([*(f"{k}={v}" for k, v in t["fixed"].items()
                                                               if k != "train_questions"),
@@ -287,10 +331,13 @@ def _tuning_blocks(a: Analysis) -> list[tuple]:
     if not a.tuning:
         return []
     b: list[tuple] = [("h2", "Tuning (validation data only)"),
-                      ("p", "Each configuration's candidates trained with the first seed and were compared on "
-                            "validation F1 (at the last step each reached: successive halving stops the weaker ones "
-                            "early); the chosen value's runs, with every seed, are the ones reported below. No "
-                            "candidate was scored on the test questions.")]
+                      ("p", "Each configuration's candidates trained with a tuning seed that no final run uses and "
+                            "were compared on validation F1 (at the last step each reached: successive halving stops "
+                            "the weaker ones early); the chosen value then trained afresh with every seed, and those "
+                            "runs are the ones reported below, so the choice does not select their luck. No "
+                            "candidate was scored on the test questions. 'margin' is the chosen value's validation F1 "
+                            "minus the runner-up's where they were compared, with its 95% interval paired over the "
+                            "validation questions; 'separable' says whether that interval excludes zero.")]
     rows = []
     for t in a.tuning:
         where = ", ".join(f"{k}={v}" for k, v in t["point"].items()) or "—"
@@ -298,8 +345,12 @@ def _tuning_blocks(a: Analysis) -> list[tuple]:
                           else f"{x['value']}: —" for x in t["tried"])
         chosen = "not yet" if t["chosen"] is None else str(t["chosen"]) + (" (at the edge: widen the range)"
                                                                            if t["at_edge"] else "")
-        rows.append([t["arm"], where, str(t["option"]), tried, chosen])
-    b.append(("table", ["arm", "configuration", "option", "tried: validation F1 @ steps", "chosen"], rows))
+        margin = "—" if t.get("margin") is None else f"{t['margin']:+.2f}" + (
+            f" [{t['margin_ci'][0]:+.2f}, {t['margin_ci'][1]:+.2f}]" if t.get("margin_ci") else "")
+        separable = {True: "yes", False: "**no**", None: "—"}[t.get("separable")]
+        rows.append([t["arm"], where, str(t["option"]), tried, chosen, margin, separable])
+    b.append(("table", ["arm", "configuration", "option", "tried: validation F1 @ steps", "chosen",
+                        "margin over runner-up [95% CI]", "separable"], rows))
     return b
 
 
@@ -312,17 +363,19 @@ def _factorial_blocks(a: Analysis) -> list[tuple]:
         return b + [("p", a.factorial_note)]
     b.append(("p", "Each cell is its arm at the configuration chosen as the headline chooses (on validation F1, "
                    "else on the selection questions); F1 and the effects are measured on the test questions, each "
-                   "effect with its two-level bootstrap interval. Strategy effect: full − LoRA within a model; model effect: the first model − "
+                   "effect with its 95% interval (seeds and articles sampled) and its Holm-adjusted p over the "
+                   "verdict's claims. Strategy effect: full − LoRA within a model; model effect: the first model − "
                    "the second within a strategy; interaction: how much the strategy effect changes between models."))
     for f in a.factorial:
         (m1, m2) = f["models"]
         b.append(("h3", f"{int(f['volume'])} training questions ({f['test_questions']} test questions)"))
-        b.append(("table", ["model", "full F1", "LoRA F1", "full − LoRA [95% CI]", "p"],
+        b.append(("table", ["model", "full F1", "LoRA F1", "full − LoRA [95% CI]", "p", "Holm p"],
                   [[m, f"{f['f1'][(m, 'full')]:.2f}", f"{f['f1'][(m, 'lora')]:.2f}",
-                    _ci(f["strategy_effect"][m], 2, True), _p(f["strategy_effect"][m].p)] for m in f["models"]]))
+                    _ci(f["strategy_effect"][m], 2, True), _p(f["strategy_effect"][m].p),
+                    _p(f["strategy_effect"][m].p_holm)] for m in f["models"]]))
         b.append(("ul", [f"model effect ({m1} − {m2}) with {s} fine-tuning: {_ci(f['model_effect'][s], 2, True)}, "
-                         f"p = {_p(f['model_effect'][s].p)}" for s in f["strategies"]]
-                  + [f"interaction: {_ci(f['interaction'], 2, True)}, p = {_p(f['interaction'].p)}"]))
+                         f"{_claim(f['model_effect'][s], len(a.family))}" for s in f["strategies"]]
+                  + [f"interaction: {_ci(f['interaction'], 2, True)}, {_claim(f['interaction'], len(a.family))}"]))
     return b
 
 
@@ -393,11 +446,12 @@ def summary(a: Analysis) -> dict:
         return {"mean": c.estimate, "ci_low": c.ci_low, "ci_high": c.ci_high}
 
     def contrast(c: Contrast) -> dict:
-        return {"diff": c.estimate, "ci_low": c.ci_low, "ci_high": c.ci_high, "p": c.p, "questions": c.questions,
-                "seeds": list(c.seeds)}
+        return {"diff": c.estimate, "ci_low": c.ci_low, "ci_high": c.ci_high, "p": c.p, "p_holm": c.p_holm,
+                "questions": c.questions, "articles": c.articles, "seeds": list(c.seeds), "df": c.df, "se": c.se,
+                "seed_share": c.seed_share}
 
     configs = [{"id": c.id, "arm": c.arm, "label": c.label, "point": c.point, "train_questions": c.volume,
-                "seeds": len(c.runs), "run_ids": [r["id"] for r in c.runs], "em": interval(a.intervals[c.id]["em"]),
+                "seeds": c.seed_scores(), "run_ids": [r["id"] for r in c.runs], "em": interval(a.intervals[c.id]["em"]),
                 "f1": interval(a.intervals[c.id]["f1"]),
                 "converged": [converged(r.get("curve")) for r in c.runs], "notes": c.notes,
                 "best_step": [(r["costs"].get("validation") or {}).get("best_step") for r in c.runs],
@@ -411,8 +465,9 @@ def summary(a: Analysis) -> dict:
                     "f1": contrast(comp["f1"]), "em": contrast(comp["em"])} for comp in a.comparisons]
     tests: dict = {"rank": [dict(t) for t in a.rank_tests], "volume_interaction": None}
     expected = expected_max_curves(a.tuning)
-    stable = (stable_from(expected[a.headline[0]], expected[a.headline[1]])
-              if a.headline and all(arm in expected for arm in a.headline) else None)
+    by_arm = {e["arm"]: e["curve"] for e in expected}
+    stable = (stable_from(by_arm[a.headline[0]], by_arm[a.headline[1]])
+              if a.headline and all(arm in by_arm for arm in a.headline) else None)
     if a.interaction:
         (alo, blo), (ahi, bhi) = a.interaction["pairs"]
         tests["volume_interaction"] = {"train_questions": list(a.interaction["volumes"]),
@@ -420,7 +475,7 @@ def summary(a: Analysis) -> dict:
                                        "f1": contrast(a.interaction["f1"]), "em": contrast(a.interaction["em"])}
     return {"squad_version": a.scores.version, "runs": len(a.covered), "finished": len(a.done),
             "other_rows": a.other_rows, "questions": len(a.questions), "configurations": configs,
-            "comparisons": comparisons, "tests": tests, "factorial_note": a.factorial_note,
+            "comparisons": comparisons, "tests": tests, "verdict_family": a.family, "factorial_note": a.factorial_note,
             "tuning": a.tuning, "expected_max": expected, "expected_max_stable_at": stable,
             "factorial": [{"train_questions": f["volume"], "models": f["models"], "strategies": f["strategies"],
                            "cells": {m: {s: f["f1"][(m, s)] for s in f["strategies"]} for m in f["models"]},

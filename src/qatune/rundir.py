@@ -8,6 +8,8 @@ export agree on what a run leaves behind and on when it can be trusted::
     metrics.json       EM/F1 of the evaluation (also beside `qatune evaluate` outputs)
     predictions.json   {question id: answer}; nbest.json, null_odds.json (SQuAD v2) beside it
     curve.json         learning-curve points so far (kept across an interruption)
+    question_scores.json  F1 (0-100) of every learning-curve question at each curve step: {step: {question id: f1}}
+    pauses.json        a tuning candidate's validation F1 at each step it paused at (a study's rungs): {step: f1}
     progress.json      step, speed and where it runs, every few seconds (advisory, for --status)
     model/             the trained model or LoRA adapter, tokenizer and inference configuration
     checkpoints/       checkpoint-<step>/ folders, each with the configuration it was trained with (config.json)
@@ -37,6 +39,8 @@ PREDICTIONS = "predictions.json"
 NBEST = "nbest.json"
 NULL_ODDS = "null_odds.json"
 CURVE = "curve.json"
+QUESTION_SCORES = "question_scores.json"
+PAUSES = "pauses.json"
 PROGRESS = "progress.json"
 MODEL = "model"
 CHECKPOINTS = "checkpoints"
@@ -186,6 +190,42 @@ class RunDir:
             return [p for p in json.loads((self.path / CURVE).read_text(encoding="utf-8")) if p["step"] <= through_step]
         except (OSError, ValueError, TypeError, KeyError):
             return []
+
+    def write_question_scores(self, step: int, scores: dict[str, float]) -> None:
+        """The per-question F1 (0-100) of the learning-curve questions at ``step``, merged into
+        question_scores.json (one key per step, ``str(step)``), atomically."""
+        steps = {str(k): v for k, v in self.read_question_scores().items()}
+        steps[str(step)] = scores
+        write_json_atomic(self.path / QUESTION_SCORES, dict(sorted(steps.items(), key=lambda kv: int(kv[0]))))
+
+    def read_question_scores(self) -> dict[int, dict[str, float]]:
+        """{step: {question id: F1 (0-100)}} of the learning-curve steps so far; {} when missing or damaged."""
+        try:
+            raw = json.loads((self.path / QUESTION_SCORES).read_text(encoding="utf-8"))
+            return {int(step): {str(q): float(f1) for q, f1 in scores.items()} for step, scores in raw.items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+
+    def keep_question_scores(self, through_step: int) -> None:
+        """Drop the question scores of steps after ``through_step`` (an interrupted attempt's, past the checkpoint
+        the run resumes from; all of them for a run that starts afresh)."""
+        steps = self.read_question_scores()
+        if any(step > through_step for step in steps):
+            write_json_atomic(self.path / QUESTION_SCORES,
+                              {str(k): v for k, v in sorted(steps.items()) if k <= through_step})
+
+    def write_pause(self, step: int, score: float) -> None:
+        """A tuning candidate paused at ``step`` with validation F1 ``score`` (kept to rebuild a study's store)."""
+        pauses = {str(k): v for k, v in self.read_pauses().items()}
+        pauses[str(step)] = score
+        write_json_atomic(self.path / PAUSES, pauses)
+
+    def read_pauses(self) -> dict[int, float]:
+        """{step: validation F1} of every pause of a tuning candidate; {} when none (or damaged)."""
+        try:
+            return {int(k): float(v) for k, v in json.loads((self.path / PAUSES).read_text(encoding="utf-8")).items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
 
 
 def write_evaluation(out: Path, metrics: dict, decoded=None, version_2: bool = False) -> None:

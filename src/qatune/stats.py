@@ -1,13 +1,26 @@
-"""Statistics for reports: intervals that resample seeds and questions, permutation tests, Holm's correction.
+"""Statistics for reports: contrasts between configurations with seeds and articles as sampled units, Holm's
+correction, the Pareto front.
 
-A study's scores vary for two reasons: which evaluation questions were drawn, and which training seed a run
-had. :func:`bootstrap_contrast` resamples both (a two-level bootstrap): questions are shared by every cell of
-a comparison (paired), seeds are drawn independently within each configuration. With one seed per cell it is
-the ordinary paired bootstrap over questions. Everything scipy can do (permutation tests) is done by scipy.
+A study's scores vary for three reasons: which training seed a run had, which articles the evaluation questions
+came from, and which questions of those articles were drawn. :func:`contrast` estimates a linear combination of
+configuration means (a difference, an interaction) with a variance made of two parts:
+
+* **seeds**: each configuration's run means (over the shared questions) vary from seed to seed; their unbiased
+  variance (n - 1) over n runs, with n - 1 degrees of freedom, as Welch's t-test on run means has it;
+* **questions, clustered by article**: the per-question contrast (seeds averaged) is resampled in thought by
+  article, the cluster-robust (CR1) variance of its mean with (articles - 1) degrees of freedom; the run-to-run
+  noise of single questions, already inside the seed part, is subtracted once so that it is not counted twice.
+
+The interval is t-based with the Welch-Satterthwaite degrees of freedom of the sum, and never narrower than the seed
+part's own t interval (Welch's t interval on the run means): at three seeds the small-sample
+uncertainty of the seed variance is carried into the interval. Its coverage is measured by simulation in
+``benchmarks/bench_coverage.py`` (and guarded by ``tests/test_stats.py``). With one seed per configuration the seed
+part cannot be estimated and the interval covers question sampling only (the report says so).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -15,13 +28,12 @@ import numpy as np
 from scipy import stats
 
 LEVEL = 0.95
-N_BOOT = 10000
-N_PERM = 9999
+P_FLOOR = 1e-4  # p-values below this are printed as a bound
 
 
 @dataclass(frozen=True)
 class Contrast:
-    """A linear combination of configuration means with its percentile interval and two-sided p-value."""
+    """A linear combination of configuration means with its t interval and two-sided p-value."""
 
     estimate: float
     ci_low: float
@@ -29,6 +41,11 @@ class Contrast:
     p: float
     questions: int
     seeds: tuple[int, ...]  # seeds per cell
+    articles: int  # clusters of the question part (0: questions taken as independent)
+    df: float  # degrees of freedom of the interval's t quantile
+    se: float
+    seed_share: float  # share of the variance that comes from the seeds
+    p_holm: float | None = None  # adjusted over its family of claims, where the report has one
 
     def excludes_zero(self) -> bool:
         return self.ci_low > 0 or self.ci_high < 0
@@ -37,79 +54,94 @@ class Contrast:
         return {**asdict(self), "seeds": list(self.seeds)}
 
 
-def _counts(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
-    """Bootstrap weights: for each of ``rows`` resamples, how often each of ``n`` items was drawn, over n."""
-    idx = rng.integers(0, n, size=(rows, n)) + n * np.arange(rows)[:, None]
-    return np.bincount(idx.ravel(), minlength=rows * n).reshape(rows, n) / n
+def _codes(groups: Sequence | None, n: int) -> np.ndarray:
+    """Cluster index of each question: its article, or itself when articles are not known or only one is there."""
+    if groups is not None:
+        codes = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+        if codes.max(initial=0) >= 1:
+            return codes
+    return np.arange(n)
 
 
-def bootstrap_contrast(cells: Sequence[np.ndarray], weights: Sequence[float], n_resamples: int = N_BOOT,
-                       seed: int = 0, level: float = LEVEL, chunk: int = 250) -> Contrast:
-    """Two-level bootstrap of ``sum_c weights[c] * mean(cells[c])``.
+@dataclass(frozen=True)
+class _Parts:
+    estimate: float
+    seed_var: np.ndarray  # per cell: w^2 s^2 / n (0 with one seed)
+    seed_df: np.ndarray  # per cell: n - 1
+    question_cov: np.ndarray  # (cells, cells) cluster-robust covariance of the cells' question means
+    noise: np.ndarray  # per cell: the run-to-run noise of single questions inside question_cov (also in seed_var)
+    clusters: int
 
-    Each cell is a (seeds, questions) score matrix; every cell has the same questions in the same order. One
-    resample draws the questions once for all cells (paired) and each cell's seeds on their own, so the
-    interval covers both question sampling and run-to-run variation. The p-value is the two-sided bootstrap
-    one (twice the smaller tail beyond zero), so p < 1 - level exactly when the interval excludes zero.
+
+def _parts(cells: list[np.ndarray], groups: Sequence | None) -> _Parts:
+    n_q = cells[0].shape[1]
+    codes = _codes(groups, n_q)
+    k = int(codes.max()) + 1
+    means = np.stack([c.mean(axis=0) for c in cells], axis=1)  # (questions, cells): seeds averaged
+    dev = means - means.mean(axis=0)
+    sums = np.stack([np.bincount(codes, dev[:, j], minlength=k) for j in range(len(cells))], axis=1)
+    cov = k / (k - 1) * sums.T @ sums / n_q**2 if k > 1 else np.zeros((len(cells), len(cells)))
+    seed_var, seed_df, noise = np.zeros(len(cells)), np.zeros(len(cells)), np.zeros(len(cells))
+    for j, c in enumerate(cells):
+        n = c.shape[0]
+        if n < 2:
+            continue
+        seed_var[j] = c.mean(axis=1).var(ddof=1) / n
+        seed_df[j] = n - 1
+        resid = c - c.mean(axis=1, keepdims=True) - c.mean(axis=0, keepdims=True) + c.mean()
+        noise[j] = (resid**2).sum() / ((n - 1) * max(n_q - 1, 1)) / (n * n_q)
+    return _Parts(0.0, seed_var, seed_df, cov, noise, k)
+
+
+def _t_p(estimate: float, var: float, df: float) -> float:
+    if var <= 0:
+        return 1.0 if estimate == 0 else 0.0
+    return float(2 * stats.t.sf(abs(estimate) / np.sqrt(var), df))
+
+
+def contrast(cells: Sequence[np.ndarray], weights: Sequence[float], groups: Sequence | None = None,
+             level: float = LEVEL) -> Contrast:
+    """``sum_c weights[c] * mean(cells[c])`` with its interval and p-value (see the module docstring).
+
+    Each cell is a (seeds, questions) score matrix; every cell has the same questions in the same order, and
+    ``groups`` gives each question's article (None: questions are independent). The p-value agrees with the
+    interval: p < 1 - level exactly when the interval excludes zero.
     """
     cells = [np.atleast_2d(np.asarray(c, dtype=float)) for c in cells]
     n_q = cells[0].shape[1]
     if any(c.shape[1] != n_q for c in cells) or n_q == 0:
         raise ValueError("every cell needs the same, non-empty set of questions")
-    rng = np.random.default_rng(seed)
-    boots = []
-    for start in range(0, n_resamples, chunk):
-        b = min(chunk, n_resamples - start)
-        q = _counts(rng, b, n_q)
-        total = np.zeros(b)
-        for w, c in zip(weights, cells):
-            s = _counts(rng, b, c.shape[0])
-            total += w * np.einsum("bs,bs->b", s, q @ c.T)
-        boots.append(total)
-    boot = np.concatenate(boots)
-    tail = (1 - level) / 2
-    lo, hi = np.quantile(boot, [tail, 1 - tail])
-    below, above = int((boot <= 0).sum()), int((boot >= 0).sum())
-    p = min(1.0, (2 * min(below, above) + 1) / (n_resamples + 1))
-    estimate = float(sum(w * c.mean() for w, c in zip(weights, cells)))
-    return Contrast(estimate, float(lo), float(hi), p, n_q, tuple(c.shape[0] for c in cells))
+    w = np.asarray(weights, dtype=float)
+    parts = _parts(cells, groups)
+    estimate = float(sum(wj * c.mean() for wj, c in zip(w, cells)))
+    vs_cells = w**2 * parts.seed_var
+    vs = float(vs_cells.sum())
+    raw = float(w @ parts.question_cov @ w)
+    vq = max(raw - float(w**2 @ parts.noise), 0.0)
+    # the noise removed was estimated precisely, so what is left keeps the raw estimate's absolute error: fewer df
+    dq = max(parts.clusters - 1, 1) * (vq / raw) ** 2 if raw > 0 else 1.0
+    seeded = parts.seed_df > 0
+    df_s = vs**2 / float((vs_cells[seeded] ** 2 / parts.seed_df[seeded]).sum()) if vs > 0 else np.inf
+    total = vs + vq
+    df = total**2 / ((vs**2 / df_s if vs > 0 else 0.0) + (vq**2 / dq if vq > 0 else 0.0)) if total > 0 else np.inf
+    # never narrower than Welch's t interval on the run means (the seed part alone)
+    candidates = [(total, df), (vs, df_s)]
+    tail = (1 + level) / 2
+    half = max(stats.t.ppf(tail, d) * np.sqrt(v) for v, d in candidates if v > 0) if total > 0 else 0.0
+    p = max(_t_p(estimate, v, d) for v, d in candidates if v > 0) if total > 0 else _t_p(estimate, 0.0, 1.0)
+    return Contrast(estimate, estimate - float(half), estimate + float(half), p, n_q,
+                    tuple(c.shape[0] for c in cells), parts.clusters if parts.clusters < n_q else 0, float(df),
+                    float(np.sqrt(total)), vs / total if total > 0 else 0.0)
 
 
-def _spread(*samples, axis=-1):
-    """Range of the sample means: large when one configuration differs from the others."""
-    means = np.stack([np.mean(s, axis=axis) for s in samples], axis=0)
-    return np.ptp(means, axis=0)
-
-
-def equality_test(cells: Sequence[np.ndarray], n_resamples: int = N_PERM, seed: int = 0) -> tuple[float, str]:
-    """p-value of "these configurations score alike" and the method used, from (seeds, questions) matrices.
-
-    With one seed per configuration the configurations are permuted within each question (scipy, paired
-    samples): this covers question sampling only. With at least two seeds everywhere whole runs are permuted
-    between configurations (their mean over the questions), which covers run-to-run variation; a run-level
-    test with one seed could never reject, so it is not used then.
-    """
+def equality_test(cells: Sequence[np.ndarray], groups: Sequence | None = None) -> float:
+    """p-value of "these configurations score alike", from (seeds, questions) matrices on shared questions: the
+    smallest p of the pairwise :func:`contrast` differences, Bonferroni-adjusted over the pairs (two
+    configurations: their difference's p)."""
     cells = [np.atleast_2d(np.asarray(c, dtype=float)) for c in cells]
-    rng = np.random.default_rng(seed)
-    if min(c.shape[0] for c in cells) >= 2:
-        runs = [c.mean(axis=1) for c in cells]
-        res = stats.permutation_test(runs, _spread, permutation_type="independent", vectorized=True,
-                                     n_resamples=n_resamples, alternative="greater", rng=rng)
-        return float(res.pvalue), "runs permuted between configurations"
-    cols = [c.mean(axis=0) for c in cells]
-    res = stats.permutation_test(cols, _spread, permutation_type="samples", vectorized=True,
-                                 n_resamples=n_resamples, alternative="greater", rng=rng)
-    return float(res.pvalue), "configurations permuted within each question"
-
-
-def smallest_p(runs_per_configuration: Sequence[int], n_resamples: int = N_PERM) -> float:
-    """The smallest p-value the run-level test of :func:`equality_test` can give with these numbers of runs (that of
-    perfectly separated configurations): with 3 runs each for two configurations it is 0.1, so no such test can
-    reject at the 5% level however large the difference."""
-    apart = [np.arange(n, dtype=float) + 1e6 * k for k, n in enumerate(runs_per_configuration)]
-    res = stats.permutation_test(apart, _spread, permutation_type="independent", vectorized=True,
-                                 n_resamples=n_resamples, alternative="greater", rng=np.random.default_rng(0))
-    return float(res.pvalue)
+    pairs = list(itertools.combinations(range(len(cells)), 2))
+    smallest = min(contrast([cells[i], cells[j]], [1.0, -1.0], groups).p for i, j in pairs)
+    return float(min(1.0, len(pairs) * smallest))
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qatune.errors import QatuneError
-from qatune.tuning import pause_step, survivors
+from qatune.tuning import pause_step, promote
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -62,12 +62,17 @@ CREATE TABLE IF NOT EXISTS grids (
 # Columns for claims, progress and learning curves, added to databases written before they existed.
 CLAIM_COLUMNS = {"owner": "TEXT", "lease_until": "REAL", "heartbeat_at": "REAL", "worker": "TEXT",
                  "step": "INTEGER", "total_steps": "INTEGER", "ord": "INTEGER", "curve": "TEXT",
-                 # tuning candidates: their configuration group, stage (candidate | paused | pruned | chosen), the
-                 # rung they train towards, the step they pause at (NULL: to the end) and [{rung, step, f1}]
+                 # tuning candidates: their configuration group, stage (candidate | paused | pruned | winner; chosen:
+                 # an earlier version's winner, which went on to its test evaluation), the rung they train towards,
+                 # the step they pause at and [{rung, step, f1}]
                  "grp": "TEXT", "stage": "TEXT", "rung": "INTEGER", "pause_at": "INTEGER", "scores": "TEXT"}
 DECISIONS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (grp TEXT PRIMARY KEY, chosen TEXT NOT NULL, decided_at REAL NOT NULL);
 """
+# A decision's winning candidate and the step of the rung that chose it; ``failed``: why none could be chosen (no
+# candidate reached a rung: ``chosen`` is then null), until --retry-failed.
+DECISION_COLUMNS = {"winner": "TEXT", "step": "INTEGER", "failed": "TEXT"}
+TERMINAL_STAGES = ("paused", "pruned", "winner")  # a candidate in one of these is not claimed
 
 
 @dataclass(frozen=True)
@@ -162,14 +167,15 @@ def _open(path: Path) -> sqlite3.Connection:
         db.execute(SCHEMA)
         db.execute(GRID_SCHEMA)
         db.execute(DECISIONS_SCHEMA)
-        have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
-        for name, kind in CLAIM_COLUMNS.items():
-            if name not in have:
-                try:
-                    db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
-                except sqlite3.OperationalError as e:
-                    if "duplicate column" not in str(e):  # another driver added it a moment ago: fine
-                        raise
+        for table, columns in (("runs", CLAIM_COLUMNS), ("decisions", DECISION_COLUMNS)):
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns.items():
+                if name not in have:
+                    try:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+                    except sqlite3.OperationalError as e:
+                        if "duplicate column" not in str(e):  # another driver added it a moment ago: fine
+                            raise
     except BaseException:
         db.close()
         raise
@@ -311,7 +317,7 @@ def claim(db: sqlite3.Connection, ids: Sequence[str], owner: Owner, lease_s: flo
     wanted = set(ids)
     with _immediate(db):
         for row in db.execute("SELECT id, status, owner, lease_until, attempts FROM runs WHERE status IN "
-                              "('pending', 'running') AND COALESCE(stage, '') NOT IN ('paused', 'pruned') "
+                              "('pending', 'running') AND COALESCE(stage, '') NOT IN ('paused', 'pruned', 'winner') "
                               "ORDER BY ord, created_at, id").fetchall():
             if row["id"] not in wanted:
                 continue
@@ -373,16 +379,28 @@ def release(db: sqlite3.Connection, rid: str, owner: Owner) -> None:
 
 
 def retry_failed(db: sqlite3.Connection, ids: Sequence[str]) -> int:
-    """Make the failed runs among ``ids`` pending again with a fresh attempt budget."""
-    with db:
-        return sum(db.execute("UPDATE runs SET status='pending', attempts=0 WHERE id=? AND status='failed'",
-                              (rid,)).rowcount for rid in ids)
+    """Make the failed runs among ``ids`` pending again with a fresh attempt budget; a tuned configuration that
+    failed (no candidate reached a rung) is undecided again, its failed candidates going on from their checkpoints."""
+    with _immediate(db):
+        count, groups = 0, set()
+        for rid in ids:
+            row = db.execute("SELECT grp FROM runs WHERE id=? AND status='failed' AND COALESCE(stage, '') != 'pruned'",
+                             (rid,)).fetchone()
+            if row is None:
+                continue
+            count += db.execute("UPDATE runs SET status='pending', attempts=0 WHERE id=?", (rid,)).rowcount
+            if row["grp"]:
+                groups.add(row["grp"])
+        for grp in groups:
+            db.execute("DELETE FROM decisions WHERE grp=? AND failed IS NOT NULL", (grp,))
+        return count
 
 
 def statuses(db: sqlite3.Connection, ids: Sequence[str]) -> dict[str, str]:
-    """Each run's status; a tuning candidate waiting for its rung's decision is "paused", a dropped one "pruned"."""
+    """Each run's status; a tuning candidate waiting for its rung's decision is "paused", a dropped one "pruned",
+    the chosen one "winner" (its values' final runs are other runs)."""
     wanted = set(ids)
-    return {r["id"]: r["stage"] if r["stage"] in ("paused", "pruned") else r["status"]
+    return {r["id"]: r["stage"] if r["stage"] in TERMINAL_STAGES else r["status"]
             for r in db.execute("SELECT id, status, stage FROM runs") if r["id"] in wanted}
 
 
@@ -412,45 +430,107 @@ def pause(db: sqlite3.Connection, rid: str, owner: Owner, step: int, score: floa
                    "WHERE id=?", (json.dumps(scores), rid))
 
 
-def decide(db: sqlite3.Connection, grp: str, schedule: Sequence[int], eta: int, values: dict[str, dict]) -> dict | None:
-    """When every live candidate of ``grp`` waits at its rung: promote the best 1/eta to the next rung (pausing at
-    its step), prune the rest; at the last rung the best is chosen and finishes. Returns the chosen values once
-    decided (from ``values``: run id -> tuned values), else None. One transaction, so drivers agree."""
-    with _immediate(db):
-        done = db.execute("SELECT chosen FROM decisions WHERE grp=?", (grp,)).fetchone()
-        if done is not None:
-            return json.loads(done["chosen"])
-        rows = db.execute("SELECT id, status, stage, rung, scores FROM runs WHERE grp=? ORDER BY ord, id",
-                          (grp,)).fetchall()
-        live = [r for r in rows if r["stage"] in ("candidate", "paused") and r["status"] != "failed"]
-        if not live or any(r["stage"] != "paused" for r in live):
-            return None
-        rung = live[0]["rung"]
-        last = rung == len(schedule) - 1
+@dataclass(frozen=True)
+class Decision:
+    """A tuned configuration's outcome: its chosen values (from its ``winner`` candidate, scored at ``step``; None
+    for a lone candidate, chosen without training), or ``error`` when no candidate reached a rung (``chosen``
+    None). ``new``: taken by this call, not read back."""
 
-        def score(r) -> float:
-            return next(s["f1"] for s in json.loads(r["scores"]) if s["rung"] == rung)
-        ranked = sorted(live, key=lambda r: -score(r))  # stable: the first of equals in study order
-        keep = [r["id"] for r in ranked[:survivors(len(live), eta, last)]]
-        for r in live:
-            if r["id"] in keep and last:
-                db.execute("UPDATE runs SET stage='chosen', pause_at=NULL WHERE id=?", (r["id"],))
-            elif r["id"] in keep:
+    chosen: dict | None
+    winner: str | None = None
+    step: int | None = None
+    error: str | None = None
+    new: bool = False
+
+
+def decide(db: sqlite3.Connection, grp: str, schedule: Sequence[int], eta: int,
+           values: dict[str, dict]) -> Decision | None:
+    """Take the rung decision of ``grp`` if it can be taken now; returns its :class:`Decision` once there is one
+    (now or before), else None. One transaction, so drivers agree.
+
+    A rung is decided when none of its candidates is still on its way: among those that reached it (paused with
+    a score there) the best 1/eta (of those that set out) are promoted, to pause at the next rung; the rest, and
+    the candidates that failed every attempt on the way, are pruned. The values are chosen (the best candidate
+    becomes the ``winner``) at the first rung that leaves one, or at the last. When no candidate reached a rung,
+    the configuration fails with their errors (``failed``), so that nobody waits for it. A lone candidate is
+    chosen without training. ``values``: run id -> tuned values."""
+    with _immediate(db):
+        done = db.execute("SELECT * FROM decisions WHERE grp=?", (grp,)).fetchone()
+        if done is not None:
+            return Decision(json.loads(done["chosen"]), done["winner"], done["step"], done["failed"])
+        rows = db.execute("SELECT id, status, stage, rung, scores, error FROM runs WHERE grp=? ORDER BY ord, id",
+                          (grp,)).fetchall()
+        if len(rows) == 1 and rows[0]["stage"] == "candidate" and rows[0]["status"] == "pending":
+            return _decided(db, grp, rows[0]["id"], values, None)  # nothing to compare: no training
+        alive = [r for r in rows if r["stage"] in ("candidate", "paused")]
+        if not alive:
+            return None
+        rung = max(r["rung"] for r in alive)
+        behind = [r for r in alive if r["rung"] < rung and r["status"] == "failed"]  # an earlier version's leftovers
+        alive = [r for r in alive if r["rung"] == rung]
+        if any(r["stage"] == "candidate" and r["status"] != "failed" for r in alive):
+            return None  # still on its way
+        reached = [r for r in alive if r["stage"] == "paused"]
+        failed = [r for r in alive if r["stage"] == "candidate"] + behind
+        if not reached:
+            where = f"step {schedule[rung]}" if rung < len(schedule) - 1 else "the end of its run"
+            error = (f"no candidate reached {where} (rung {rung + 1} of {len(schedule)}): "
+                     + "; ".join(f"{r['id']}: {_first_line(r['error'])}" for r in failed))
+            db.execute("INSERT INTO decisions (grp, chosen, decided_at, failed) VALUES (?, 'null', ?, ?)",
+                       (grp, time.time(), error))
+            return Decision(None, error=error, new=True)
+
+        def score(r) -> tuple[str, float]:
+            return r["id"], next(s["f1"] for s in json.loads(r["scores"]) if s["rung"] == rung)
+        kept, decided = promote([score(r) for r in reached], len(alive), eta, rung == len(schedule) - 1)
+        for r in failed:  # failed on the way: out, with its error kept
+            db.execute("UPDATE runs SET stage='pruned' WHERE id=?", (r["id"],))
+        for r in reached:
+            if r["id"] not in kept:
+                db.execute("UPDATE runs SET stage='pruned' WHERE id=?", (r["id"],))
+            elif not decided:
                 db.execute("UPDATE runs SET stage='candidate', rung=?, pause_at=? WHERE id=?",
                            (rung + 1, pause_step(schedule, rung + 1), r["id"]))
-            else:
-                db.execute("UPDATE runs SET stage='pruned' WHERE id=?", (r["id"],))
-        if not last:
+        if not decided:
             return None
-        chosen = values[keep[0]]
-        db.execute("INSERT INTO decisions (grp, chosen, decided_at) VALUES (?, ?, ?)",
-                   (grp, json.dumps(chosen), time.time()))
-        return chosen
+        step = next(s["step"] for s in json.loads(next(r for r in reached if r["id"] == kept[0])["scores"])
+                    if s["rung"] == rung)
+        return _decided(db, grp, kept[0], values, step)
+
+
+def _decided(db: sqlite3.Connection, grp: str, winner: str, values: dict[str, dict], step: int | None) -> Decision:
+    chosen = values[winner]
+    db.execute("UPDATE runs SET stage='winner', pause_at=NULL WHERE id=?", (winner,))
+    db.execute("INSERT INTO decisions (grp, chosen, decided_at, winner, step) VALUES (?, ?, ?, ?, ?)",
+               (grp, json.dumps(chosen), time.time(), winner, step))
+    return Decision(chosen, winner, step, new=True)
+
+
+def _first_line(error: str | None) -> str:
+    return error.strip().splitlines()[0][:200] if error and error.strip() else "failed"
+
+
+def restore_tuning(db: sqlite3.Connection, grp: str, stages: dict[str, dict], decision: Decision | None) -> None:
+    """Put a tuned configuration's candidates (registered) in the given state (``{stage, rung, pause_at, scores}``
+    by run id), and its decision if there is one (rebuilding a damaged store)."""
+    with _immediate(db):
+        for rid, st in stages.items():
+            db.execute("UPDATE runs SET grp=?, stage=?, rung=?, pause_at=?, scores=? WHERE id=?",
+                       (grp, st["stage"], st["rung"], st["pause_at"], json.dumps(st["scores"]), rid))
+        if decision is not None:
+            db.execute("INSERT OR REPLACE INTO decisions (grp, chosen, decided_at, winner, step) VALUES (?, ?, ?, ?, ?)",
+                       (grp, json.dumps(decision.chosen), time.time(), decision.winner, decision.step))
 
 
 def decisions(db: sqlite3.Connection) -> dict[str, dict]:
-    """The chosen tuned values of every decided configuration group."""
-    return {r["grp"]: json.loads(r["chosen"]) for r in db.execute("SELECT grp, chosen FROM decisions")}
+    """The chosen tuned values of every decided configuration group (not those that failed)."""
+    return {r["grp"]: json.loads(r["chosen"]) for r in db.execute("SELECT grp, chosen, failed FROM decisions")
+            if r["failed"] is None}
+
+
+def failed_decisions(db: sqlite3.Connection) -> dict[str, str]:
+    """Tuned configurations none of whose candidates reached a rung, with why (their errors)."""
+    return {r["grp"]: r["failed"] for r in db.execute("SELECT grp, failed FROM decisions WHERE failed IS NOT NULL")}
 
 
 def extend_grid(db: sqlite3.Connection, ids: Sequence[str]) -> None:

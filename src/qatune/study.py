@@ -18,7 +18,7 @@ from qatune.record import exact_match
 from qatune.rundir import RunDir
 from qatune.studyfile import Group, Run, Study
 from qatune.tracking import StudyTracker
-from qatune.tuning import pause_step
+from qatune.tuning import pause_step, promote
 
 LEASE_S = 120.0  # a run whose driver stopped renewing its lease this long ago is claimed again
 STATUS_EVERY_S = 30.0
@@ -69,6 +69,8 @@ class _Driver:
         self.db = None
         self.tracker = None
         self.group_of: dict[str, Group] = {}  # candidate run id -> its tuned configuration
+        self.decided: set[str] = set()  # configurations whose decision this driver knows (chosen or failed)
+        self.seen: dict[str, str] = {}  # run statuses when this driver last looked for decisions to take
 
     def open(self, retry_failed: bool) -> None:
         self.db = store.connect(self.study.directory)
@@ -77,12 +79,17 @@ class _Driver:
         for g in self.study.groups:
             store.register_candidates(self.db, g.id, [run.id for _, run in g.candidates],
                                       pause_step(g.schedule, 0))
-            self.decide(g)  # a driver that stopped between a pause and its decision left one to make
-        for rid, why in untrusted_finished(self.db, self.study).items():
+        known = set(self.ids)
+        retried = store.retry_failed(self.db, self.ids) if retry_failed else 0  # failed configurations too
+        for g in self.study.groups:
+            self.decide(g)  # a decision left to make (a driver stopped before it), or taken: its final runs
+        for rid, why in untrusted_finished(self.db, list(self.by_id.values())).items():
             store.reopen(self.db, rid, why)
             self.say(f"run {rid} was finished but {why}: training it again")
-        if retry_failed and (n := store.retry_failed(self.db, self.ids)):
-            self.say(f"retrying {n} failed run(s)")
+        if retry_failed:  # the final runs of configurations decided before
+            retried += store.retry_failed(self.db, [r for r in self.ids if r not in known])
+        if retried:
+            self.say(f"retrying {retried} failed run(s)")
         self.tracker = StudyTracker(self.study)
 
     def step(self) -> bool:
@@ -98,7 +105,14 @@ class _Driver:
                     {rid: {"step": p.get("step"), "total_steps": p.get("total_steps"),
                            "worker": _where(self.active[rid], p)} for rid, p in reports.items()})
         if not self.active:
-            if not any(s in ("pending", "running", "paused") for s in store.statuses(self.db, self.ids).values()):
+            states = store.statuses(self.db, self.ids)
+            if states != self.seen:  # a candidate failed or was lost elsewhere: a rung may be decidable now
+                self.seen = states
+                for g in self.study.groups:
+                    if g.id not in self.decided:
+                        self.decide(g)
+                states = store.statuses(self.db, self.ids)
+            if not any(s in ("pending", "running", "paused") for s in states.values()):
                 return False
             if not self.waiting:
                 self.say("waiting: the remaining runs are held by another driver (they are claimed here if it stops)")
@@ -151,18 +165,32 @@ class _Driver:
         else:
             final = store.fail(self.db, o.run_id, self.owner, o.error or o.status, self.max_attempts)
             first = (o.error or o.status).strip().splitlines()[0]
-            self.say(f"  {'failed' if final else 'attempt failed (will retry)'}: {o.run_id}: {first}")
+            candidate = " (a tuning candidate, left out of the choice)" if final and o.run_id in \
+                self.group_of else ""
+            self.say(f"  {'failed' if final else 'attempt failed (will retry)'}: {o.run_id}{candidate}: {first}")
+            if final and o.run_id in self.group_of:
+                self.decide(self.group_of[o.run_id])  # its rung may wait for it alone
 
     def decide(self, group: Group) -> None:
-        """Promote or prune a rung's candidates when they are all in; once chosen, add the other seeds' runs."""
+        """Promote or prune a rung's candidates when they are all in; once chosen, add the chosen values' final runs
+        (every seed, each a fresh run); a configuration none of whose candidates reached a rung is reported failed."""
         values = {run.id: v for v, run in group.candidates}
-        chosen = store.decide(self.db, group.id, group.schedule, self.study.eta, values)
-        if chosen is None:
+        decision = store.decide(self.db, group.id, group.schedule, self.study.eta, values)
+        if decision is None:
             return
-        finals = [group.run(chosen, seed) for seed in group.seeds[1:]]
+        self.decided.add(group.id)
+        where = f"{group.arm} ({', '.join(f'{k}={v}' for k, v in group.point.items()) or 'its one configuration'})"
+        if decision.chosen is None:
+            if decision.new:
+                self.say(f"  tuning failed for {where}, configuration {group.id}: {decision.error}")
+            return
+        finals = [group.run(decision.chosen, seed) for seed in group.seeds]
         new = [r for r in finals if r.id not in self.by_id]
         if new:
-            self.say(f"  chose {chosen} for {group.arm} {group.point or ''}: training its other seeds")
+            if decision.new:
+                at = f" at step {decision.step}" if decision.step is not None else " (its only candidate)"
+                self.say(f"  chose {decision.chosen} for {where}{at} (candidate {decision.winner}): training it "
+                         f"with seed(s) {', '.join(map(str, group.seeds))}")
             store.register(self.db, new)
             store.extend_grid(self.db, [r.id for r in new])
             self.ids += [r.id for r in new]
@@ -203,11 +231,11 @@ def register(db, study: Study) -> None:
     store.register(db, study.runs)
 
 
-def untrusted_finished(db, study: Study) -> dict[str, str]:
-    """Finished runs of this study whose run directory no longer holds what the report needs (deleted,
-    damaged, or another configuration's files), with the reason."""
+def untrusted_finished(db, runs: list[Run]) -> dict[str, str]:
+    """Finished runs among ``runs`` whose run directory no longer holds what the report needs (deleted, damaged, or
+    another configuration's files), with the reason."""
     out = {}
-    by_id = {r.id: r for r in study.runs}
+    by_id = {r.id: r for r in runs}
     for row in store.rows(db, by_id):
         if row["status"] == "finished":
             record, why = RunDir(row["output_dir"]).finished_record(by_id[row["id"]].config)
@@ -216,9 +244,24 @@ def untrusted_finished(db, study: Study) -> dict[str, str]:
     return out
 
 
+def with_finals(study: Study, chosen: dict[str, dict]) -> list[Run]:
+    """The study's runs with the final runs of its tuned configurations decided so far (``chosen``: the store's
+    decisions): each configuration's chosen values at every seed, listed after its candidates."""
+    last = {g.candidates[-1][1].id: g for g in study.groups if g.id in chosen}
+    out = []
+    for run in study.runs:
+        out.append(run)
+        if run.id in last:
+            g = last[run.id]
+            out += [g.run(chosen[g.id], seed) for seed in g.seeds]
+    return out
+
+
 def rebuild_store(study: Study) -> dict[str, int]:
     """A new study.sqlite from the run directories (the damaged one is moved aside): each run whose directory
-    holds its finished record is finished, every other run is pending (it resumes from its checkpoints)."""
+    holds its finished record is finished, every other run is pending (it resumes from its checkpoints). A tuned
+    configuration's rungs are replayed from the scores its candidates saved when they paused (``pauses.json``), so
+    the same values are chosen and their final runs are found again; a rung not complete is left to be finished."""
     if store.exists(study.directory):
         try:
             store.connect(study.directory, wait_s=5).close()
@@ -231,8 +274,21 @@ def rebuild_store(study: Study) -> dict[str, int]:
     aside = store.set_aside(study.directory)
     db = store.connect(study.directory)
     register(db, study)
+    chosen = {}
+    for g in study.groups:
+        stages, decision = replay(g, study.eta)
+        store.restore_tuning(db, g.id, stages, decision)
+        if decision is not None:
+            chosen[g.id] = decision.chosen
+    runs = with_finals(study, chosen)
+    finals = [r for r in runs if r.id not in {x.id for x in study.runs}]
+    store.register(db, finals)
+    store.extend_grid(db, [r.id for r in finals])
     counts = {"finished": 0, "pending": 0}
-    for run in study.runs:
+    candidates = {run.id for g in study.groups for _, run in g.candidates}
+    for run in runs:
+        if run.id in candidates:
+            continue
         run_dir = RunDir(run.config.output_dir)
         record, _ = run_dir.finished_record(run.config)
         if record is None:
@@ -240,28 +296,71 @@ def rebuild_store(study: Study) -> dict[str, int]:
             continue
         store.restore(db, run.id, record.metrics, record.costs(), record.curve, run_dir.record.stat().st_mtime)
         counts["finished"] += 1
+    if study.groups:
+        counts["tuned"] = len(chosen)
     db.close()
     return {**counts, "set_aside": str(aside) if aside else None}
 
 
+def replay(group: Group, eta: int) -> tuple[dict[str, dict], store.Decision | None]:
+    """A tuned configuration's rungs taken again from its candidates' saved pause scores, by the driver's rule
+    (:func:`qatune.tuning.promote`): each candidate's ``{stage, rung, pause_at, scores}``, and the decision if one
+    was reached."""
+    ids = [run.id for _, run in group.candidates]
+    values = {run.id: v for v, run in group.candidates}
+    pauses = {run.id: RunDir(run.config.output_dir).read_pauses() for _, run in group.candidates}
+    stages = {rid: {"stage": "candidate", "rung": 0, "pause_at": pause_step(group.schedule, 0), "scores": []}
+              for rid in ids}
+    if len(ids) == 1:
+        stages[ids[0]]["stage"] = "winner"
+        return stages, store.Decision(values[ids[0]], ids[0])
+    alive, n = ids, len(group.schedule)
+    for k, step in enumerate(group.schedule):
+        last = k == n - 1
+        reached = {}
+        after = group.schedule[k - 1] if k else 0  # a rung's pause: after the one before, at its step or before
+        for rid in alive:  # (a run shorter than its estimated steps pauses at its end), the last one at the end
+            at = max((s for s in pauses[rid] if after < s and (last or s <= step)), default=None)
+            if at is not None:
+                reached[rid] = at
+                stages[rid]["scores"].append({"rung": k, "step": at, "f1": pauses[rid][at]})
+        for rid in alive:
+            stages[rid].update(rung=k, pause_at=pause_step(group.schedule, k),
+                               stage="paused" if rid in reached else "candidate")
+        if len(reached) < len(alive):
+            return stages, None  # this rung is still on
+        kept, decided = promote([(rid, pauses[rid][reached[rid]]) for rid in alive], len(alive), eta, last)
+        for rid in alive:
+            if rid not in kept:
+                stages[rid]["stage"] = "pruned"
+        if decided:
+            stages[kept[0]].update(stage="winner", pause_at=None)
+            return stages, store.Decision(values[kept[0]], kept[0], reached[kept[0]])
+        alive = kept
+    return stages, None
+
+
 def status(study: Study) -> list[dict]:
-    """Each run of the study file as it is now (``status`` "not started" before its first claim):
-    ``{run, status, attempts, step, total_steps, worker, owner, error, metrics, train_s}``. Creates nothing.
+    """Each run of the study file as it is now, the final runs of its tuned configurations decided so far among
+    them (``status`` "not started" before its first claim): ``{run, status, attempts, step, total_steps, worker,
+    owner, error, metrics, train_s, stage, scores}`` (``stage``, ``scores``: a tuning candidate's, else None).
+    Creates nothing.
 
     What the store says is checked against what is true: a finished run whose directory no longer holds its
     results is "to retrain" (the next ``qatune study`` trains it again), and a running run whose driver is gone
     or whose lease ran out is "stopped" (the next ``qatune study`` resumes it from its checkpoint)."""
-    by_id, untrusted = {}, {}
+    by_id, untrusted, runs = {}, {}, study.runs
     if store.exists(study.directory):
         db = store.connect(study.directory)
-        by_id = {r["id"]: r for r in store.rows(db, [r.id for r in study.runs])}
-        untrusted = untrusted_finished(db, study)
+        runs = with_finals(study, store.decisions(db))
+        by_id = {r["id"]: r for r in store.rows(db, [r.id for r in runs])}
+        untrusted = untrusted_finished(db, runs)
         db.close()
     out = []
-    for run in study.runs:
+    for run in runs:
         row = by_id.get(run.id, {})
         state, error = row.get("status", "not started"), row.get("error")
-        if row.get("stage") in ("paused", "pruned"):  # a tuning candidate waiting for its rung, or dropped
+        if row.get("stage") in store.TERMINAL_STAGES:  # a tuning candidate waiting for its rung, dropped or chosen
             state = row["stage"]
         if run.id in untrusted:
             state, error = "to retrain", f"finished, but {untrusted[run.id]}: the next qatune study trains it again"
@@ -271,8 +370,19 @@ def status(study: Study) -> list[dict]:
         out.append({"run": run, "status": state, "attempts": row.get("attempts", 0), "step": row.get("step"),
                     "total_steps": row.get("total_steps"), "worker": row.get("worker"), "owner": row.get("owner"),
                     "error": error, "metrics": (row.get("metrics") or {}) if state == "finished" else {},
-                    "train_s": (row.get("costs") or {}).get("train_s") if state == "finished" else None})
+                    "train_s": (row.get("costs") or {}).get("train_s") if state == "finished" else None,
+                    "stage": row.get("stage"), "scores": row.get("scores")})
     return out
+
+
+def failed_configurations(study: Study) -> list[tuple[Group, str]]:
+    """The tuned configurations none of whose candidates reached a rung, with why (their errors)."""
+    if not store.exists(study.directory):
+        return []
+    db = store.connect(study.directory)
+    failed = store.failed_decisions(db)
+    db.close()
+    return [(g, failed[g.id]) for g in study.groups if g.id in failed]
 
 
 def _driver_gone(row: dict) -> bool:

@@ -19,13 +19,15 @@ from pathlib import Path
 from qatune.config import TrainConfig, config_hash
 from qatune.errors import QatuneError, unreadable
 from qatune.sizes import optimizer_steps
-from qatune.tuning import METHODS, rungs
+from qatune.tuning import METHODS, rungs, tuning_seed
 
 LORA_ONLY = ("lora_rank", "alpha_policy", "lora_alpha", "lora_dropout", "lora_targets")
 # Options the study sets for every run itself: where its files go, resuming, the shared tokenisation cache.
 STUDY_SETS = {"output_dir": "each run's directory is runs/<run id> in the study directory; choose that with --dir",
               "resume": "a study always resumes its runs from their checkpoints",
-              "feature_cache_dir": "the study shares one tokenisation cache, cache/ in the study directory"}
+              "feature_cache_dir": "the study shares one tokenisation cache, cache/ in the study directory",
+              "oracle_threshold": "a study tunes a SQuAD v2 null threshold on validation data, never on the test "
+                                  "questions (give validation_share or validation_data)"}
 
 
 class StudyError(QatuneError, ValueError):
@@ -43,19 +45,21 @@ class Run:
 @dataclass
 class Group:
     """One configuration of a tuned arm (a grid point, seeds aside): its candidates (values of the tuned options)
-    train with the first seed and are compared on validation F1; the chosen one trains with every seed."""
+    train at a seed of their own (``tuning_seed``, none of the final seeds) and are compared on validation F1; the
+    chosen values then train afresh with every seed (the final runs; no candidate is one of them)."""
 
-    id: str  # the configuration without its tuned options and seed
+    id: str  # the configuration without its tuned options, at its tuning seed
     arm: str
     point: dict  # the grid point without the seed
-    candidates: list[tuple[dict, Run]]  # (tuned values, its run at the first seed), in the order tried
-    seeds: list[int]
+    candidates: list[tuple[dict, Run]]  # (tuned values, its run at the tuning seed), in the order tried
+    seeds: list[int]  # the final runs' seeds
     schedule: list[int]  # the rung steps, the last the full run
     settings: dict  # everything else a run of this configuration has
     directory: Path
+    tuning_seed: int = 0  # the candidates' seed: the smallest non-negative whole number not in ``seeds``
 
     def run(self, values: dict, seed: int) -> Run:
-        """The run of these tuned values at ``seed`` (a candidate at the first seed, else a final run)."""
+        """The run of these tuned values at ``seed`` (a candidate at the tuning seed, else a final run)."""
         return _make_run(self.arm, {**self.settings, **values, "seed": seed}, {**self.point, **values, "seed": seed},
                          self.directory)
 
@@ -74,7 +78,7 @@ class Study:
     @property
     def final_runs(self) -> int:
         """Runs that end scored on the test data: every untuned run, and each tuned configuration's chosen values
-        at every seed (its pruned candidates never are)."""
+        at every seed (its candidates never are: they train at the tuning seed and are only validated)."""
         return len(self.runs) - sum(len(g.candidates) for g in self.groups) + sum(len(g.seeds) for g in self.groups)
 
     def size(self) -> str:
@@ -152,11 +156,15 @@ def _tune(path: Path, table, arms: list[dict], arm_grids: dict[str, dict]) -> tu
 
 def _tuned_groups(path: Path, arm: dict, defaults: dict, grid: dict, options: dict, base_dir: Path, method: str,
                   eta: int) -> list[Group]:
-    """The configurations of a tuned arm, each with its candidates at the first seed."""
-    seeds = grid.get("seed") or [defaults.get("seed", arm.get("seed", TrainConfig.seed))]
+    """The configurations of a tuned arm, each with its candidates at the tuning seed. Unless the file (or --set)
+    gives ``eval_subset``, their learning curves, and so the rungs, score all the validation questions."""
+    seeds = grid.get("seed") or [arm.get("seed", defaults.get("seed", TrainConfig.seed))]
     axes = {k: v for k, v in grid.items() if k != "seed"}
+    if not any("eval_subset" in table for table in (defaults, arm, grid)):
+        arm = {**arm, "eval_subset": None}
+    seed = tuning_seed(seeds)
     groups = []
-    for run in _expand(path, arm, defaults, {**axes, "seed": seeds[:1]}, base_dir):
+    for run in _expand(path, arm, defaults, {**axes, "seed": [seed]}, base_dir):
         settings = {k: v for k, v in asdict(run.config).items() if k not in STUDY_SETS and k != "seed"}
         cfg = run.config
         if not cfg.has_validation or not cfg.eval_steps:
@@ -165,12 +173,14 @@ def _tuned_groups(path: Path, arm: dict, defaults: dict, grid: dict, options: di
                              f"that are multiples of eval_steps")
         point = {k: v for k, v in run.point.items() if k != "seed"}
         combos = [dict(zip(options, vs)) for vs in itertools.product(*options.values())]
-        group = Group("", arm["name"], point, [], list(seeds), [], settings, base_dir)
+        group = Group("", arm["name"], point, [], list(seeds), [], settings, base_dir, seed)
         try:
-            group.candidates = [(values, group.run(values, seeds[0])) for values in combos]
+            group.candidates = [(values, group.run(values, seed)) for values in combos]
         except (TypeError, ValueError) as e:
             raise StudyError(f"{path}: [tune.{arm['name']}] at {point or 'its one configuration'}: {e}") from e
-        group.id = config_hash({k: v for k, v in settings.items() if k not in options})
+        # the configuration without its tuned options, at its tuning seed (a store's choices made under the earlier
+        # rule, candidates at the first final seed, are not taken for this one's)
+        group.id = config_hash({**{k: v for k, v in settings.items() if k not in options}, "seed": seed})
         # in epochs, the rungs sit at shares of the estimated steps; the last rung is the run's end either way
         group.schedule = rungs(len(combos), optimizer_steps(cfg), cfg.eval_steps, method, eta)
         groups.append(group)
@@ -320,4 +330,5 @@ def _make_run(arm: str, settings: dict, point: dict, base_dir: Path) -> Run:
     cfg.output_dir = str(base_dir / "runs" / rid)
     cfg.feature_cache_dir = str(base_dir / "cache")
     cfg.resume = True
+    cfg.oracle_threshold = False  # SQuAD v2 test data without validation data is refused when the data loads
     return Run(rid, arm, cfg, point)

@@ -92,8 +92,8 @@ class Recipe:
         reset_peak_memory(state.device)
         t_setup = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg.model)
-        self.train_data, self.val_data = load_training(cfg)
         self.eval_data = load_role(cfg, "eval") if cfg.eval_data else None
+        self.train_data, self.val_data = load_training(cfg, self.eval_data)  # no test article in the training data
         self.infer = InferenceConfig.for_run(cfg, self.train_data.version.startswith("2"))
         self.feats = cached_features(self.train_data.examples, self.tokenizer, cfg.max_seq_length, cfg.doc_stride,
                                      cfg.feature_cache_dir)
@@ -180,6 +180,8 @@ class Recipe:
         self.curve: list[list[float]] = []
         # learning-curve points of an interrupted attempt, up to the checkpoint this one resumed from
         self.eval_curve = self.dir.read_curve(self.start_step) if cfg.eval_steps and self.start_step else []
+        if cfg.eval_steps and self.main:  # and their per-question scores (none for a run that starts afresh)
+            self.dir.keep_question_scores(self.start_step)
         self.keeper = Keeper(cfg.resolved_keep(), cfg.early_stopping_patience, self.dir.checkpoints, self.eval_curve)
         if self.main:
             self.keeper.restore(self.start_step)
@@ -272,7 +274,10 @@ class Recipe:
             self._curve_point(self.end_step)
         if not any(step == self.end_step for step, _ in list_checkpoints(self.dir.checkpoints)):
             self._save_checkpoint(self.end_step)
-        raise Paused(self.end_step, self.keeper.kept()["f1"])
+        score = self.keeper.kept()["f1"]
+        if self.main:
+            self.dir.write_pause(self.end_step, score)
+        raise Paused(self.end_step, score)
 
     def windows_through(self, step: int) -> int:
         """Training windows (all ranks) that went into optimizer steps [0, step): every epoch passes each once."""
@@ -280,17 +285,23 @@ class Recipe:
         return epochs * len(self.feats) + min(batches * self.cfg.batch_size * self.world, len(self.feats))
 
     def _curve_point(self, step: int) -> None:
-        """F1/EM of the model as it is now on the learning-curve questions (its time is not training time)."""
+        """F1/EM of the model as it is now on the learning-curve questions, and each question's F1 (0-100, in
+        question_scores.json); its time is not training time."""
         if self.main:
             from qatune.inference import Reader
+            from qatune.metrics import squad_v1_scores, squad_v2_scores
 
             t = time.perf_counter()
             reader = Reader.live(self.acc.unwrap_model(self.model), self.tokenizer, self.infer, self.precision)
-            m, _ = reader.evaluate(self.curve_data, cache_dir=self.cfg.feature_cache_dir)
+            m, decoded = reader.evaluate(self.curve_data, cache_dir=self.cfg.feature_cache_dir)
             point = {"step": step, "windows": self.windows_through(step), "exact_match": m["exact_match"],
                      "f1": m["f1"]}
             self.keeper.add(point, self.acc.unwrap_model(self.model))
             self.dir.write_curve(self.eval_curve)
+            refs = self.curve_data.references()
+            scores = (squad_v2_scores(refs, decoded.predictions, decoded.null_odds)  # as the curve's F1 counts them
+                      if self.curve_data.version.startswith("2") else squad_v1_scores(refs, decoded.predictions))
+            self.dir.write_question_scores(step, {q: 100 * f1 for q, (_, f1) in scores.items()})
             if self.writer:
                 self.writer.add_scalar("curve/f1", point["f1"], step)
                 self.writer.add_scalar("curve/exact_match", point["exact_match"], step)
@@ -424,7 +435,11 @@ class Recipe:
                   "eval_source": self.eval_data.source if self.eval_data else None,
                   "eval_questions": len(self.eval_data) if self.eval_data else 0,
                   "validation_questions": len(self.val_data) if self.val_data else 0,
-                  "curve_on": ("validation" if self.val_data else "eval") if self.cfg.eval_steps else None},
+                  "curve_on": ("validation" if self.val_data else "eval") if self.cfg.eval_steps else None,
+                  # where a SQuAD v2 null threshold was tuned: "eval" is an oracle (tuned on the test questions)
+                  "null_threshold_on": "validation" if self.val_data and self.val_data.version.startswith("2")
+                  else "eval" if not self.val_data and self.eval_data and self.eval_data.version.startswith("2")
+                  else None},
             params=self.counts,
             metrics=metrics,
             timing={"setup_s": self.setup_s, "train_s": train_s, "eval_s": eval_s,

@@ -3,8 +3,10 @@
 Successive halving (Li et al., "A System for Massively Parallel Hyperparameter Tuning", MLSys 2020; Optuna's
 ``SuccessiveHalvingPruner`` and Ray Tune's ``ASHAScheduler`` implement the same rule): every candidate trains to the
 first rung; the best 1/eta continue to the next, and so on to the full run. A candidate's schedule is its full
-run's, so a promoted candidate continues from its checkpoint and ends exactly as an unpruned run would. ``grid``
-trains every candidate fully. Candidates are compared on validation F1 only.
+run's, so a promoted candidate continues from its checkpoint as an unpruned run would. ``grid`` trains every
+candidate fully. Candidates are compared on validation F1 only, and train at a seed of their own (:func:`tuning_seed`):
+the winner is never a final run. The choice is made at the first rung that leaves one candidate (a lone survivor
+need not train on), else at the last rung.
 """
 
 from __future__ import annotations
@@ -42,22 +44,44 @@ def survivors(alive: int, eta: int, last: bool) -> int:
     return 1 if last else max(1, alive // eta)
 
 
+def tuning_seed(seeds: list[int]) -> int:
+    """The seed candidates train at: the smallest non-negative whole number that is not a final seed, so that no
+    final run is the run its values were chosen on."""
+    return next(s for s in range(len(seeds) + 1) if s not in seeds)
+
+
+def promote(scores: list[tuple[str, float]], entrants: int, eta: int, last: bool) -> tuple[list[str], bool]:
+    """A rung's decision: the ids that go on, best validation F1 first (the first of equals in ``scores``' order),
+    and whether the choice is made (the last rung, or one left). ``scores`` are the candidates that reached the
+    rung; ``entrants`` counts those that set out for it (a candidate that failed on the way is one of them)."""
+    ranked = sorted(scores, key=lambda s: -s[1])  # stable: the first of equals in study order
+    kept = [rid for rid, _ in ranked[:min(len(ranked), survivors(entrants, eta, last))]]
+    return kept, last or len(kept) == 1
+
+
 def planned_steps(candidates: int, schedule: list[int], eta: int) -> int:
-    """Optimizer steps the candidates of one configuration train in all (a promoted one continues, not restarts)."""
+    """Optimizer steps the candidates of one configuration train in all (a promoted one continues, not restarts),
+    up to the rung that decides (one candidate left, or the last); a lone candidate is chosen without training."""
     total, alive, done = 0, candidates, 0
     for k, step in enumerate(schedule):
+        if alive <= 1:
+            break
         total += alive * (step - done)
         done = step
         alive = survivors(alive, eta, k == len(schedule) - 1)
     return total
 
 
-def expected_max(scores: list[float], trials: int) -> float:
-    """Expected best of ``trials`` configurations drawn (with replacement) from those tried: Dodge et al., "Show
-    Your Work" (EMNLP 2019), the closed form over the empirical distribution of the tried scores."""
+def expected_max(scores: list[float], trials: int) -> tuple[float, float]:
+    """Expected best of ``trials`` configurations drawn (with replacement) from those tried, and its standard
+    deviation: Dodge et al., "Show Your Work" (EMNLP 2019), the closed form over the empirical distribution of the
+    tried scores (the band they draw is mean +- this SD)."""
     v = sorted(scores)
     n = len(v)
-    return sum(x * ((i / n) ** trials - ((i - 1) / n) ** trials) for i, x in enumerate(v, 1))
+    weights = [(i / n) ** trials - ((i - 1) / n) ** trials for i in range(1, n + 1)]
+    mean = sum(x * w for x, w in zip(v, weights))
+    second = sum(x * x * w for x, w in zip(v, weights))
+    return mean, max(second - mean * mean, 0.0) ** 0.5
 
 
 def at_edge(values: list, chosen) -> bool:
@@ -95,14 +119,24 @@ def summarize(rows: list[dict], chosen: dict[str, dict]) -> list[dict]:
     return out
 
 
-def expected_max_curves(summary: list[dict]) -> dict[str, list[dict]]:
-    """Per arm, the expected best validation F1 against the number of configurations tried (all its candidates,
-    each at the last rung it reached: a halving study's early scores are at shorter budgets)."""
-    scores: dict[str, list[float]] = {}
+def expected_max_curves(summary: list[dict]) -> list[dict]:
+    """Per arm, the expected best validation F1 against the number of configurations tried, every candidate scored
+    at one budget: the first rung's step, which all of them reached (scores at later rungs would mix budgets).
+    Each curve: ``{"arm", "budget_steps", "curve": [{"trials", "expected_f1", "sd"}]}``."""
+    firsts: dict[str, list[dict]] = {}
     for s in summary:
-        scores.setdefault(s["arm"], []).extend(t["validation_f1"] for t in s["tried"] if t["validation_f1"] is not None)
-    return {arm: [{"trials": n, "expected_f1": expected_max(v, n)} for n in range(1, len(v) + 1)]
-            for arm, v in scores.items() if v}
+        for t in s["tried"]:
+            if t["rungs"]:
+                firsts.setdefault(s["arm"], []).append(t["rungs"][0])
+    out = []
+    for arm, points in firsts.items():
+        budget = min(p["step"] for p in points)
+        scores = [p["validation_f1"] for p in points if p["step"] == budget and p["validation_f1"] is not None]
+        if scores:
+            curve = [dict(zip(("expected_f1", "sd"), expected_max(scores, n)), trials=n)
+                     for n in range(1, len(scores) + 1)]
+            out.append({"arm": arm, "budget_steps": budget, "curve": curve})
+    return out
 
 
 def stable_from(a: list[dict], b: list[dict]) -> int | None:

@@ -62,7 +62,7 @@ def study(args: argparse.Namespace) -> None:
 
 def _run(loaded, args: argparse.Namespace) -> None:
     from qatune.launch import LaunchError, make_launcher
-    from qatune.study import run_study, status
+    from qatune.study import failed_configurations, run_study, status
 
     try:
         launcher = make_launcher(args.launcher, args.workers, args.runs_per_gpu, args.threads, args.ray_address)
@@ -72,16 +72,36 @@ def _run(loaded, args: argparse.Namespace) -> None:
           f"{len(launcher.slots)} at a time ({launcher.slots[0].describe()}{', ...' if len(launcher.slots) > 1 else ''})",
           flush=True)
     counts = run_study(loaded, launcher, max_attempts=args.max_attempts, retry_failed=args.retry_failed)
-    lines = [f"study {loaded.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
-             + f" -> {loaded.directory} (qatune report {loaded.directory})"]
-    emit({"directory": str(loaded.directory), **counts}, args.json, lines)
+    failed_tuning = failed_configurations(loaded)
+    lines = [f"study {loaded.name}: {count_line(counts)} -> {loaded.directory} (qatune report {loaded.directory})"]
+    emit({"directory": str(loaded.directory), **counts,
+          **({"failed_configurations": [g.id for g, _ in failed_tuning]} if failed_tuning else {})}, args.json, lines)
     if counts.get("failed"):
         for s in status(loaded):
             if s["status"] == "failed":
                 print(f"  failed: {s['run'].id} ({s['run'].arm}): "
                       f"{(s['error'] or '?').strip().splitlines()[-1][:200]}", file=sys.stderr)
-        raise CliError(f"{counts['failed']} run(s) failed after {args.max_attempts} attempt(s); their errors: "
+        for g, why in failed_tuning:
+            print(f"  failed: tuned configuration {g.id} ({configuration_name(g)}): {why[:400]}", file=sys.stderr)
+        tuned = (f" ({len(failed_tuning)} tuned configuration(s) none of whose candidates reached a rung: "
+                 f"{', '.join(g.id for g, _ in failed_tuning)})" if failed_tuning else "")
+        raise CliError(f"{counts['failed']} run(s) failed after {args.max_attempts} attempt(s){tuned}; their errors: "
                        f"qatune study {args.file} --status. Fix the cause, then rerun with --retry-failed")
+
+
+TUNING_STAGES = ("winner", "pruned", "paused")  # a candidate's terminal or waiting state, counted apart
+
+
+def count_line(counts: dict[str, int]) -> str:
+    """Run counts as a line: the runs by status, then the tuning candidates by stage ("tuned: 1 winner, ...")."""
+    runs = [f"{v} {k}" for k, v in counts.items() if k not in TUNING_STAGES]
+    tuned = [f"{counts[k]} {k}" for k in TUNING_STAGES if counts.get(k)]
+    return ", ".join(runs) + ("; " if runs and tuned else "") + (f"tuned: {', '.join(tuned)}" if tuned else "")
+
+
+def configuration_name(group) -> str:
+    """A tuned configuration as a reader names it: its arm and grid point."""
+    return f"{group.arm}, " + (", ".join(f"{k}={v}" for k, v in group.point.items()) or "its one configuration")
 
 
 def _rebuild(loaded, as_json: bool) -> None:
@@ -91,6 +111,8 @@ def _rebuild(loaded, as_json: bool) -> None:
     r = rebuild_store(loaded)
     emit(r, as_json, [f"{loaded.directory / DB_FILE}: rebuilt from the run directories: "
                       f"{r['finished']} finished, {r['pending']} pending"
+                      + (f", {r['tuned']} tuned configuration(s) decided again from their candidates' pauses"
+                         if r.get("tuned") else "")
                       + (f" (the old file is {r['set_aside']})" if r["set_aside"] else "")])
 
 
@@ -114,7 +136,7 @@ def _dry_run(loaded, args: argparse.Namespace) -> None:
 
 def _status(loaded, as_json: bool) -> None:
     from qatune.record import exact_match
-    from qatune.study import status
+    from qatune.study import failed_configurations, status
 
     body, runs, counts = [], [], {}
     for k, s in enumerate(status(loaded), 1):
@@ -123,6 +145,12 @@ def _status(loaded, as_json: bool) -> None:
         if state == "running":
             where = (f"step {s['step'] or 0}/{s['total_steps'] or '?'} on {s['worker'] or '?'} "
                      f"[{s['owner'] or ''}]")
+        elif state in TUNING_STAGES:  # a tuning candidate: its validation F1 at the last rung it reached
+            last = (s["scores"] or [{}])[-1]
+            where = (f"tuned: validation F1 {last['f1']:.2f} at step {last['step']}" if last
+                     else "tuned: chosen without training (its only candidate)" if state == "winner" else "tuned")
+            if s["error"]:
+                where += f"; failed: {s['error'].strip().splitlines()[0][:80]}"
         elif s["error"]:
             where = s["error"].strip().splitlines()[0][:100]
         point = ", ".join(f"{key}={v}" for key, v in run.point.items())
@@ -130,8 +158,13 @@ def _status(loaded, as_json: bool) -> None:
                      f"{m['f1']:.2f}" if "f1" in m else "", f"{s['train_s']:.0f}" if s["train_s"] is not None else "",
                      where])
         runs.append({"id": run.id, "arm": run.arm, "status": state, "attempts": s["attempts"], "step": s["step"],
-                     "total_steps": s["total_steps"], "worker": s["worker"]})
+                     "total_steps": s["total_steps"], "worker": s["worker"], "rungs": s["scores"]})
         counts[state] = counts.get(state, 0) + 1
-    emit({"runs": len(body), **counts, "per_run": runs}, as_json,
+    failed_tuning = failed_configurations(loaded)
+    emit({"runs": len(body), **counts, "per_run": runs,
+          "failed_configurations": [{"configuration": g.id, "arm": g.arm, "point": g.point, "error": why}
+                                    for g, why in failed_tuning]}, as_json,
          table(["#", "run", "arm", "grid point", "status", "tries", "EM", "F1", "train s", "progress / error"], body)
-         + [", ".join(f"{v} {k}" for k, v in counts.items())])
+         + [count_line(counts)]
+         + [f"tuning failed: configuration {g.id} ({configuration_name(g)}): {why[:300]} (--retry-failed tries it again)"
+            for g, why in failed_tuning])
