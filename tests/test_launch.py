@@ -190,7 +190,8 @@ def test_a_worker_told_twice_to_stop_saves_one_checkpoint(tmp_path, tiny_model, 
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_the_rerun_continues(tmp_path, tiny_model, train_file):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and what timeout/systemd/schedulers send
+def test_ctrl_c_stops_cleanly_and_the_rerun_continues(tmp_path, tiny_model, train_file, sig):
     path = write_study(tmp_path, tiny_model, train_file, steps=1500, save_steps=5000)
     directory = tmp_path / "s"
     cmd = study_cmd(path, directory, "--set", "train_questions=[12]", "--set", "lora.strategy='full'",
@@ -198,9 +199,10 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_continues(tmp_path, tiny_model, trai
     driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     progress = wait_for(lambda: next(iter(directory.glob("runs/*/progress.json")), None), what="progress")
     time.sleep(1.0)
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(sig)
     out = driver.communicate(timeout=300)[0]
     assert driver.returncode == 130, out
+    assert "stopping 1 run(s): each saves a checkpoint first" in out
     row = db_rows(directory)[progress.parent.name]
     assert row["status"] == "pending" and row["attempts"] == 0  # handed back; the stop used no attempt
     saved = [int(p.name.split("-")[1]) for p in progress.parent.glob("checkpoints/checkpoint-*")]

@@ -97,7 +97,7 @@ def test_set_on_a_grid_key_changes_that_arms_grid_and_is_checked(tmp_path, tiny_
     assert {r.config.seed for r in both.runs} == {2, 3}
     with pytest.raises(StudyError, match=r"arm 'lora' at .*lora_rank.*0"):
         load_study(path, ["lora.lora_rank=0"])  # the grid value is checked like any other
-    for key in ("output_dir=/etc", "lora.resume=false", "feature_cache_dir=/tmp/x"):
+    for key in ("output_dir=/etc", "lora.resume=false", "feature_cache_dir=/tmp/x", "pause_at=1", "oracle_threshold=true"):
         with pytest.raises(StudyError, match="is not an option of a study run"):
             load_study(path, [key])
     own = tmp_path / "own.toml"

@@ -406,7 +406,7 @@ def test_the_report_shows_the_tuning_on_validation_and_the_expected_maximum(halv
     assert curve[0]["expected_f1"] == pytest.approx(sum(first) / 9)  # one trial: the mean of those tried
     assert curve[-1]["expected_f1"] <= max(first) + 1e-9
     # the choice against the runner-up where both were last scored, paired over the validation questions
-    rungs = [{r["rung"]: r["validation_f1"] for r in x["rungs"]} for x in t["tried"]]
+    rungs = [{r["step"]: r["validation_f1"] for r in x["rungs"]} for x in t["tried"]]  # a rung by its step
     won = next(k for k, x in enumerate(t["tried"]) if x["value"] == t["chosen"])
     last = max(k for k in rungs[won] if sum(k in r for r in rungs) >= 2)
     others = [(r[last], x["value"]) for r, x in zip(rungs, t["tried"]) if last in r and x["value"] != t["chosen"]]

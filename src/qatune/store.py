@@ -419,15 +419,16 @@ def pause_at(db: sqlite3.Connection, rid: str) -> int | None:
 
 
 def pause(db: sqlite3.Connection, rid: str, owner: Owner, step: int, score: float) -> None:
-    """A candidate reached its rung: it waits (pending, not claimable) with its validation score."""
+    """A candidate reached its rung: it waits (pending, not claimable) with its validation score. Like a clean stop,
+    the attempt does not count: a candidate's claims are one per rung, and only failures use its attempts."""
     with _immediate(db):
         row = db.execute("SELECT rung, scores FROM runs WHERE id=? AND owner=?", (rid, str(owner))).fetchone()
         if row is None:
             return
         scores = [s for s in json.loads(row["scores"] or "[]") if s["rung"] != row["rung"]]
         scores.append({"rung": row["rung"], "step": step, "f1": score})
-        db.execute("UPDATE runs SET status='pending', stage='paused', scores=?, owner=NULL, lease_until=NULL "
-                   "WHERE id=?", (json.dumps(scores), rid))
+        db.execute("UPDATE runs SET status='pending', stage='paused', scores=?, owner=NULL, lease_until=NULL, "
+                   "attempts=MAX(attempts-1, 0) WHERE id=?", (json.dumps(scores), rid))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ in a process of its own and its outcome comes back to the driver, the only write
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +40,10 @@ def run_study(study: Study, launcher: Launcher | None = None, max_attempts: int 
     from qatune.launch import LocalLauncher
 
     driver = _Driver(study, launcher or LocalLauncher(workers=1), max_attempts, lease_s, progress)
+    try:  # SIGTERM (timeout, systemd, a job scheduler) stops as Ctrl-C does: checkpoints first
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: its caller owns the signals
+        previous = None
     try:
         driver.open(retry_failed)
         while driver.step():
@@ -49,7 +54,13 @@ def run_study(study: Study, launcher: Launcher | None = None, max_attempts: int 
                                f"Run the same command again to continue.") from None
     finally:
         driver.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return driver.counts()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 class _Driver:

@@ -26,6 +26,7 @@ LORA_ONLY = ("lora_rank", "alpha_policy", "lora_alpha", "lora_dropout", "lora_ta
 STUDY_SETS = {"output_dir": "each run's directory is runs/<run id> in the study directory; choose that with --dir",
               "resume": "a study always resumes its runs from their checkpoints",
               "feature_cache_dir": "the study shares one tokenisation cache, cache/ in the study directory",
+              "pause_at": "a study pauses its tuning candidates at their rungs itself ([tune] sets the rungs)",
               "oracle_threshold": "a study tunes a SQuAD v2 null threshold on validation data, never on the test "
                                   "questions (give validation_share or validation_data)"}
 
