@@ -476,6 +476,8 @@ def test_seeds_are_shown_and_the_headline_is_never_narrower_than_welch_on_the_ru
     assert comp["f1"]["seed_share"] > 0.5 and comp["f1"]["articles"] == 10  # 10 articles of 12 questions
     text = (tmp_path / "s" / "report.md").read_text()
     assert " / ".join(f"{f:.1f}" for f in per_seed["full"]) in text  # the table's per-seed column
+    assert main(["report", str(tmp_path / "s")]) == 0
+    assert "q, 3 seed(s)): F1" in capsys.readouterr().out  # the printed summary counts them
 
 
 def test_the_verdict_family_is_holm_adjusted_and_tiny_p_values_are_bounds(tmp_path, capsys):

@@ -21,6 +21,6 @@ def report(args: argparse.Namespace) -> None:
 
     result = write_report(args.study_dir, all_runs=args.all_runs)
     lines = [f"wrote {result['report']} and {result['html']}", *[f"  {f}" for f in result["figures"]]]
-    lines += [f"  {c['label']} ({int(c['train_questions'])} q, {c['seeds']} seed(s)): F1 {c['f1']['mean']:.2f} "
+    lines += [f"  {c['label']} ({int(c['train_questions'])} q, {len(c['seeds'])} seed(s)): F1 {c['f1']['mean']:.2f} "
               f"[{c['f1']['ci_low']:.2f}, {c['f1']['ci_high']:.2f}]" for c in result["configurations"]]
     emit(result, args.json, lines)
