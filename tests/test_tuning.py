@@ -8,7 +8,7 @@ import pytest
 
 from qatune.config import TrainConfig
 from qatune.launch import LocalLauncher
-from qatune.study import run_study
+from qatune.study import decide, run_study
 from qatune.studyfile import StudyError, load_study
 from qatune.train import train
 from qatune.tuning import (
@@ -173,13 +173,12 @@ def _store_with(tmp_path, tiny_models, train_file, rates: str):
     (group,) = study.groups
     db = store.connect(study.directory)
     store.register(db, study.runs)
-    store.register_candidates(db, group.id, [run.id for _, run in group.candidates], group.schedule[0])
     return db, group, [run.id for _, run in group.candidates], {run.id: v for v, run in group.candidates}
 
 
-def _reach(db, rid, rung, step, f1):
-    scores = json.loads(db.execute("SELECT scores FROM runs WHERE id=?", (rid,)).fetchone()[0]) + \
-        [{"rung": rung, "step": step, "f1": f1}]
+def _reach(db, rid, step, f1):
+    scores = json.loads(db.execute("SELECT scores FROM runs WHERE id=?", (rid,)).fetchone()[0] or "[]") + \
+        [{"step": step, "f1": f1}]
     db.execute("UPDATE runs SET status='pending', stage='paused', scores=? WHERE id=?", (json.dumps(scores), rid))
 
 
@@ -192,24 +191,24 @@ def test_a_rung_whose_last_candidate_failed_is_decided_among_those_that_reached_
 
     db, group, ids, values = _store_with(tmp_path, tiny_models, train_file, "[1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]")
     assert group.schedule == [3, 9]
-    decide = lambda: store.decide(db, group.id, group.schedule, 3, values)  # noqa: E731
+    take = lambda: decide(db, group, 3)  # noqa: E731
     for k, rid in enumerate(ids[:4]):
-        _reach(db, rid, 0, 3, [10.0, 40.0, 30.0, 20.0][k])
+        _reach(db, rid, 3, [10.0, 40.0, 30.0, 20.0][k])
     _fail(db, ids[4])
-    assert decide() is None  # one is still on its way
+    assert take() is None  # one is still on its way
     _fail(db, ids[5])  # the last one fails too: the rung is decided among the four that reached it
-    assert decide() is None  # 6 set out, 2 go on, to the end
+    assert take() is None  # 6 set out, 2 go on, to the end
     st = store.statuses(db, ids)
     assert [st[rid] for rid in ids] == ["pruned", "pending", "pending", "pruned", "pruned", "pruned"]
     assert store.claim(db, ids, store.Owner.new(), 60, 1, "w") == ids[1]  # the promoted ones train on
     _fail(db, ids[1])
-    _reach(db, ids[2], 1, 9, 31.0)
-    decision = decide()  # at the last rung one reached the end: it wins
+    _reach(db, ids[2], 9, 31.0)
+    decision = take()  # at the last rung one reached the end: it wins
     assert decision.chosen == values[ids[2]] and decision.winner == ids[2] and decision.step == 9 and decision.new
     assert store.statuses(db, ids)[ids[2]] == "winner" and store.statuses(db, ids)[ids[1]] == "pruned"
     assert store.decisions(db) == {group.id: values[ids[2]]} and store.failed_decisions(db) == {}
     assert store.claim(db, ids, store.Owner.new(), 60, 1, "w") is None  # a winner is never claimed
-    again = decide()
+    again = take()
     assert again.chosen == values[ids[2]] and not again.new
     assert store.retry_failed(db, ids) == 0  # failed candidates of a decided rung are pruned: nothing to retry
 
@@ -220,14 +219,14 @@ def test_a_rung_that_no_candidate_reached_fails_its_configuration_until_retried(
     db, group, ids, values = _store_with(tmp_path, tiny_models, train_file, "[1e-3, 2e-3, 3e-3]")
     for rid in ids:
         _fail(db, rid)
-    decision = store.decide(db, group.id, group.schedule, 3, values)
+    decision = decide(db, group, 3)
     assert decision.chosen is None and decision.new
     assert decision.error.startswith("no candidate reached step 3 (rung 1 of 2): ") and "non-finite loss" in decision.error
     assert all(rid in decision.error for rid in ids)
     assert store.decisions(db) == {} and store.failed_decisions(db) == {group.id: decision.error}
     assert set(store.statuses(db, ids).values()) == {"failed"}
     assert store.retry_failed(db, ids) == 3 and store.failed_decisions(db) == {}  # undecided again
-    assert store.decide(db, group.id, group.schedule, 3, values) is None  # its candidates train again
+    assert decide(db, group, 3) is None  # its candidates train again
     assert store.claim(db, ids, store.Owner.new(), 60, 1, "w") == ids[0]
 
 
@@ -235,7 +234,7 @@ def test_a_lone_candidate_is_chosen_without_training(tmp_path, tiny_models, trai
     from qatune import store
 
     db, group, ids, values = _store_with(tmp_path, tiny_models, train_file, "[1e-3]")
-    decision = store.decide(db, group.id, group.schedule, 3, values)
+    decision = decide(db, group, 3)
     assert decision.chosen == {"learning_rate": 1e-3} and decision.step is None
     assert store.statuses(db, ids) == {ids[0]: "winner"}
 

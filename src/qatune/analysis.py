@@ -397,7 +397,7 @@ def _separability(tuning: list[dict], rows: list[dict]) -> None:
         winner = next((m for m, v in zip(members, values) if v == t["chosen"]), None)
         if winner is None:
             continue
-        rung_scores = {m["id"]: {s["rung"]: s for s in m.get("scores") or []} for m in members}
+        rung_scores = {m["id"]: {s["rung"]: s for s in m.get("scores") or [] if "rung" in s} for m in members}
         shared = [k for k in rung_scores[winner["id"]]
                   if sum(k in rung_scores[m["id"]] for m in members) >= 2]
         if not shared:

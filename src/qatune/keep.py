@@ -10,11 +10,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from qatune.checkpoints import load_weights, trainable_state
 from qatune.errors import TrainingError
+
+if TYPE_CHECKING:  # the pure rules are read by the study driver, which has no model stack
+    import torch
 
 
 def best_point(curve: list[dict]) -> dict | None:
@@ -24,6 +25,11 @@ def best_point(curve: list[dict]) -> dict | None:
         if best is None or p["f1"] > best["f1"]:
             best = p
     return best
+
+
+def kept_point(curve: list[dict], keep: str) -> dict | None:
+    """The point of the model a run keeps: its best (``keep = "best"``) or its last."""
+    return best_point(curve) if keep == "best" else (curve[-1] if curve else None)
 
 
 def stalled(curve: list[dict], patience: int) -> bool:
@@ -39,6 +45,8 @@ def save_best(ckpt_dir: Path, step: int, model, point: dict) -> None:
     Earlier best steps stay until a checkpoint passes this one (:func:`prune_best`): a resume from an earlier
     checkpoint still finds the best step it knows."""
     from safetensors.torch import save_file
+
+    from qatune.checkpoints import trainable_state
 
     final, tmp = ckpt_dir / f"{BEST}{step}", ckpt_dir / f".{BEST}{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -92,7 +100,7 @@ class Keeper:
 
     def kept(self) -> dict | None:
         """The curve point of the model the run keeps."""
-        return self.best if self.keep == "best" else (self.curve[-1] if self.curve else None)
+        return kept_point(self.curve, self.keep)
 
     def restore(self, start_step: int) -> None:
         """On resume: the best step's weights the restored curve names must be here; later ones are made again."""
@@ -117,6 +125,8 @@ class Keeper:
 
     def load_kept(self, module, end_step: int) -> dict | None:
         """Put the kept step's weights into ``module`` (it holds ``end_step``'s); returns the kept point."""
+        from qatune.checkpoints import load_weights
+
         kept = self.kept()
         if kept is not None and kept["step"] != end_step:
             load_weights(module, read_best(self.dir, kept["step"]))

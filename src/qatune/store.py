@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qatune.errors import QatuneError
-from qatune.tuning import pause_step, promote
+from qatune.tuning import finished_pauses, play, rung_score
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -405,14 +405,6 @@ def statuses(db: sqlite3.Connection, ids: Sequence[str]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- tuning
-def register_candidates(db: sqlite3.Connection, grp: str, ids: Sequence[str], first_pause: int) -> None:
-    """Mark a configuration's candidate runs (already registered) as such, once: rung 0, pausing at its step."""
-    with db:
-        for rid in ids:
-            db.execute("UPDATE runs SET grp=?, stage='candidate', rung=0, pause_at=?, scores='[]' "
-                       "WHERE id=? AND grp IS NULL AND status='pending'", (grp, first_pause, rid))
-
-
 def pause_at(db: sqlite3.Connection, rid: str) -> int | None:
     row = db.execute("SELECT stage, pause_at FROM runs WHERE id=?", (rid,)).fetchone()
     return row["pause_at"] if row and row["stage"] == "candidate" else None
@@ -422,13 +414,27 @@ def pause(db: sqlite3.Connection, rid: str, owner: Owner, step: int, score: floa
     """A candidate reached its rung: it waits (pending, not claimable) with its validation score. Like a clean stop,
     the attempt does not count: a candidate's claims are one per rung, and only failures use its attempts."""
     with _immediate(db):
-        row = db.execute("SELECT rung, scores FROM runs WHERE id=? AND owner=?", (rid, str(owner))).fetchone()
+        row = db.execute("SELECT scores FROM runs WHERE id=? AND owner=?", (rid, str(owner))).fetchone()
         if row is None:
             return
-        scores = [s for s in json.loads(row["scores"] or "[]") if s["rung"] != row["rung"]]
-        scores.append({"rung": row["rung"], "step": step, "f1": score})
         db.execute("UPDATE runs SET status='pending', stage='paused', scores=?, owner=NULL, lease_until=NULL, "
-                   "attempts=MAX(attempts-1, 0) WHERE id=?", (json.dumps(scores), rid))
+                   "attempts=MAX(attempts-1, 0) WHERE id=?", (json.dumps(_with_pause(row["scores"], step, score)), rid))
+
+
+def restore_pauses(db: sqlite3.Connection, rid: str, pauses: dict[int, float]) -> None:
+    """A candidate's pause scores read back from its run directory (rebuilding a damaged store)."""
+    with db:
+        row = db.execute("SELECT scores FROM runs WHERE id=?", (rid,)).fetchone()
+        scores = row["scores"] if row else None
+        for step, f1 in sorted(pauses.items()):
+            scores = json.dumps(_with_pause(scores, step, f1))
+        db.execute("UPDATE runs SET scores=? WHERE id=?", (scores, rid))
+
+
+def _with_pause(scores: str | None, step: int, f1: float) -> list[dict]:
+    """The stored pauses ([{step, f1}], by step) with one more (a pause at the same step replaces it)."""
+    out = [s for s in json.loads(scores or "[]") if s["step"] != step] + [{"step": step, "f1": f1}]
+    return sorted(out, key=lambda s: s["step"])
 
 
 @dataclass(frozen=True)
@@ -444,89 +450,82 @@ class Decision:
     new: bool = False
 
 
-def decide(db: sqlite3.Connection, grp: str, schedule: Sequence[int], eta: int,
-           values: dict[str, dict]) -> Decision | None:
-    """Take the rung decision of ``grp`` if it can be taken now; returns its :class:`Decision` once there is one
-    (now or before), else None. One transaction, so drivers agree.
+def decide(db: sqlite3.Connection, grp: str, values: dict[str, dict], schedule: Sequence[int], eta: int,
+           keep: str) -> Decision | None:
+    """Bring the tuned configuration ``grp`` (its candidates: ``values``, run id -> tuned values, in study order) up
+    to date and return its :class:`Decision` once there is one (now or before), else None. One transaction, so
+    drivers agree.
 
-    A rung is decided when none of its candidates is still on its way: among those that reached it (paused with
-    a score there) the best 1/eta (of those that set out) are promoted, to pause at the next rung; the rest, and
-    the candidates that failed every attempt on the way, are pruned. The values are chosen (the best candidate
-    becomes the ``winner``) at the first rung that leaves one, or at the last. When no candidate reached a rung,
-    the configuration fails with their errors (``failed``), so that nobody waits for it. A lone candidate is
-    chosen without training. ``values``: run id -> tuned values."""
+    A decision stands while the configuration's candidates are the ones it was taken among. Otherwise (none yet, a
+    value added or removed since) the stages are played again from the candidates' pause scores by
+    :func:`qatune.tuning.play`: a finished run that became a candidate counts with the scores its learning curve
+    gives at the rungs (``keep``: the model a run keeps), a candidate that failed every attempt is out, and a
+    configuration none of whose candidates reached a rung fails with their errors (``failed``), so that nobody
+    waits for it. A run that is no candidate any more leaves the configuration."""
+    ids = list(values)
     with _immediate(db):
+        members = {r["id"] for r in db.execute("SELECT id FROM runs WHERE grp=?", (grp,))}
         done = db.execute("SELECT * FROM decisions WHERE grp=?", (grp,)).fetchone()
-        if done is not None:
+        if done is not None and members == set(ids):
             return Decision(json.loads(done["chosen"]), done["winner"], done["step"], done["failed"])
-        rows = db.execute("SELECT id, status, stage, rung, scores, error FROM runs WHERE grp=? ORDER BY ord, id",
-                          (grp,)).fetchall()
-        if len(rows) == 1 and rows[0]["stage"] == "candidate" and rows[0]["status"] == "pending":
-            return _decided(db, grp, rows[0]["id"], values, None)  # nothing to compare: no training
-        alive = [r for r in rows if r["stage"] in ("candidate", "paused")]
-        if not alive:
-            return None
-        rung = max(r["rung"] for r in alive)
-        behind = [r for r in alive if r["rung"] < rung and r["status"] == "failed"]  # an earlier version's leftovers
-        alive = [r for r in alive if r["rung"] == rung]
-        if any(r["stage"] == "candidate" and r["status"] != "failed" for r in alive):
-            return None  # still on its way
-        reached = [r for r in alive if r["stage"] == "paused"]
-        failed = [r for r in alive if r["stage"] == "candidate"] + behind
-        if not reached:
-            where = f"step {schedule[rung]}" if rung < len(schedule) - 1 else "the end of its run"
-            error = (f"no candidate reached {where} (rung {rung + 1} of {len(schedule)}): "
-                     + "; ".join(f"{r['id']}: {_first_line(r['error'])}" for r in failed))
+        rows = {r["id"]: r for r in db.execute(
+            f"SELECT id, status, scores, curve, error FROM runs WHERE id IN ({','.join('?' * len(ids))})", ids)}
+        pauses = {}
+        for rid, r in rows.items():
+            pauses[rid] = {s["step"]: s["f1"] for s in json.loads(r["scores"] or "[]")}
+            if r["status"] == "finished" and r["curve"]:
+                pauses[rid] = {**finished_pauses(json.loads(r["curve"]), list(schedule), keep), **pauses[rid]}
+        failed = {rid for rid, r in rows.items() if r["status"] == "failed"}
+        outcome = play([rid for rid in ids if rid in rows], pauses, failed, list(schedule), eta)
+        db.execute(f"UPDATE runs SET grp=NULL, stage=NULL, rung=NULL, pause_at=NULL WHERE grp=? AND id NOT IN "
+                   f"({','.join('?' * len(ids))})", (grp, *ids))
+        for rid, st in outcome.stages.items():
+            scores = [{"rung": k, "step": at[0], "f1": at[1]} for k in range(len(schedule))
+                      if k <= st["rung"] and (at := rung_score(pauses[rid], list(schedule), k)) is not None]
+            db.execute("UPDATE runs SET grp=?, stage=?, rung=?, pause_at=?, scores=? WHERE id=?",
+                       (grp, st["stage"], st["rung"], st["pause_at"], json.dumps(_all_pauses(pauses[rid], scores)),
+                        rid))
+        db.execute("DELETE FROM decisions WHERE grp=?", (grp,))
+        if outcome.winner is not None:
+            chosen = values[outcome.winner]
+            db.execute("INSERT INTO decisions (grp, chosen, decided_at, winner, step) VALUES (?, ?, ?, ?, ?)",
+                       (grp, json.dumps(chosen), time.time(), outcome.winner, outcome.step))
+            return Decision(chosen, outcome.winner, outcome.step, new=True)
+        if outcome.failed_rung is not None:
+            k = outcome.failed_rung
+            where = f"step {schedule[k]}" if k < len(schedule) - 1 else "the end of its run"
+            error = (f"no candidate reached {where} (rung {k + 1} of {len(schedule)}): "
+                     + "; ".join(f"{rid}: {_first_line(rows[rid]['error'])}" for rid in outcome.unreached))
             db.execute("INSERT INTO decisions (grp, chosen, decided_at, failed) VALUES (?, 'null', ?, ?)",
                        (grp, time.time(), error))
             return Decision(None, error=error, new=True)
-
-        def score(r) -> tuple[str, float]:
-            return r["id"], next(s["f1"] for s in json.loads(r["scores"]) if s["rung"] == rung)
-        kept, decided = promote([score(r) for r in reached], len(alive), eta, rung == len(schedule) - 1)
-        for r in failed:  # failed on the way: out, with its error kept
-            db.execute("UPDATE runs SET stage='pruned' WHERE id=?", (r["id"],))
-        for r in reached:
-            if r["id"] not in kept:
-                db.execute("UPDATE runs SET stage='pruned' WHERE id=?", (r["id"],))
-            elif not decided:
-                db.execute("UPDATE runs SET stage='candidate', rung=?, pause_at=? WHERE id=?",
-                           (rung + 1, pause_step(schedule, rung + 1), r["id"]))
-        if not decided:
-            return None
-        step = next(s["step"] for s in json.loads(next(r for r in reached if r["id"] == kept[0])["scores"])
-                    if s["rung"] == rung)
-        return _decided(db, grp, kept[0], values, step)
+        return None
 
 
-def _decided(db: sqlite3.Connection, grp: str, winner: str, values: dict[str, dict], step: int | None) -> Decision:
-    chosen = values[winner]
-    db.execute("UPDATE runs SET stage='winner', pause_at=NULL WHERE id=?", (winner,))
-    db.execute("INSERT INTO decisions (grp, chosen, decided_at, winner, step) VALUES (?, ?, ?, ?, ?)",
-               (grp, json.dumps(chosen), time.time(), winner, step))
-    return Decision(chosen, winner, step, new=True)
+def _all_pauses(pauses: dict[int, float], rung_scores: list[dict]) -> list[dict]:
+    """What a candidate's ``scores`` column keeps: every pause ({step, f1}, by step), those that were its rungs'
+    scores with their ``rung``."""
+    rung_of = {s["step"]: s["rung"] for s in rung_scores}
+    return [{"step": step, "f1": f1, **({"rung": rung_of[step]} if step in rung_of else {})}
+            for step, f1 in sorted(pauses.items())]
 
 
 def _first_line(error: str | None) -> str:
     return error.strip().splitlines()[0][:200] if error and error.strip() else "failed"
 
 
-def restore_tuning(db: sqlite3.Connection, grp: str, stages: dict[str, dict], decision: Decision | None) -> None:
-    """Put a tuned configuration's candidates (registered) in the given state (``{stage, rung, pause_at, scores}``
-    by run id), and its decision if there is one (rebuilding a damaged store)."""
-    with _immediate(db):
-        for rid, st in stages.items():
-            db.execute("UPDATE runs SET grp=?, stage=?, rung=?, pause_at=?, scores=? WHERE id=?",
-                       (grp, st["stage"], st["rung"], st["pause_at"], json.dumps(st["scores"]), rid))
-        if decision is not None:
-            db.execute("INSERT OR REPLACE INTO decisions (grp, chosen, decided_at, winner, step) VALUES (?, ?, ?, ?, ?)",
-                       (grp, json.dumps(decision.chosen), time.time(), decision.winner, decision.step))
-
-
-def decisions(db: sqlite3.Connection) -> dict[str, dict]:
-    """The chosen tuned values of every decided configuration group (not those that failed)."""
-    return {r["grp"]: json.loads(r["chosen"]) for r in db.execute("SELECT grp, chosen, failed FROM decisions")
-            if r["failed"] is None}
+def decisions(db: sqlite3.Connection, candidates: dict[str, Sequence[str]] | None = None) -> dict[str, dict]:
+    """The chosen tuned values of every decided configuration group (not those that failed); with ``candidates``
+    (group -> its candidates' run ids in the study file now), only the decisions taken among exactly those (a
+    decision for other candidates is retaken by the next ``qatune study``)."""
+    out = {r["grp"]: json.loads(r["chosen"]) for r in db.execute("SELECT grp, chosen, failed FROM decisions")
+           if r["failed"] is None}
+    if candidates is None:
+        return out
+    members: dict[str, set] = {}
+    for r in db.execute("SELECT id, grp FROM runs WHERE grp IS NOT NULL"):
+        members.setdefault(r["grp"], set()).add(r["id"])
+    return {g: v for g, v in out.items() if g in candidates and members.get(g) == set(candidates[g])}
 
 
 def failed_decisions(db: sqlite3.Connection) -> dict[str, str]:

@@ -19,7 +19,6 @@ from qatune.record import exact_match
 from qatune.rundir import RunDir
 from qatune.studyfile import Group, Run, Study
 from qatune.tracking import StudyTracker
-from qatune.tuning import pause_step, promote
 
 LEASE_S = 120.0  # a run whose driver stopped renewing its lease this long ago is claimed again
 STATUS_EVERY_S = 30.0
@@ -87,13 +86,10 @@ class _Driver:
         self.db = store.connect(self.study.directory)
         register(self.db, self.study)
         self.group_of = {run.id: g for g in self.study.groups for _, run in g.candidates}
-        for g in self.study.groups:
-            store.register_candidates(self.db, g.id, [run.id for _, run in g.candidates],
-                                      pause_step(g.schedule, 0))
         known = set(self.ids)
         retried = store.retry_failed(self.db, self.ids) if retry_failed else 0  # failed configurations too
-        for g in self.study.groups:
-            self.decide(g)  # a decision left to make (a driver stopped before it), or taken: its final runs
+        for g in self.study.groups:  # its candidates' stages (values added or removed since: played again), a
+            self.decide(g)  # decision left to make (a driver stopped before it), or taken: its final runs
         for rid, why in untrusted_finished(self.db, list(self.by_id.values())).items():
             store.reopen(self.db, rid, why)
             self.say(f"run {rid} was finished but {why}: training it again")
@@ -125,6 +121,11 @@ class _Driver:
                 states = store.statuses(self.db, self.ids)
             if not any(s in ("pending", "running", "paused") for s in states.values()):
                 return False
+            if "running" not in states.values():  # nothing claimable here, and no other driver holds a run
+                stuck = sorted(rid for rid, s in states.items() if s in ("pending", "paused"))
+                raise store.StoreError(f"{self.study.directory}: run(s) {', '.join(stuck)} wait for a tuning "
+                                       f"decision that cannot be taken (a bug: please report it with this study "
+                                       f"file); finished runs are kept")
             if not self.waiting:
                 self.say("waiting: the remaining runs are held by another driver (they are claimed here if it stops)")
                 self.waiting = True
@@ -185,8 +186,7 @@ class _Driver:
     def decide(self, group: Group) -> None:
         """Promote or prune a rung's candidates when they are all in; once chosen, add the chosen values' final runs
         (every seed, each a fresh run); a configuration none of whose candidates reached a rung is reported failed."""
-        values = {run.id: v for v, run in group.candidates}
-        decision = store.decide(self.db, group.id, group.schedule, self.study.eta, values)
+        decision = decide(self.db, group, self.study.eta)
         if decision is None:
             return
         self.decided.add(group.id)
@@ -285,70 +285,43 @@ def rebuild_store(study: Study) -> dict[str, int]:
     aside = store.set_aside(study.directory)
     db = store.connect(study.directory)
     register(db, study)
-    chosen = {}
+    counts = {"finished": 0, "pending": 0}
+
+    def restore(runs: list[Run]) -> None:
+        for run in runs:
+            run_dir = RunDir(run.config.output_dir)
+            record, _ = run_dir.finished_record(run.config)
+            if record is None:
+                counts["pending"] += run.id not in candidates
+                continue
+            store.restore(db, run.id, record.metrics, record.costs(), record.curve, run_dir.record.stat().st_mtime)
+            counts["finished"] += run.id not in candidates  # a finished run that became a candidate: not a result
+
+    candidates = {run.id for g in study.groups for _, run in g.candidates}
+    restore(study.runs)
     for g in study.groups:
-        stages, decision = replay(g, study.eta)
-        store.restore_tuning(db, g.id, stages, decision)
-        if decision is not None:
-            chosen[g.id] = decision.chosen
-    runs = with_finals(study, chosen)
-    finals = [r for r in runs if r.id not in {x.id for x in study.runs}]
+        for _, run in g.candidates:
+            store.restore_pauses(db, run.id, RunDir(run.config.output_dir).read_pauses())
+        decide(db, g, study.eta)
+    finals = [r for r in with_finals(study, store.decisions(db)) if r.id not in {x.id for x in study.runs}]
     store.register(db, finals)
     store.extend_grid(db, [r.id for r in finals])
-    counts = {"finished": 0, "pending": 0}
-    candidates = {run.id for g in study.groups for _, run in g.candidates}
-    for run in runs:
-        if run.id in candidates:
-            continue
-        run_dir = RunDir(run.config.output_dir)
-        record, _ = run_dir.finished_record(run.config)
-        if record is None:
-            counts["pending"] += 1
-            continue
-        store.restore(db, run.id, record.metrics, record.costs(), record.curve, run_dir.record.stat().st_mtime)
-        counts["finished"] += 1
+    restore(finals)
     if study.groups:
-        counts["tuned"] = len(chosen)
+        counts["tuned"] = len(store.decisions(db))
     db.close()
     return {**counts, "set_aside": str(aside) if aside else None}
 
 
-def replay(group: Group, eta: int) -> tuple[dict[str, dict], store.Decision | None]:
-    """A tuned configuration's rungs taken again from its candidates' saved pause scores, by the driver's rule
-    (:func:`qatune.tuning.promote`): each candidate's ``{stage, rung, pause_at, scores}``, and the decision if one
-    was reached."""
-    ids = [run.id for _, run in group.candidates]
-    values = {run.id: v for v, run in group.candidates}
-    pauses = {run.id: RunDir(run.config.output_dir).read_pauses() for _, run in group.candidates}
-    stages = {rid: {"stage": "candidate", "rung": 0, "pause_at": pause_step(group.schedule, 0), "scores": []}
-              for rid in ids}
-    if len(ids) == 1:
-        stages[ids[0]]["stage"] = "winner"
-        return stages, store.Decision(values[ids[0]], ids[0])
-    alive, n = ids, len(group.schedule)
-    for k, step in enumerate(group.schedule):
-        last = k == n - 1
-        reached = {}
-        after = group.schedule[k - 1] if k else 0  # a rung's pause: after the one before, at its step or before
-        for rid in alive:  # (a run shorter than its estimated steps pauses at its end), the last one at the end
-            at = max((s for s in pauses[rid] if after < s and (last or s <= step)), default=None)
-            if at is not None:
-                reached[rid] = at
-                stages[rid]["scores"].append({"rung": k, "step": at, "f1": pauses[rid][at]})
-        for rid in alive:
-            stages[rid].update(rung=k, pause_at=pause_step(group.schedule, k),
-                               stage="paused" if rid in reached else "candidate")
-        if len(reached) < len(alive):
-            return stages, None  # this rung is still on
-        kept, decided = promote([(rid, pauses[rid][reached[rid]]) for rid in alive], len(alive), eta, last)
-        for rid in alive:
-            if rid not in kept:
-                stages[rid]["stage"] = "pruned"
-        if decided:
-            stages[kept[0]].update(stage="winner", pause_at=None)
-            return stages, store.Decision(values[kept[0]], kept[0], reached[kept[0]])
-        alive = kept
-    return stages, None
+def decide(db, group: Group, eta: int) -> store.Decision | None:
+    """The tuned configuration's state brought up to date in the store (:func:`qatune.store.decide`)."""
+    return store.decide(db, group.id, {run.id: v for v, run in group.candidates}, group.schedule, eta,
+                        group.candidates[0][1].config.resolved_keep())
+
+
+def candidates_of(study: Study) -> dict[str, list[str]]:
+    """Each tuned configuration's candidates' run ids, as the study file has them now."""
+    return {g.id: [run.id for _, run in g.candidates] for g in study.groups}
 
 
 def status(study: Study) -> list[dict]:
@@ -363,7 +336,7 @@ def status(study: Study) -> list[dict]:
     by_id, untrusted, runs = {}, {}, study.runs
     if store.exists(study.directory):
         db = store.connect(study.directory)
-        runs = with_finals(study, store.decisions(db))
+        runs = with_finals(study, store.decisions(db, candidates_of(study)))
         by_id = {r["id"]: r for r in store.rows(db, [r.id for r in runs])}
         untrusted = untrusted_finished(db, runs)
         db.close()

@@ -110,7 +110,7 @@ def load_study(path: str | Path, overrides: list[str] = (), directory: str | Pat
     base_dir = Path(directory) if directory else Path(meta.get("directory", f"studies-out/{name}"))
     if not base_dir.is_absolute() and directory is None:
         base_dir = Path.cwd() / base_dir
-    runs, seen, groups = [], set(), []
+    runs, seen, groups = [], {}, []
     for arm in arms:
         if arm["name"] in tuned:
             groups += _tuned_groups(path, arm, defaults, arm_grids[arm["name"]], tuned[arm["name"]], base_dir,
@@ -120,9 +120,25 @@ def load_study(path: str | Path, overrides: list[str] = (), directory: str | Pat
             expanded = _expand(path, arm, defaults, arm_grids[arm["name"]], base_dir)
         for run in expanded:
             if run.id not in seen:
-                seen.add(run.id)
+                seen[run.id] = run
                 runs.append(run)
+            elif seen[run.id].arm != run.arm:
+                _shared(path, seen[run.id], run, "")
+    for g in groups:  # a tuned configuration's final runs, whichever values it chooses, are its arm's alone
+        for values, _ in g.candidates:
+            for seed in g.seeds:
+                final = g.run(values, seed)
+                if final.id in seen and seen[final.id].arm != g.arm:
+                    _shared(path, seen[final.id], final, f" if its tuning chooses {values}")
     return Study(name, path, base_dir, runs, headline, groups, method, eta)
+
+
+def _shared(path: Path, first: Run, second: Run, when: str) -> None:
+    """Two arms that would train one run: a run belongs to one arm, so the other would silently have none."""
+    point = ", ".join(f"{k}={v}" for k, v in second.point.items()) or "its one configuration"
+    raise StudyError(f"{path}: arms {first.arm!r} and {second.arm!r} would train the same run ({point}; run id "
+                     f"{second.id}){when}: a run belongs to one arm, so {second.arm!r} would have no result there. "
+                     f"Make the arms differ (an option, or their seeds), or drop one of them")
 
 
 def _tune(path: Path, table, arms: list[dict], arm_grids: dict[str, dict]) -> tuple[str, int, dict[str, dict]]:

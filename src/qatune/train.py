@@ -275,9 +275,10 @@ class Recipe:
         if not any(step == self.end_step for step, _ in list_checkpoints(self.dir.checkpoints)):
             self._save_checkpoint(self.end_step)
         score = self.keeper.kept()["f1"]
+        at = min(self.cfg.pause_at, self.total_steps)  # a run that ended or stopped early stands for its rung there
         if self.main:
-            self.dir.write_pause(self.end_step, score)
-        raise Paused(self.end_step, score)
+            self.dir.write_pause(at, score)
+        raise Paused(at, score)
 
     def windows_through(self, step: int) -> int:
         """Training windows (all ranks) that went into optimizer steps [0, step): every epoch passes each once."""

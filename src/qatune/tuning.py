@@ -7,11 +7,18 @@ run's, so a promoted candidate continues from its checkpoint as an unpruned run 
 candidate fully. Candidates are compared on validation F1 only, and train at a seed of their own (:func:`tuning_seed`):
 the winner is never a final run. The choice is made at the first rung that leaves one candidate (a lone survivor
 need not train on), else at the last rung.
+
+A configuration's tuning state is a function of its candidates' scores (:func:`play`), not a history: after a
+value is added or removed, a run finished before becoming a candidate, or a store is rebuilt, the same rule
+applied to the same scores gives the same stages and the same choice.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+
+from qatune.keep import kept_point
 
 METHODS = ("halving", "grid")
 
@@ -59,6 +66,75 @@ def promote(scores: list[tuple[str, float]], entrants: int, eta: int, last: bool
     return kept, last or len(kept) == 1
 
 
+def rung_score(pauses: dict[int, float], schedule: list[int], rung: int) -> tuple[int, float] | None:
+    """A candidate's (step, validation F1) at ``rung``: its pause after the rung before, at the rung's step or
+    before (a run that ends or stops early pauses at its end, recorded at the rung's step), at the last rung any
+    pause after the one before (the end of its run); None when it has not reached the rung."""
+    after = schedule[rung - 1] if rung else 0
+    last = rung == len(schedule) - 1
+    at = max((s for s in pauses if after < s and (last or s <= schedule[rung])), default=None)
+    return None if at is None else (at, pauses[at])
+
+
+def finished_pauses(curve: list[dict], schedule: list[int], keep: str) -> dict[int, float]:
+    """The pauses a finished run stands for when it becomes a candidate: at each rung's step the validation F1 of
+    the model it kept by then (as a candidate paused there would have), at the last the one it kept at its end."""
+    out = {}
+    for k, step in enumerate(schedule):
+        last = k == len(schedule) - 1
+        point = kept_point([p for p in curve if last or p["step"] <= step], keep)
+        if point is not None:
+            out[max(step, curve[-1]["step"]) if last else step] = point["f1"]
+    return out
+
+
+@dataclass
+class Play:
+    """A tuned configuration's state: each candidate's ``{stage, rung, pause_at}`` (stage: candidate, to train to
+    its rung; paused, waiting at it; pruned; winner), and the winner with the step it was chosen at, or the rung
+    that no candidate reached (all that set out for it failed), or neither (a rung is still on)."""
+
+    stages: dict[str, dict] = field(default_factory=dict)
+    winner: str | None = None
+    step: int | None = None
+    failed_rung: int | None = None
+    unreached: list[str] = field(default_factory=list)  # the failed candidates of ``failed_rung``
+
+
+def play(ids: list[str], pauses: dict[str, dict[int, float]], failed: set[str], schedule: list[int],
+         eta: int) -> Play:
+    """Successive halving over the candidates ``ids`` (study order; the first of equals is kept) from their pause
+    scores ({step: validation F1}) and which of them failed every attempt. A rung is decided when no candidate is
+    still on its way to it: among those that reached it the best 1/eta of those that set out go on, the rest and
+    the failed are pruned; the values are chosen at the first rung that leaves one, or at the last. A lone
+    candidate is chosen without training."""
+    if len(ids) == 1:
+        return Play({ids[0]: {"stage": "winner", "rung": 0, "pause_at": None}}, ids[0])
+    out = Play({rid: {"stage": "candidate", "rung": 0, "pause_at": pause_step(schedule, 0)} for rid in ids})
+    alive = list(ids)
+    for k in range(len(schedule)):
+        reached = {rid: at for rid in alive if (at := rung_score(pauses.get(rid, {}), schedule, k)) is not None}
+        for rid in alive:
+            out.stages[rid] = {"stage": "paused" if rid in reached else "candidate", "rung": k,
+                               "pause_at": pause_step(schedule, k)}
+        if any(rid not in reached and rid not in failed for rid in alive):
+            return out  # still on its way
+        if not reached:
+            out.failed_rung, out.unreached = k, alive
+            return out
+        kept, decided = promote([(rid, reached[rid][1]) for rid in alive if rid in reached], len(alive), eta,
+                                k == len(schedule) - 1)
+        for rid in alive:
+            if rid not in kept:
+                out.stages[rid]["stage"] = "pruned"
+        if decided:
+            out.stages[kept[0]].update(stage="winner", pause_at=None)
+            out.winner, out.step = kept[0], reached[kept[0]][0]
+            return out
+        alive = kept
+    return out
+
+
 def planned_steps(candidates: int, schedule: list[int], eta: int) -> int:
     """Optimizer steps the candidates of one configuration train in all (a promoted one continues, not restarts),
     up to the rung that decides (one candidate left, or the last); a lone candidate is chosen without training."""
@@ -104,7 +180,7 @@ def summarize(rows: list[dict], chosen: dict[str, dict]) -> list[dict]:
         options = sorted(k for k in points[0] if len({repr(p.get(k)) for p in points}) > 1)
         tried = []
         for r, p in zip(members, points):
-            scores = r.get("scores") or []
+            scores = [s for s in r.get("scores") or [] if "rung" in s]  # pauses off the rungs (an edit ago) aside
             last = scores[-1] if scores else {}
             tried.append({"value": p[options[0]] if len(options) == 1 else {k: p[k] for k in options},
                           "validation_f1": last.get("f1"), "steps": last.get("step"),

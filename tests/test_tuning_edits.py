@@ -1,0 +1,172 @@
+"""Tuning state that survives edits of the study file: values added or removed before or after a decision, a
+finished run that becomes a candidate, a seed list that moves the tuning seed, and two arms that would share runs.
+The state is a function of the candidates' scores (`qatune.tuning.play`), so each case is played again, not patched."""
+
+import json
+
+import pytest
+
+from qatune import store
+from qatune.launch import LocalLauncher
+from qatune.study import decide, run_study
+from qatune.studyfile import StudyError, load_study
+from qatune.tuning import finished_pauses, play
+from tests.runs import db_rows
+from tests.test_tuning import write
+
+SUBSET = "eval_steps = 1\neval_subset = 50"  # set by the file: a fixed arm's runs and a tuned arm's are alike
+
+
+def _study(tmp_path, tiny_models, train_file, rates: str):
+    return load_study(write(tmp_path, tiny_models["distilbert"], train_file, rates), directory=tmp_path / "s")
+
+
+def _pause(db, rid, step, f1):
+    """A candidate reached a rung (as `store.pause` records it)."""
+    row = db.execute("SELECT scores FROM runs WHERE id=?", (rid,)).fetchone()
+    scores = json.loads(row[0] or "[]") + [{"step": step, "f1": f1}]
+    db.execute("UPDATE runs SET status='pending', stage='paused', scores=? WHERE id=?", (json.dumps(scores), rid))
+
+
+# ---------------------------------------------------------------------------------------------- the rule, pure
+def test_play_promotes_prunes_and_chooses_from_scores_alone():
+    ids = ["a", "b", "c", "d", "e", "f"]
+    at3 = {"a": {3: 10.0}, "b": {3: 40.0}, "c": {3: 30.0}, "d": {3: 20.0}, "e": {3: 5.0}}
+    p = play(ids, at3, set(), [3, 9], 3)  # f is on its way
+    assert p.winner is None and p.failed_rung is None and p.stages["f"]["stage"] == "candidate"
+    assert {p.stages[r]["stage"] for r in "abcde"} == {"paused"}
+    p = play(ids, at3, {"f"}, [3, 9], 3)  # f failed: two of the six go on, to the end
+    assert [p.stages[r]["stage"] for r in ids] == ["pruned", "candidate", "candidate", "pruned", "pruned", "pruned"]
+    assert p.stages["b"] == {"stage": "candidate", "rung": 1, "pause_at": 2**31 - 1}
+    p = play(ids, {**at3, "c": {3: 30.0, 9: 45.0}, "b": {3: 40.0, 9: 44.0}}, {"f"}, [3, 9], 3)
+    assert p.winner == "c" and p.step == 9 and p.stages["c"]["stage"] == "winner" and p.stages["b"]["stage"] == "pruned"
+    p = play(["a", "b"], {}, {"a", "b"}, [9], 3)
+    assert p.failed_rung == 0 and p.unreached == ["a", "b"]
+    assert play(["a"], {}, set(), [9], 3).winner == "a"  # a lone candidate: chosen without training
+    # a run that ended (or stopped early) records its pause at its rung's step; the last rung takes its end
+    assert play(["a", "b"], {"a": {9: 1.0}, "b": {7: 2.0}}, set(), [9], 3).winner == "b"
+
+
+def test_a_finished_run_stands_for_the_pauses_of_the_model_it_kept_at_each_rung():
+    curve = [{"step": 1, "f1": 10.0}, {"step": 2, "f1": 30.0}, {"step": 3, "f1": 20.0}, {"step": 6, "f1": 25.0}]
+    assert finished_pauses(curve, [2, 6], "best") == {2: 30.0, 6: 30.0}
+    assert finished_pauses(curve, [2, 6], "last") == {2: 30.0, 6: 25.0}
+    assert finished_pauses(curve, [1, 3, 9], "last") == {1: 10.0, 3: 20.0, 9: 25.0}  # ended at 6: its end stands
+
+
+# ---------------------------------------------------------------------------------------------- the store
+def test_a_value_added_between_rungs_reopens_the_rung_instead_of_crashing(tmp_path, tiny_models, train_file):
+    study = _study(tmp_path, tiny_models, train_file, "[1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]")
+    (group,) = study.groups
+    db = store.connect(study.directory)
+    store.register(db, study.runs)
+    ids = [run.id for _, run in group.candidates]
+    for rid, f1 in zip(ids, [10.0, 40.0, 30.0, 20.0, 15.0, 12.0]):
+        _pause(db, rid, 3, f1)
+    assert decide(db, group, 3) is None  # two go on: ids[1], ids[2]
+    assert [store.statuses(db, ids)[r] for r in ids[:3]] == ["pruned", "pending", "pending"]
+    (group,) = _study(tmp_path, tiny_models, train_file, "[1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3, 7e-3]").groups
+    assert group.schedule == [3, 9]
+    store.register(db, [run for _, run in group.candidates])
+    new = group.candidates[-1][1].id
+    assert decide(db, group, 3) is None  # the first rung is on again, for the newcomer
+    st = store.statuses(db, [*ids, new])
+    assert st[new] == "pending" and store.pause_at(db, new) == 3 and all(st[r] == "paused" for r in ids)
+    assert store.claim(db, [*ids, new], store.Owner.new(), 60, 1, "w") == new
+    db.execute("UPDATE runs SET owner=NULL WHERE id=?", (new,))
+    _pause(db, new, 3, 50.0)
+    assert decide(db, group, 3) is None  # seven set out, two go on: the newcomer and ids[1]
+    st = store.statuses(db, [*ids, new])
+    assert st[new] == st[ids[1]] == "pending" and st[ids[2]] == "pruned"
+    assert store.pause_at(db, new) == store.pause_at(db, ids[1]) == 2**31 - 1
+
+
+def test_a_decision_is_taken_again_when_its_values_change_and_stands_otherwise(tmp_path, tiny_models, train_file):
+    study = _study(tmp_path, tiny_models, train_file, "[1e-3, 2e-3, 3e-3]")
+    (group,) = study.groups
+    db = store.connect(study.directory)
+    store.register(db, study.runs)
+    ids = [run.id for _, run in group.candidates]
+    for rid, f1 in zip(ids, [10.0, 40.0, 30.0]):
+        _pause(db, rid, 3, f1)
+    first = decide(db, group, 3)
+    assert first.winner == ids[1] and first.chosen == {"learning_rate": 2e-3} and first.step == 3 and first.new
+    assert not decide(db, group, 3).new  # the same candidates: it stands
+    # the chosen value removed from the file: chosen again among the others, the removed run leaves the group
+    (fewer,) = _study(tmp_path, tiny_models, train_file, "[1e-3, 3e-3]").groups
+    assert fewer.id == group.id
+    assert store.decisions(db, {g.id: [r.id for _, r in g.candidates] for g in [fewer]}) == {}  # stale until retaken
+    again = decide(db, fewer, 3)
+    assert again.new and again.chosen == {"learning_rate": 3e-3} and again.winner == ids[2]
+    assert db.execute("SELECT grp, stage FROM runs WHERE id=?", (ids[1],)).fetchone()[:] == (None, None)
+    assert store.decisions(db, {fewer.id: [ids[0], ids[2]]}) == {fewer.id: {"learning_rate": 3e-3}}
+    # and put back: its saved pause counts again, nothing to train
+    back = decide(db, group, 3)
+    assert back.new and back.winner == ids[1]
+    db.close()
+
+
+# ---------------------------------------------------------------------------------------------- studies
+def test_a_value_added_to_a_finished_study_is_tried_and_the_choice_taken_again(tmp_path, tiny_models, train_file):
+    study = _study(tmp_path, tiny_models, train_file, "[1e-4, 3e-3, 1e-2]")
+    counts = run_study(study, LocalLauncher(workers=1, threads=1), poll_s=0.05, progress=False)
+    assert counts == {"finished": 2, "pruned": 2, "winner": 1}
+    more = _study(tmp_path, tiny_models, train_file, "[1e-4, 3e-3, 1e-2, 3e-2]")
+    counts = run_study(more, LocalLauncher(workers=1, threads=1), poll_s=0.05, progress=False)  # no hang
+    assert counts == {"finished": 2, "pruned": 3, "winner": 1}
+    (group,) = more.groups
+    rows = db_rows(more.directory)
+    added = rows[group.candidates[-1][1].id]
+    assert json.loads(added["scores"])[0]["step"] == 3 and added["attempts"] == 0  # it trained to the rung
+    trained_before = [rows[run.id] for _, run in group.candidates[:3]]
+    assert all(len(json.loads(r["scores"])) == 1 for r in trained_before)  # nothing retrained
+    db = store.connect(more.directory)
+    (chosen,) = store.decisions(db).values()
+    best = max(group.candidates, key=lambda c: json.loads(rows[c[1].id]["scores"])[0]["f1"])[0]
+    assert chosen == best
+    finals = [group.run(chosen, seed).id for seed in group.seeds]
+    assert all(rows[rid]["status"] == "finished" for rid in finals)
+    db.close()
+
+
+def test_a_finished_run_that_becomes_a_candidate_is_compared_on_its_curve(tmp_path, tiny_models, train_file):
+    """An arm ran at lr 1e-3 with seed 0; then the file tunes lr over [1e-3, 3e-3] with final seed 1 (tuning seed 0):
+    the finished run is the 1e-3 candidate, scored from its learning curve; only 3e-3 trains as a candidate."""
+    path = write(tmp_path, tiny_models["distilbert"], train_file, "[1e-3]")
+    text = path.read_text().replace("seed = [1, 2]", "seed = [1]").replace("eval_steps = 1", SUBSET)
+    fixed = text.replace("[tune.full]\nlearning_rate = [1e-3]\n", "").replace(
+        'strategy = "full"', 'strategy = "full"\nlearning_rate = 1e-3').replace("seed = [1]", "seed = [0]")
+    path.write_text(fixed)
+    study = load_study(path, directory=tmp_path / "s")
+    assert run_study(study, LocalLauncher(workers=1, threads=1), poll_s=0.05, progress=False) == {"finished": 1}
+    (done,) = study.runs
+    path.write_text(text.replace("learning_rate = [1e-3]", "learning_rate = [1e-3, 3e-3]"))
+    tuned = load_study(path, directory=tmp_path / "s")
+    (group,) = tuned.groups
+    assert group.tuning_seed == 0 and group.candidates[0][1].id == done.id
+    counts = run_study(tuned, LocalLauncher(workers=1, threads=1), poll_s=0.05, progress=False)
+    assert counts.get("finished", 0) == 1 and counts["pruned"] + counts["winner"] == 2
+    rows = db_rows(tuned.directory)
+    was = rows[done.id]
+    assert was["status"] == "finished" and was["stage"] in ("winner", "pruned") and was["grp"] == group.id
+    curve = json.loads(was["curve"])
+    assert json.loads(was["scores"])[-1]["f1"] == max(p["f1"] for p in curve)  # keep = best, at its end (step 9)
+    other = rows[group.candidates[1][1].id]
+    assert other["stage"] in ("winner", "pruned") and json.loads(other["scores"])[-1]["step"] == 9
+
+
+def test_identical_arms_and_an_arm_whose_run_another_trains_are_refused(tmp_path, tiny_models, train_file):
+    path = write(tmp_path, tiny_models["distilbert"], train_file, "[1e-3, 3e-3]")
+    base = path.read_text().replace("eval_steps = 1", SUBSET)
+    twin = '\n[[arms]]\nname = "twin"\nmodel = "{m}"\nstrategy = "full"\n'.format(m=tiny_models["distilbert"])
+    path.write_text(base.replace("[tune]", twin + "\n[tune]").replace("[tune.full]", "[tune.twin]\nlearning_rate = "
+                                                                      "[1e-3, 3e-3]\n\n[tune.full]"))
+    with pytest.raises(StudyError, match=r"arms 'full' and 'twin' would train the same run \(.*seed=0"):
+        load_study(path, directory=tmp_path / "s")
+    fixed = twin.replace('strategy = "full"', 'strategy = "full"\nlearning_rate = 3e-3')
+    path.write_text(base.replace("[tune]", fixed + "\n[tune]"))  # twin's runs at seeds 1, 2 = full's finals at 3e-3
+    with pytest.raises(StudyError, match=r"arms 'twin' and 'full' would train the same run .* if its tuning "
+                                         r"chooses \{'learning_rate': 0.003\}.*Make the arms differ"):
+        load_study(path, directory=tmp_path / "s")
+    path.write_text(base.replace("[tune]", fixed.replace("3e-3", "5e-3") + "\n[tune]"))
+    assert len(load_study(path, directory=tmp_path / "s").runs) == 4  # two candidates, two fixed runs
