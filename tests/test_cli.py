@@ -93,3 +93,17 @@ def test_real_dev_v2_ceiling(capsys):
     r = _last_json(capsys)
     assert r["unanswerable"] == 5945
     assert r["ceiling_exact_match"] >= 99.5
+
+
+def test_train_pause_at_pauses_as_asked_exits_0_and_resume_continues(tmp_path, tiny_models, train_file, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_models["distilbert"]), "--train-data", str(train_file), "--train-articles", "1-3",
+            "--validation-share", "0.34", "--eval-steps", "1", "--max-steps", "3", "--max-seq-length", "96",
+            "--doc-stride", "32", "--batch-size", "4", "--precision", "fp32", "--output-dir", str(out), "--json"]
+    assert main([*args, "--pause-at", "1"]) == 0
+    paused = _last_json(capsys)
+    assert paused["paused_at"] == 1 and 0 <= paused["validation_f1"] <= 100
+    assert not (out / "run.json").exists() and (out / "checkpoints" / "checkpoint-1").is_dir()
+    assert main([*args, "--resume"]) == 0
+    done = _last_json(capsys)
+    assert done["resumed_from_step"] == 1 and done["steps_run"] == 2

@@ -28,6 +28,14 @@ def tiny_model(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("m") / "distilbert", "distilbert", dropout=0.0)
 
 
+def full_only(path):
+    """The study with its full fine-tuning arm only (one run at train_questions=[12] and the NARROW grid)."""
+    text = path.read_text()
+    start = text.index('[[arms]]\nname = "lora"')
+    path.write_text(text[:start] + text[text.index("[grid]"):])
+    return path
+
+
 def study_cmd(path, directory, *extra):
     return [sys.executable, "-m", "qatune.cli", "study", str(path), "--dir", str(directory), *NARROW, *extra]
 
@@ -137,9 +145,9 @@ def test_workers_2_match_workers_1(tmp_path, tiny_model, train_file):
 
 @pytest.mark.slow
 def test_worker_killed_mid_run_is_claimed_again_and_resumes(tmp_path, tiny_model, train_file):
-    path = write_study(tmp_path, tiny_model, train_file, steps=1500, save_steps=5)
+    path = full_only(write_study(tmp_path, tiny_model, train_file, steps=1500, save_steps=5))
     directory = tmp_path / "s"
-    cmd = study_cmd(path, directory, "--set", "train_questions=[12]", "--set", "lora.strategy='full'",
+    cmd = study_cmd(path, directory, "--set", "train_questions=[12]",
                     "--workers", "1", "--threads", "1")
     driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpt = wait_for(lambda: next(iter(directory.glob("runs/*/checkpoints/checkpoint-*")), None),
@@ -149,8 +157,8 @@ def test_worker_killed_mid_run_is_claimed_again_and_resumes(tmp_path, tiny_model
                    if (run_dir / "progress.json").exists() else None, what="progress.json")
 
     def running_status():  # another terminal's view: which run runs where, how far
-        proc = subprocess.run(study_cmd(path, directory, "--set", "train_questions=[12]", "--set",
-                                        "lora.strategy='full'", "--status", "--json"),
+        proc = subprocess.run(study_cmd(path, directory, "--set", "train_questions=[12]", "--status",
+                                        "--json"),
                               env=ENV, capture_output=True, text=True)
         run = json.loads(proc.stdout.strip().splitlines()[-1])["per_run"][0]
         return run if run["status"] == "running" and run["step"] else None
@@ -170,9 +178,9 @@ def test_worker_killed_mid_run_is_claimed_again_and_resumes(tmp_path, tiny_model
 def test_a_worker_told_twice_to_stop_saves_one_checkpoint(tmp_path, tiny_model, train_file):
     """The driver's death reaches a worker twice (SIGTERM on parent death, then its watchdog): that is one request
     to stop, so the worker saves its checkpoint and hands the run back; it does not die mid-step."""
-    path = write_study(tmp_path, tiny_model, train_file, steps=1500, save_steps=5000)
+    path = full_only(write_study(tmp_path, tiny_model, train_file, steps=1500, save_steps=5000))
     directory = tmp_path / "s"
-    cmd = study_cmd(path, directory, "--set", "train_questions=[12]", "--set", "lora.strategy='full'",
+    cmd = study_cmd(path, directory, "--set", "train_questions=[12]",
                     "--workers", "1", "--threads", "1")
     driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     progress = wait_for(lambda: next(iter(directory.glob("runs/*/progress.json")), None), what="progress")
@@ -192,13 +200,17 @@ def test_a_worker_told_twice_to_stop_saves_one_checkpoint(tmp_path, tiny_model, 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and what timeout/systemd/schedulers send
 def test_ctrl_c_stops_cleanly_and_the_rerun_continues(tmp_path, tiny_model, train_file, sig):
-    path = write_study(tmp_path, tiny_model, train_file, steps=1500, save_steps=5000)
+    from qatune.rundir import RunDir
+
+    path = full_only(write_study(tmp_path, tiny_model, train_file, steps=3000, save_steps=10000))
     directory = tmp_path / "s"
-    cmd = study_cmd(path, directory, "--set", "train_questions=[12]", "--set", "lora.strategy='full'",
+    cmd = study_cmd(path, directory, "--set", "train_questions=[12]",
                     "--workers", "1", "--threads", "1")
     driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     progress = wait_for(lambda: next(iter(directory.glob("runs/*/progress.json")), None), what="progress")
-    time.sleep(1.0)
+    # the signal goes once the run reports steps trained (the first report is written before step 1), with most of
+    # its 3000 steps still to go: a state the run reports, not a time that a loaded machine may overrun
+    wait_for(lambda: 1 <= (RunDir(progress.parent).read_progress().get("step") or 0) < 1500, what="a step reported")
     driver.send_signal(sig)
     out = driver.communicate(timeout=300)[0]
     assert driver.returncode == 130, out
@@ -206,7 +218,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_continues(tmp_path, tiny_model, trai
     row = db_rows(directory)[progress.parent.name]
     assert row["status"] == "pending" and row["attempts"] == 0  # handed back; the stop used no attempt
     saved = [int(p.name.split("-")[1]) for p in progress.parent.glob("checkpoints/checkpoint-*")]
-    assert saved and 0 < saved[0] < 1500  # a checkpoint at the step it stopped, not a periodic one
+    assert saved and 0 < saved[0] < 3000  # a checkpoint at the step it stopped, not a periodic one
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert run_json(directory, progress.parent.name)["timing"]["resumed_from_step"] == saved[0]
@@ -276,8 +288,8 @@ def test_damaged_database_and_status_of_a_study_not_started(tmp_path, train_file
 
 @pytest.mark.slow
 def test_a_damaged_run_json_is_finished_again_not_trusted(tmp_path, tiny_model, train_file):
-    path = write_study(tmp_path, tiny_model, train_file)
-    narrow = ["alpha_policy=['fixed']", "lora_rank=[2]", "train_questions=[6]", "lora.strategy='full'"]
+    path = full_only(write_study(tmp_path, tiny_model, train_file))
+    narrow = ["alpha_policy=['fixed']", "lora_rank=[2]", "train_questions=[6]"]
     study = load_study(path, narrow, directory=tmp_path / "s")
     assert run_study(study, poll_s=0.1, progress=False) == {"finished": 1}
     run_file = tmp_path / "s" / "runs" / study.runs[0].id / "run.json"

@@ -95,7 +95,7 @@ def test_bad_paths_are_clear(tmp_path, tiny_models, train_file):
 def test_resume_equals_uninterrupted(tmp_path, tiny_models, train_file, monkeypatch):
     import qatune.train as t
 
-    full = cfg(tiny_models["mobilebert"], train_file, tmp_path / "a", max_steps=6, save_steps=3)
+    full = cfg(tiny_models["mobilebert"], train_file, tmp_path / "a", max_steps=6, save_steps=3, logging_steps=1)
     train(full, progress=False)
 
     original = t.save_checkpoint
@@ -105,7 +105,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_models, train_file, monkeypa
         raise KeyboardInterrupt("simulated kill")
 
     monkeypatch.setattr(t, "save_checkpoint", crash_after_first)
-    part = cfg(tiny_models["mobilebert"], train_file, tmp_path / "b", max_steps=6, save_steps=3)
+    part = cfg(tiny_models["mobilebert"], train_file, tmp_path / "b", max_steps=6, save_steps=3, logging_steps=1)
     with pytest.raises(KeyboardInterrupt):
         train(part, progress=False)
     assert (tmp_path / "b" / "checkpoints" / "checkpoint-3").exists()
@@ -116,6 +116,13 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_models, train_file, monkeypa
     r = train(part, progress=False)
     assert r.timing["resumed_from_step"] == 3 and r.timing["steps_run"] == 3
     assert r.timing["train_s_total"] > r.timing["train_s"] > 0  # the first attempt's 3 steps count too
+    whole = json.loads((tmp_path / "a" / "run.json").read_text())  # the record covers all six steps, as unresumed
+    assert [p[0] for p in r.loss["curve"]] == [p[0] for p in whole["loss"]["curve"]] == list(range(1, 7))
+    assert [p[1] for p in r.loss["curve"]] == pytest.approx([p[1] for p in whole["loss"]["curve"]], abs=1e-5)
+    windows_per_step = whole["timing"]["train_windows_per_s"] * whole["timing"]["train_s"] / 6
+    assert r.timing["train_windows_per_s"] * r.timing["train_s_total"] == pytest.approx(6 * windows_per_step)
+    assert r.timing["train_flop_per_s"] * r.timing["train_s_total"] == pytest.approx(r.timing["train_flops"])
+    assert r.timing["process_cpu_s"] > 0
     wa, wb = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
     assert json.loads((tmp_path / "a" / "predictions.json").read_text()) == \

@@ -124,11 +124,22 @@ def test_tune_table_mistakes_are_refused(tmp_path, tiny_models, train_file):
                             ("eta = 3", "eta = 1", "eta = 1 must be a whole number >= 2"),
                             ("learning_rate = [1e-3, 2e-3]", "learning_rate = [1e-3, 1e-3]", "distinct values"),
                             ("seed = [1, 2]", "seed = [1, 2]\nlearning_rate = [1e-3]", "also a [grid] axis"),
-                            ("validation_share = 0.34\n", "", "needs validation data")]:
+                            ("validation_share = 0.34\n", "", "needs validation data"),
+                            ("learning_rate = [1e-3, 2e-3]", "lora_rank = [2, 4]",
+                             "lora_rank: cannot be tuned: a LoRA option, and arm 'full' is not a LoRA arm"),
+                            ("learning_rate = [1e-3, 2e-3]", "validation_share = [0.2, 0.4]",
+                             "validation_share: cannot be tuned: not a training hyperparameter"),
+                            ("learning_rate = [1e-3, 2e-3]", "eval_questions = [5, 10]", "eval_questions: cannot be"),
+                            ("learning_rate = [1e-3, 2e-3]", "pause_at = [1, 2]", "pause_at: cannot be tuned")]:
         path.write_text(text.replace(old, new))
         with pytest.raises(StudyError, match=None) as e:
             load_study(path, directory=tmp_path / "s")
         assert words in str(e.value), (words, str(e.value))
+    # an arm may be called like a [tune] setting: its table is its own
+    path.write_text(text.replace('name = "full"', 'name = "eta"').replace("[tune.full]", "[tune.eta]")
+                    .replace("eta = 3\n", ""))
+    study = load_study(path, directory=tmp_path / "s")
+    assert study.eta == 3 and [g.arm for g in study.groups] == ["eta"] and len(study.groups[0].candidates) == 2
 
 
 def test_set_replaces_the_values_an_arm_tries(tmp_path, tiny_models, train_file):
@@ -237,6 +248,11 @@ def test_a_lone_candidate_is_chosen_without_training(tmp_path, tiny_models, trai
     decision = decide(db, group, 3)
     assert decision.chosen == {"learning_rate": 1e-3} and decision.step is None
     assert store.statuses(db, ids) == {ids[0]: "winner"}
+    from qatune.tuning import summarize
+
+    (entry,) = summarize(store.rows(db), store.decisions(db))  # the report's entry names its option and value
+    assert entry["option"] == "learning_rate" and entry["chosen"] == 1e-3
+    assert [t["value"] for t in entry["tried"]] == [1e-3]
 
 
 # ---------------------------------------------------------------------------------------------- studies

@@ -26,9 +26,11 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, keep: int, cfg: TrainConfig,
-                    train_s: float | None = None) -> Path:
-    """Atomically write checkpoint-<step>: trainable weights (safetensors), optimizer/scheduler/RNG state, and
-    the configuration they were trained with (what --resume checks)."""
+                    history: dict | None = None) -> Path:
+    """Atomically write checkpoint-<step>: trainable weights (safetensors), optimizer/scheduler/RNG state, the
+    configuration they were trained with (what --resume checks) and the training record of every attempt up to
+    this step (``history``: train_s, process_cpu_s, windows, tokens, loss_curve), so a resumed run's record
+    covers all the steps it trained."""
     from safetensors.torch import save_file
 
     final = ckpt_dir / f"checkpoint-{step}"
@@ -38,7 +40,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, keep
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save({
         "step": step,
-        "train_s": train_s,  # training seconds of every attempt up to this step (None: not known)
+        "history": history,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),

@@ -208,7 +208,7 @@ def _scope_blocks(a: Analysis, study_dir: Path) -> list[tuple]:
         b.append(("p", "**Incomplete study** — these runs have no results yet, so every figure and statistic "
                        "below covers only the finished ones:"))
         b.append(("ul", [f"`{r['id']}` {config_label(r['arm'], r['point'])}, "
-                         f"{r['point'].get('train_questions', 'all')} training questions, seed {r['config']['seed']}: "
+                         f"{r['config'].get('train_questions') or 'all'} training questions, seed {r['config']['seed']}: "
                          f"{r['status']}" + (f" ({r['error'].splitlines()[0]})" if r["error"] else "")
                          for r in missing]))
     return b

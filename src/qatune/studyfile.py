@@ -22,6 +22,9 @@ from qatune.sizes import optimizer_steps
 from qatune.tuning import METHODS, rungs, tuning_seed
 
 LORA_ONLY = ("lora_rank", "alpha_policy", "lora_alpha", "lora_dropout", "lora_targets")
+# What [tune.ARM] may try: training hyperparameters (LoRA's on LoRA arms only), never what the candidates are
+# judged on or what a run is.
+TUNABLE = ("learning_rate", "warmup_ratio", "weight_decay", "batch_size", "grad_accum", *LORA_ONLY)
 # Options the study sets for every run itself: where its files go, resuming, the shared tokenisation cache.
 STUDY_SETS = {"output_dir": "each run's directory is runs/<run id> in the study directory; choose that with --dir",
               "resume": "a study always resumes its runs from their checkpoints",
@@ -145,23 +148,28 @@ def _tune(path: Path, table, arms: list[dict], arm_grids: dict[str, dict]) -> tu
     """The [tune] table: its method and eta, and per arm the options to try (checked)."""
     if not isinstance(table, dict):
         raise StudyError(f"{path}: tune must be a [tune] table")
-    method, eta = table.get("method", "halving"), table.get("eta", 3)
+    own = {k: v for k, v in table.items() if k in ("method", "eta") and not isinstance(v, dict)}  # else an arm's
+    method, eta = own.get("method", "halving"), own.get("eta", 3)
     if method not in METHODS:
         raise StudyError(f"{path}: [tune] method = {method!r}; choose one of {', '.join(METHODS)}")
     if not isinstance(eta, int) or isinstance(eta, bool) or eta < 2:
         raise StudyError(f"{path}: [tune] eta = {eta!r} must be a whole number >= 2 (1/eta of the candidates go on)")
-    known = {f.name for f in fields(TrainConfig)} - set(STUDY_SETS)
     tuned = {}
     for arm_name, options in table.items():
-        if arm_name in ("method", "eta"):
+        if arm_name in own:
             continue
         if arm_name not in arm_grids:
             raise StudyError(f"{path}: [tune.{arm_name}]: no arm named {arm_name!r} (arms: {list(arm_grids)})")
         if not isinstance(options, dict) or not options:
             raise StudyError(f"{path}: [tune.{arm_name}] must be a table of options, each with its values to try")
+        lora = next(a for a in arms if a["name"] == arm_name).get("strategy") == "lora"
         for key, values in options.items():
-            if key not in known or key == "seed":
-                raise StudyError(f"{path}: [tune.{arm_name}] {key}: not an option that can be tuned")
+            if key not in TUNABLE or (key in LORA_ONLY and not lora):
+                why = (f"a LoRA option, and arm {arm_name!r} is not a LoRA arm" if key in TUNABLE else
+                       "not a training hyperparameter (data, validation, evaluation, model and run options are the "
+                       "study's to fix, so that every candidate is judged on the same questions)")
+                raise StudyError(f"{path}: [tune.{arm_name}] {key}: cannot be tuned: {why}; options that can: "
+                                 f"{', '.join(TUNABLE)}")
             if key in arm_grids[arm_name]:
                 raise StudyError(f"{path}: [tune.{arm_name}] {key} is also a [grid] axis; an option is either "
                                  f"varied for comparison or tuned, not both")

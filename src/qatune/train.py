@@ -53,6 +53,8 @@ from qatune.tracking import tensorboard_writer
 
 COMPILE_PAD_MULTIPLE = 64  # torch.compile: few distinct batch widths, so few recompilations / CUDA graphs
 PROGRESS_EVERY_S = 2.0
+# a run's training record before its first step: the time, CPU, windows, tokens and loss points of its attempts
+FRESH = {"train_s": 0.0, "process_cpu_s": 0.0, "windows": 0, "tokens": 0, "loss_curve": []}
 CURVE_SEED = 0  # one learning-curve subset for every run and seed, so curves compare
 
 
@@ -129,11 +131,12 @@ class Recipe:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * self.total_steps),
                                                          self.total_steps)
         model.to(acc.device)
-        self.start_step, self.train_s_before = 0, 0.0
+        self.start_step, self.before = 0, dict(FRESH)
         self.last_ckpt = None
         if ckpts:
             self.last_ckpt, weights, state = latest_intact_checkpoint(ckpts)
-            self.train_s_before = state.get("train_s")  # None for checkpoints of earlier versions
+            # the earlier attempts' record; from checkpoints of earlier versions only their time (None: not known)
+            self.before = state.get("history") or {**FRESH, "train_s": state.get("train_s")}
             self.start_step = apply_checkpoint(self.last_ckpt, weights, state, model, self.optimizer, self.scheduler)
         if cfg.early_stopping_patience and self.world > 1:
             raise TrainingError("early_stopping_patience needs one process (its ranks would have to agree on the "
@@ -199,6 +202,7 @@ class Recipe:
             self.end_step = max(self.start_step, min(self.end_step, cfg.pause_at))
         events = [] if device.type == "cuda" else None  # (start, end) per step: device time, read at the end
         load = LoadMeter()
+        self.cpu0 = load.cpu0
         t0 = last_progress = self.t0 = time.perf_counter()
         self._write_progress(self.start_step, t0)
         try:
@@ -332,12 +336,18 @@ class Recipe:
     def _save_checkpoint(self, step: int) -> None:
         self.acc.wait_for_everyone()
         if self.main:
-            so_far = (None if self.train_s_before is None
-                      else self.train_s_before + time.perf_counter() - self.t0 - self.curve_eval_s)
             self.last_ckpt = save_checkpoint(self.dir.checkpoints, step, self.acc.unwrap_model(self.model),
                                              self.optimizer, self.scheduler, self.cfg.keep_checkpoints, self.cfg,
-                                             so_far)
+                                             self._history(time.perf_counter() - self.t0 - self.curve_eval_s,
+                                                           time.process_time() - self.cpu0))
             self.keeper.checkpointed()
+
+    def _history(self, train_s: float, cpu_s: float) -> dict:
+        """The training record of every attempt through now: the earlier attempts' and this one's."""
+        b = self.before
+        return {"train_s": None if b["train_s"] is None else b["train_s"] + train_s,
+                "process_cpu_s": b["process_cpu_s"] + cpu_s, "windows": b["windows"] + self.windows_seen,
+                "tokens": b["tokens"] + self.tokens_seen, "loss_curve": b["loss_curve"] + self.curve}
 
     def _write_progress(self, step: int, t0: float) -> None:
         """The run's progress for a study's --status: which step, how fast, where (advisory)."""
@@ -421,7 +431,12 @@ class Recipe:
         """What this run was and what it cost: configuration, resolved settings, data, parameters, metrics, times."""
         cfg, train_s, world = self.cfg, self.train_s, self.world
         run_flops = self.flops(0, self.end_step)
-        attempt_flops = self.flops(self.start_step, self.end_step) if self.start_step else run_flops
+        whole = self._history(train_s, self.load["process_cpu_s"])  # every attempt: the rates cover every step
+        if whole["train_s"] is None:  # an earlier version's checkpoint: this attempt's steps only
+            whole = {**whole, "train_s": train_s, "windows": self.windows_seen, "tokens": self.tokens_seen}
+            run_flops_timed = self.flops(self.start_step, self.end_step)
+        else:
+            run_flops_timed = run_flops
         return RunRecord(
             config=asdict(cfg),
             resolved={"learning_rate": cfg.resolved_learning_rate(), "precision": self.precision,
@@ -445,19 +460,19 @@ class Recipe:
             metrics=metrics,
             timing={"setup_s": self.setup_s, "train_s": train_s, "eval_s": eval_s,
                     # every attempt's training time (a resumed run, a tuning candidate promoted rung by rung)
-                    "train_s_total": None if self.train_s_before is None else self.train_s_before + train_s,
+                    "train_s_total": None if self.before["train_s"] is None else whole["train_s"],
                     "steps_run": self.end_step - self.start_step, "resumed_from_step": self.start_step,
-                    "train_windows_per_s": self.windows_seen * world / train_s if train_s else None,
-                    "train_tokens_per_s": self.tokens_seen * world / train_s if train_s else None,
-                    # counted FLOPs of the whole run (all ranks) and the rate of this attempt's steps
-                    "train_flops": run_flops,
-                    "train_flop_per_s": attempt_flops / train_s if train_s else None,
-                    "process_cpu_s": self.load["process_cpu_s"], "device_s": self.load.get("device_s"),
+                    # rates over every step the run trained (every attempt), and its CPU time
+                    "train_windows_per_s": whole["windows"] * world / whole["train_s"] if whole["train_s"] else None,
+                    "train_tokens_per_s": whole["tokens"] * world / whole["train_s"] if whole["train_s"] else None,
+                    "train_flops": run_flops,  # counted FLOPs of the whole run (all ranks)
+                    "train_flop_per_s": run_flops_timed / whole["train_s"] if whole["train_s"] else None,
+                    "process_cpu_s": whole["process_cpu_s"], "device_s": self.load.get("device_s"),
                     "others_cores": self.load["others_cores"], "cores": self.load["cores"],
                     "curve_eval_s": self.curve_eval_s},
             memory=peak_memory(self.acc.device),
             environment=environment(self.acc.device),
-            loss={"final": self.curve[-1][1] if self.curve else None, "curve": self.curve},
+            loss={"final": whole["loss_curve"][-1][1] if whole["loss_curve"] else None, "curve": whole["loss_curve"]},
             curve=self.eval_curve,
             inference=inference,
             validation=validation,

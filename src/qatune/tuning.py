@@ -177,7 +177,8 @@ def summarize(rows: list[dict], chosen: dict[str, dict]) -> list[dict]:
     out = []
     for grp, members in groups.items():
         points = [{k: v for k, v in r["point"].items() if k != "seed"} for r in members]
-        options = sorted(k for k in points[0] if len({repr(p.get(k)) for p in points}) > 1)
+        pick = chosen.get(grp)  # its keys are the tuned options, even of a lone candidate
+        options = sorted(pick) if pick else sorted(k for k in points[0] if len({repr(p.get(k)) for p in points}) > 1)
         tried = []
         for r, p in zip(members, points):
             scores = [s for s in r.get("scores") or [] if "rung" in s]  # pauses off the rungs (an edit ago) aside
@@ -186,7 +187,6 @@ def summarize(rows: list[dict], chosen: dict[str, dict]) -> list[dict]:
                           "validation_f1": last.get("f1"), "steps": last.get("step"),
                           "rungs": [{"step": s["step"], "validation_f1": s["f1"]} for s in scores],
                           "stage": r.get("stage")})
-        pick = chosen.get(grp)
         value = None if pick is None else (pick.get(options[0]) if len(options) == 1 else pick)
         out.append({"configuration": grp, "arm": members[0]["arm"],
                     "option": options[0] if len(options) == 1 else options, "tried": tried, "chosen": value,

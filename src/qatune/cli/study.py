@@ -85,7 +85,7 @@ def _run(loaded, args: argparse.Namespace) -> None:
             print(f"  failed: tuned configuration {g.id} ({configuration_name(g)}): {why[:400]}", file=sys.stderr)
         tuned = (f" ({len(failed_tuning)} tuned configuration(s) none of whose candidates reached a rung: "
                  f"{', '.join(g.id for g, _ in failed_tuning)})" if failed_tuning else "")
-        raise CliError(f"{counts['failed']} run(s) failed after {args.max_attempts} attempt(s){tuned}; their errors: "
+        raise CliError(f"{counts['failed']} run(s) failed{tuned}; their errors: "
                        f"qatune study {args.file} --status. Fix the cause, then rerun with --retry-failed")
 
 

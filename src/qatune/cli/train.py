@@ -30,8 +30,15 @@ def train(args: argparse.Namespace) -> None:
     if not cfg.train_data:
         raise CliError("--train-data is required (a SQuAD JSON file or a datasets id[:split])")
     tracking.check(cfg.report_to)
+    from qatune.errors import Paused
+
     with stop_on_signals():
-        r = run_training(cfg)
+        try:
+            r = run_training(cfg)
+        except Paused as e:  # what --pause-at asked for: not an error
+            emit({"output_dir": cfg.output_dir, "paused_at": e.step, "validation_f1": e.score}, args.json,
+                 [f"{cfg.output_dir}: {e} (checkpoint saved); --resume continues it"])
+            return
     if r is None:  # a non-zero rank of a data-parallel run: rank 0 reports
         return
     if cfg.report_to == "mlflow":
