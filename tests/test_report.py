@@ -406,6 +406,18 @@ def test_a_diagonal_study_says_its_factors_are_confounded(tmp_path, capsys):
     assert "The model and strategy effects are confounded" in (tmp_path / "s" / "report.md").read_text()
 
 
+def test_four_cells_one_without_results_says_which_not_confounded(tmp_path, capsys):
+    construct(tmp_path, "lora_rank = [8]\nseed = [1]", lambda run, q: 0.5, arms=FOUR_CELLS)
+    db = store.connect(tmp_path / "s")
+    db.execute("UPDATE runs SET status='failed', metrics=NULL, error='TrainingError: non-finite loss' "
+               "WHERE arm='small-lora'")
+    db.close()
+    out = report_json(capsys, tmp_path / "s")
+    note = out["factorial_note"]
+    assert out["factorial"] == [] and "confounded" not in note and "add the other cells" not in note
+    assert "need all four cells" in note and "lora has no finished run yet" in note
+
+
 def test_with_validation_scores_the_headline_chooses_on_them_and_every_question_tests(tmp_path, capsys):
     """The LoRA rank that is better on the test questions is not the one chosen: validation F1 chooses."""
     construct(tmp_path, "lora_rank = [8, 16]\nseed = [1]",

@@ -3,6 +3,7 @@ seed of their own, the chosen values' fresh runs with every seed, and nothing ch
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -592,3 +593,7 @@ def test_a_configuration_whose_candidates_all_fail_ends_the_study_with_exit_2_na
     assert list(store.failed_decisions(db)) == [group.id]
     assert all(r["attempts"] == 1 and r["status"] == "failed" for r in db_rows(study.directory).values() if r["grp"])
     db.close()
+    from qatune.report import write_report
+
+    text = Path(write_report(tmp_path / "s")["report"]).read_text()  # says what happened, not "not yet"
+    assert "none: every candidate failed" in text and "not yet" not in text

@@ -18,7 +18,7 @@ from qatune.metrics import squad_v1_scores, squad_v2_scores
 from qatune.record import exact_match
 from qatune.rundir import PREDICTIONS, RunDir
 from qatune.stats import Contrast, contrast, equality_test, holm
-from qatune.store import connect, decisions, latest_grid, rows
+from qatune.store import connect, decisions, failed_decisions, latest_grid, rows
 from qatune.store import exists as store_exists
 from qatune.tuning import summarize
 
@@ -296,7 +296,7 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
     db = connect(study_dir)
     every = rows(db)
     grid = latest_grid(db)
-    chosen = decisions(db)
+    chosen, failed = decisions(db), failed_decisions(db)
     db.close()
     for r in every:  # tuning candidates waiting for their rung, or dropped: not results
         if r.get("stage") in ("paused", "pruned", "winner"):
@@ -311,6 +311,8 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
     else:
         covered = every
     tuning = summarize(covered, chosen)
+    for t in tuning:
+        t["failed"] = failed.get(t["configuration"])  # why no value was chosen: no candidate reached a rung
     _separability(tuning, covered)
     other_rows = len(every) - len(covered)
     covered = [r for r in covered if r["status"] not in ("pruned", "winner")]
@@ -354,7 +356,8 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
     for t in tuning:
         tuned_options[t["arm"]].update([t["option"]] if isinstance(t["option"], str) else t["option"])
     rank_tests = _rank_tests(configs, questions, scores, tuned_options)
-    factorial, note = _factorial(configs, questions, scores, [model_name(r["config"]) for r in done])
+    factorial, note = _factorial(configs, questions, scores, [model_name(r["config"]) for r in done],
+                                 {(model_name(r["config"]), r["config"]["strategy"]) for r in covered})
     family = _adjust(comparisons, interaction, factorial)
     return Analysis(covered, done, grid, other_rows, configs, scores, intervals, questions,
                     comparisons, rank_tests, interaction, headline, split, factorial, note, tuning, family)
@@ -424,8 +427,8 @@ def _question_scores(row: dict, rung: dict) -> dict[str, float]:
     return saved[step]
 
 
-def _factorial(configs: list[Config], questions: list[str], scores: Scores,
-               order: list[str]) -> tuple[list[dict], str | None]:
+def _factorial(configs: list[Config], questions: list[str], scores: Scores, order: list[str],
+               declared: set[tuple[str, str]]) -> tuple[list[dict], str | None]:
     """Model size and fine-tuning strategy as two factors, when the arms cross two models with full and LoRA.
 
     Per data volume each cell is its arm(s) at the configuration chosen as the headline chooses (:func:`_choice`),
@@ -441,6 +444,10 @@ def _factorial(configs: list[Config], questions: list[str], scores: Scores,
     for c in configs:
         cells[(model_name(c.runs[0]["config"]), c.strategy, c.volume)].append(c)
     present = {(m, s) for m, s, _ in cells}
+    if len(present) < 4 and len(declared) == 4:  # the study has the four cells; one has no result yet
+        return [], ("The model and strategy effects need all four cells, and "
+                    + " and ".join(f"{m} {s}" for m, s in sorted(declared - present))
+                    + " has no finished run yet (see the runs without results above).")
     if len(present) < 4:
         return [], ("The model and strategy effects are confounded: the arms cover only "
                     + " and ".join(f"{m} {s}" for m, s in sorted(present))

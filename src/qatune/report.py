@@ -343,8 +343,9 @@ def _tuning_blocks(a: Analysis) -> list[tuple]:
         where = ", ".join(f"{k}={v}" for k, v in t["point"].items()) or "—"
         tried = "; ".join(f"{x['value']}: {x['validation_f1']:.2f} @{x['steps']}" if x["validation_f1"] is not None
                           else f"{x['value']}: —" for x in t["tried"])
-        chosen = "not yet" if t["chosen"] is None else str(t["chosen"]) + (" (at the edge: widen the range)"
-                                                                           if t["at_edge"] else "")
+        chosen = (("none: every candidate failed (qatune study --status)" if t.get("failed") else "not yet")
+                  if t["chosen"] is None else
+                  str(t["chosen"]) + (" (at the edge: widen the range)" if t["at_edge"] else ""))
         margin = "—" if t.get("margin") is None else f"{t['margin']:+.2f}" + (
             f" [{t['margin_ci'][0]:+.2f}, {t['margin_ci'][1]:+.2f}]" if t.get("margin_ci") else "")
         separable = {True: "yes", False: "**no**", None: "—"}[t.get("separable")]
