@@ -333,7 +333,7 @@ def test_study_file_mistakes(tmp_path, small_squad, kw, words, capsys):
     assert not (tmp_path / "s").exists()
 
 
-def test_study_command_mistakes(tmp_path, small_squad, capsys):
+def test_study_command_mistakes(tmp_path, small_squad, tiny_models, capsys):
     expect_error(["study", tmp_path / "none.toml"], capsys, "none.toml", "study file not found")
     path = study_file(tmp_path, small_squad)
     expect_error(["study", path, "--set", "lora_rank"], capsys, "expected key=value")
@@ -343,6 +343,13 @@ def test_study_command_mistakes(tmp_path, small_squad, capsys):
                  "--set 'maxsteps=3': unknown option 'maxsteps' (did you mean max_steps?)")
     expect_error(["study", path, "--dry-run", "--set", "full.lora_rank=8"], capsys,
                  "lora_rank applies to LoRA arms; arm 'full' fine-tunes fully")
+    path = study_file(tmp_path, small_squad, model=tiny_models["distilbert"])  # data the dry run reads
+    expect_error(["study", path, "--dry-run", "--set", f"eval_data='{small_squad}'", "--set", "train_articles='1-2'",
+                  "--set", "eval_articles='3-99'"],
+                 capsys,  # the option is named
+                 "eval_articles / eval_questions: ", "article range '3-99' goes past the last article")
+    expect_error(["study", path, "--dry-run", "--set", "train_questions=100000"], capsys,
+                 "train_articles / train_questions: asked for 100000 questions")
     expect_error(["report", tmp_path / "nowhere"], capsys, "no such directory")
     (tmp_path / "empty").mkdir()
     expect_error(["report", tmp_path / "empty"], capsys, "no study.sqlite here")

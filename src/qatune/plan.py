@@ -31,8 +31,8 @@ def estimate(run: Run) -> dict:
     # width a typical batch has: what the run will record, computed from the same count.
     width = StepKey.from_config(cfg).width
     per_window = for_config(cfg)
-    eval_windows = (estimate_windows(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions, cfg.seed)
-                    if cfg.eval_data else 0.0)
+    eval_windows = (estimate_windows(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions, cfg.seed,
+                                     "eval") if cfg.eval_data else 0.0)
     return {**params, "train_windows": windows, "steps": steps, "eval_windows": eval_windows,
             "train_pflop": trained * (per_window.forward(width) + per_window.backward(width)) / 1e15}
 
@@ -88,12 +88,13 @@ def curve_windows(cfg: TrainConfig) -> float:
     validation_share of the training articles' questions), else of the evaluation data."""
     if cfg.validation_data:
         pool = estimate_windows(cfg.validation_data, cfg.validation_split, cfg.validation_articles,
-                                cfg.validation_questions, cfg.seed)
+                                cfg.validation_questions, cfg.seed, "validation")
     elif cfg.validation_share:
         pool = cfg.validation_share * estimate_windows(cfg.train_data, cfg.train_split, cfg.train_articles, None,
                                                        cfg.seed)
     elif cfg.eval_data:
-        pool = estimate_windows(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions, cfg.seed)
+        pool = estimate_windows(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions, cfg.seed,
+                                "eval")
     else:
         pool = 0.0
     return min(pool, cfg.eval_subset * WINDOWS_PER_QUESTION) if cfg.eval_subset else pool

@@ -17,23 +17,24 @@ KNOWN_SIZES = {("rajpurkar/squad", "train"): 87599, ("rajpurkar/squad", "validat
 WINDOWS_PER_QUESTION = 1.02  # measured on SQuAD v1.1 dev at 384/128 (qatune data check)
 
 
-def estimate_windows(source: str, split: str, articles: str | None, questions, seed: int) -> float:
+def estimate_windows(source: str, split: str, articles: str | None, questions, seed: int,
+                     role: str = "train") -> float:
     """Windows of a data selection: question count x windows per question. Hub data sets of known size are
-    not downloaded for this (a dry run works offline); other sources are loaded once."""
+    not downloaded for this (a dry run works offline); other sources are loaded once. ``role`` (train, eval,
+    validation) names the options a bad selection comes from."""
     name, _, named_split = source.partition(":") if not Path(source).exists() else (source, "", "")
     total = KNOWN_SIZES.get((name, named_split or split))
     if total is not None and not articles:
         n = total if questions is None else (round(questions * total) if isinstance(questions, float) else questions)
         return n * WINDOWS_PER_QUESTION
-    return _question_count(source, split, articles, json.dumps(questions), seed) * WINDOWS_PER_QUESTION
+    return _question_count(source, split, articles, json.dumps(questions), seed, role) * WINDOWS_PER_QUESTION
 
 
 @functools.lru_cache(maxsize=64)
-def _question_count(source: str, split: str, articles: str | None, questions: str, seed: int) -> int:
-    from qatune.data import load_squad, select_articles, subsample
+def _question_count(source: str, split: str, articles: str | None, questions: str, seed: int, role: str) -> int:
+    from qatune.data import load_split
 
-    data = select_articles(load_squad(source, split=split), articles)
-    return len(subsample(data.examples, json.loads(questions), seed))
+    return len(load_split(source, split, articles, json.loads(questions), seed, repair=False, role=role))
 
 
 def train_windows(cfg: TrainConfig) -> float:
