@@ -500,3 +500,44 @@ def test_the_verdict_family_is_holm_adjusted_and_tiny_p_values_are_bounds(tmp_pa
     assert comp["f1"]["p_holm"] == pytest.approx(comp["f1"]["p"]) and comp["f1"]["p"] < 1e-4
     findings = (tmp_path / "s" / "report.md").read_text().split("## Findings")[1]
     assert "p < 0.0001, Holm p < 0.0001 over the 1 claims of the verdict" in findings
+
+
+def test_a_claim_near_the_five_percent_line_is_called_borderline_either_side():
+    """Two fresh runs of the offline study put one effect at Holm p 0.049 and 0.053: both reports must say that the
+    wording is the threshold's (and claims far from it are not listed)."""
+    from qatune.report import _borderline
+    from qatune.stats import Contrast
+
+    def claim(p_holm):
+        return Contrast(25.3, 15.0, 35.6, p_holm / 6, 600, (3, 3), 12, 4.0, 4.0, 0.9, p_holm)
+
+    for p in (0.0486, 0.0528):
+        text = _borderline([("model effect with full", claim(p)), ("headline", claim(0.33)), ("rank", claim(0.001))])
+        assert "model effect with full +25.30 [+15.00, +35.60]" in text and f"Holm p = {p:.4f}" in text
+        assert "headline" not in text and "rank" not in text
+    assert _borderline([("far", claim(0.2)), ("strong", claim(0.01))]) is None
+
+
+def test_compare_verdicts_flags_a_sign_flip_and_not_a_shift_within_the_intervals(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_verdicts.py"
+    spec = importlib.util.spec_from_file_location("compare_verdicts", path)
+    cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cv)
+
+    def report(diff, lo, hi, p_holm):
+        c = {"diff": diff, "ci_low": lo, "ci_high": hi, "p": p_holm / 6, "p_holm": p_holm}
+        return {"comparisons": [{"a_label": "x", "b_label": "y", "f1": c}], "factorial": [], "tests": {"rank": []},
+                "tuning": []}
+
+    files = []
+    for k, r in enumerate([report(25.4, 15.4, 35.4, 0.049), report(25.3, 14.8, 35.8, 0.053),
+                           report(-20.0, -30.0, -10.0, 0.001), report(20.0, 10.0, 30.0, 0.001)]):
+        files.append(tmp_path / f"{k}.json")
+        files[-1].write_text("progress line\n" + json.dumps(r))
+    for pair, code, words in [((0, 1), 0, "differs in significance"), ((2, 3), 1, "CONTRADICTS")]:
+        monkeypatch.setattr("sys.argv", ["compare_verdicts.py", str(files[pair[0]]), str(files[pair[1]])])
+        assert cv.main() == code
+        out = capsys.readouterr().out
+        assert words in out and f"contradictions: {code}" in out
