@@ -1,0 +1,121 @@
+"""Where a training step's time goes, on the offline preset's shapes (issue 27's baseline and yardstick).
+
+For MiniLM-L6 full fine-tuning, LoRA r=8 and r=128, and the 3-layer model (real weights; batch 8, at most 256
+tokens, length-grouped, bf16 where the CPU has it, real SQuAD windows), each through qatune's own training path
+(`qatune.train.Recipe`): windows/s and counted model FLOP/s of an unprofiled run (its run.json), that rate as a
+share of this machine's bf16 matmul rate at the step's shapes (tokens of a batch x 384 by 384 x 1536), and the top
+operators' share of a profiled run's operator time (torch.profiler, self CPU time). Threads: ``--threads`` (1 by
+default, the issue's setting).
+
+    python benchmarks/bench_step.py [--data ../shared/data/squad/dev-v1.1.json] [--steps 20] [--threads 1]
+                                    [--only LoRA] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _table import markdown_table  # sibling module: scripts run as python benchmarks/x.py
+
+from qatune.config import TrainConfig
+from qatune.machine import cpu_has_bf16
+from qatune.train import Recipe, train
+
+SHAPES = [  # (label, options): the offline preset's arms
+    ("MiniLM-L6 full", {"strategy": "full"}),
+    ("MiniLM-L6 LoRA r=8", {"strategy": "lora", "lora_rank": 8, "alpha_policy": "rslora"}),
+    ("MiniLM-L6 LoRA r=128", {"strategy": "lora", "lora_rank": 128, "alpha_policy": "rslora"}),
+    ("3-layer full", {"strategy": "full", "num_layers": 3}),
+]
+GROUPS = {  # operator families, as the issue counts them
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
+    "dropout masks": ("aten::bernoulli_",),
+    "dtype casts": ("aten::copy_", "aten::to", "aten::_to_copy"),
+    "attention mask": ("aten::where", "aten::isneginf", "aten::all", "aten::masked_fill"),
+}
+
+
+def matmul_rate(rows: int, dtype: torch.dtype, reps: int = 20) -> float:
+    """FLOP/s of a (rows x 384) @ (384 x 1536) matmul, the feed-forward shape of a step (best of ``reps``)."""
+    a, b = torch.randn(rows, 384, dtype=dtype), torch.randn(384, 1536, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * rows * 384 * 1536 / best
+
+
+def config(data: str, out: Path, cache: Path, steps: int, options: dict) -> TrainConfig:
+    return TrainConfig(model="minilm-l6", train_data=data, train_articles="1-36", max_steps=steps, batch_size=8,
+                       max_seq_length=256, doc_stride=85, save_steps=10**6, output_dir=str(out),
+                       feature_cache_dir=str(cache), learning_rate=5e-4, **options)
+
+
+def profile(cfg: TrainConfig, top: int) -> dict:
+    """Operator self-CPU-time shares of a run's training loop (setup and saving outside the profile)."""
+    recipe = Recipe(cfg, progress=False)
+    recipe.setup()
+    recipe.writer = None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        recipe.train()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    return {"top": [{"op": e.key, "share": e.self_cpu_time_total / total} for e in ranked[:top]],
+            "groups": {g: sum(e.self_cpu_time_total for e in events if e.key in ops) / total
+                       for g, ops in GROUPS.items()}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="../shared/data/squad/dev-v1.1.json")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--only", nargs="+", help="labels (substrings) of the shapes to run")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if not Path(args.data).exists():
+        print(f"error: {args.data} not found (real SQuAD data)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    shapes = [s for s in SHAPES if not args.only or any(o.lower() in s[0].lower() for o in args.only)]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for k, (label, options) in enumerate(shapes):
+            record = train(config(args.data, tmp / f"run-{k}", tmp / "cache", args.steps, options), progress=False)
+            t = record.timing
+            rows = round(t["train_tokens_per_s"] / t["train_windows_per_s"] * 8)  # tokens of a batch of 8
+            peak = matmul_rate(rows, dtype)
+            prof = profile(config(args.data, tmp / f"prof-{k}", tmp / "cache", max(4, args.steps // 2), options),
+                           args.top)
+            results.append({"shape": label, "windows_per_s": t["train_windows_per_s"],
+                            "model_flop_per_s": t["train_flop_per_s"], "matmul_flop_per_s": peak,
+                            "share_of_matmul": t["train_flop_per_s"] / peak, "batch_tokens": rows, **prof})
+            print(f"  {label}: {t['train_windows_per_s']:.1f} windows/s", flush=True)
+    print(f"\nTraining steps on the offline shapes, {args.threads} thread(s), {dtype}, batch 8, <= 256 tokens, "
+          f"{args.steps} steps\n")
+    markdown_table(["shape", "windows/s", "model GFLOP/s", f"matmul GFLOP/s ({dtype})", "share", *GROUPS],
+                   [[r["shape"], f"{r['windows_per_s']:.2f}", f"{r['model_flop_per_s'] / 1e9:.0f}",
+                     f"{r['matmul_flop_per_s'] / 1e9:.0f}", f"{r['share_of_matmul']:.2f}",
+                     *(f"{r['groups'][g]:.0%}" for g in GROUPS)] for r in results])
+    for r in results:
+        print(f"\n{r['shape']}: " + ", ".join(f"{o['op']} {o['share']:.0%}" for o in r["top"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
