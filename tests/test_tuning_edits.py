@@ -170,3 +170,22 @@ def test_identical_arms_and_an_arm_whose_run_another_trains_are_refused(tmp_path
         load_study(path, directory=tmp_path / "s")
     path.write_text(base.replace("[tune]", fixed.replace("3e-3", "5e-3") + "\n[tune]"))
     assert len(load_study(path, directory=tmp_path / "s").runs) == 4  # two candidates, two fixed runs
+
+
+def test_a_second_version_of_the_file_is_refused_while_a_driver_trains_the_first(tmp_path, tiny_models, train_file):
+    study = _study(tmp_path, tiny_models, train_file, "[1e-3, 2e-3, 3e-3]")
+    (group,) = study.groups
+    db = store.connect(study.directory)
+    store.register(db, study.runs)
+    assert decide(db, group, 3) is None
+    ids = [run.id for _, run in group.candidates]
+    other = store.Owner.new()
+    assert store.claim(db, ids, other, 600, 3, "w") == ids[0]  # the first version's driver trains 1e-3
+    (edited,) = _study(tmp_path, tiny_models, train_file, "[2e-3, 3e-3, 4e-3]").groups
+    store.register(db, [run for _, run in edited.candidates])
+    with pytest.raises(store.StoreError, match=rf"another driver \({other}\) is training candidate {ids[0]}"):
+        decide(db, edited, 3)
+    assert db.execute("SELECT grp FROM runs WHERE id=?", (ids[0],)).fetchone()[0] == group.id  # nothing changed
+    db.execute("UPDATE runs SET lease_until=0 WHERE id=?", (ids[0],))  # that driver is gone: the edit goes ahead
+    assert decide(db, edited, 3) is None
+    assert db.execute("SELECT grp FROM runs WHERE id=?", (ids[0],)).fetchone()[0] is None

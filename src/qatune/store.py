@@ -468,6 +468,14 @@ def decide(db: sqlite3.Connection, grp: str, values: dict[str, dict], schedule: 
         done = db.execute("SELECT * FROM decisions WHERE grp=?", (grp,)).fetchone()
         if done is not None and members == set(ids):
             return Decision(json.loads(done["chosen"]), done["winner"], done["step"], done["failed"])
+        if members != set(ids):  # another version of the file: not while a live driver trains the other set
+            held = [r for r in db.execute("SELECT id, owner FROM runs WHERE grp=? AND status='running' AND "
+                                          "lease_until > ?", (grp, time.time())) if r["id"] not in ids]
+            if held:
+                raise StoreError(f"{_directory(db)}: another driver ({held[0]['owner']}) is training candidate "
+                                 f"{held[0]['id']} of tuned configuration {grp}, which this study file no longer "
+                                 f"tries: two versions of one study file cannot run at once. Stop that driver (its "
+                                 f"runs keep their checkpoints), or give this version its own --dir")
         rows = {r["id"]: r for r in db.execute(
             f"SELECT id, status, scores, curve, error FROM runs WHERE id IN ({','.join('?' * len(ids))})", ids)}
         pauses = {}
