@@ -17,11 +17,11 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from _table import markdown_table  # sibling module: scripts run as python benchmarks/x.py
+from _table import markdown_table  # sibling modules: scripts run as python benchmarks/x.py
+from bench_train import matmul_flops
 
 from qatune.config import TrainConfig
 from qatune.machine import cpu_has_bf16
@@ -39,19 +39,6 @@ GROUPS = {  # operator families, as the issue counts them
     "dtype casts": ("aten::copy_", "aten::to", "aten::_to_copy"),
     "attention mask": ("aten::where", "aten::isneginf", "aten::all", "aten::masked_fill"),
 }
-
-
-def matmul_rate(rows: int, dtype: torch.dtype, reps: int = 20) -> float:
-    """FLOP/s of a (rows x 384) @ (384 x 1536) matmul, the feed-forward shape of a step (best of ``reps``)."""
-    a, b = torch.randn(rows, 384, dtype=dtype), torch.randn(384, 1536, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * rows * 384 * 1536 / best
 
 
 def config(data: str, out: Path, cache: Path, steps: int, options: dict) -> TrainConfig:
@@ -97,7 +84,7 @@ def main() -> int:
             record = train(config(args.data, tmp / f"run-{k}", tmp / "cache", args.steps, options), progress=False)
             t = record.timing
             rows = round(t["train_tokens_per_s"] / t["train_windows_per_s"] * 8)  # tokens of a batch of 8
-            peak = matmul_rate(rows, dtype)
+            peak = matmul_flops(dtype, reps=20, shape=(rows, 384, 1536))  # the feed-forward shape of a step
             prof = profile(config(args.data, tmp / f"prof-{k}", tmp / "cache", max(4, args.steps // 2), options),
                            args.top)
             results.append({"shape": label, "windows_per_s": t["train_windows_per_s"],

@@ -48,15 +48,17 @@ class BenchError(RuntimeError):
     """The comparison cannot be made honestly (missing loss record, mismatched windows or steps)."""
 
 
-def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5, shape: tuple[int, int, int] | None = None) -> float:
+    """FLOP/s of an (m x k) @ (k x n) matmul, best of ``reps`` (``shape`` = (m, k, n); default n x n by n x n)."""
+    m, k, n = shape or (n, n, n)
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return 2 * m * k * n / best
 
 
 def train_flops(model, tokens_per_row: np.ndarray, width: int) -> float:

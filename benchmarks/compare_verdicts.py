@@ -3,7 +3,7 @@
 Reads two ``qatune report DIR --json`` outputs (the last line of each file) and prints, for every claim of the
 verdict (headline comparisons, factorial effects, rank tests), both runs' estimate, 95% interval and Holm p, and
 flags a contradiction: both significant with opposite signs, or disjoint intervals with either significant. Also
-lists each run's tuning choices. Exit 1 when any claim contradicts.
+lists each run's tuning choices. Exit 1 when any claim contradicts, 2 when a file is not a report's JSON.
 
     qatune report studies-out/offline-a --json > a.json
     qatune report studies-out/offline-b --json > b.json
@@ -50,12 +50,26 @@ def describe(c: dict) -> str:
     return f"{c['diff']:+.2f}{ci} p {c['p']:.4f}{holm}"
 
 
+def read(path: str) -> tuple[dict, dict[str, dict]]:
+    """A report's JSON (the last line of ``path``) and its claims; exit 2 saying what to do when it is not one."""
+    try:
+        lines = open(path, encoding="utf-8").read().strip().splitlines()
+        report = json.loads(lines[-1]) if lines else None
+        return report, claims(report)
+    except OSError as e:
+        why = f"cannot read it ({e.strerror or e})"
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        why = (f"its last line is not the JSON of `qatune report DIR --json` ({type(e).__name__}: {e}); write it "
+               f"with `qatune report DIR --json > {path}`")
+    print(f"error: {path}: {why}", file=sys.stderr)
+    raise SystemExit(2)  # 1 means a contradiction
+
+
 def main() -> int:
     if len(sys.argv) != 3:
         print(__doc__, file=sys.stderr)
         return 2
-    a, b = (json.loads(open(p, encoding="utf-8").read().strip().splitlines()[-1]) for p in sys.argv[1:])
-    ca, cb = claims(a), claims(b)
+    (a, ca), (b, cb) = read(sys.argv[1]), read(sys.argv[2])
     bad = 0
     for name in dict.fromkeys([*ca, *cb]):
         x, y = ca.get(name), cb.get(name)

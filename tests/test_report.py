@@ -541,3 +541,9 @@ def test_compare_verdicts_flags_a_sign_flip_and_not_a_shift_within_the_intervals
         assert cv.main() == code
         out = capsys.readouterr().out
         assert words in out and f"contradictions: {code}" in out
+    (tmp_path / "bad.json").write_text('{"comparisons":')
+    for bad, words in [(tmp_path / "none.json", "cannot read it"), (tmp_path / "bad.json", "qatune report DIR --json")]:
+        monkeypatch.setattr("sys.argv", ["compare_verdicts.py", str(bad), str(files[0])])
+        with pytest.raises(SystemExit) as e:
+            cv.main()
+        assert e.value.code == 2 and words in capsys.readouterr().err

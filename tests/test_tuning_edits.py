@@ -28,6 +28,19 @@ def _pause(db, rid, step, f1):
     db.execute("UPDATE runs SET status='pending', stage='paused', scores=? WHERE id=?", (json.dumps(scores), rid))
 
 
+def _paused(tmp_path, tiny_models, train_file, scores: list[float]):
+    """A study's store with one tuned configuration whose candidates (1e-3, 2e-3, ...) all paused at step 3 with
+    ``scores``: (group, db, candidate ids)."""
+    study = _study(tmp_path, tiny_models, train_file, f"[{', '.join(f'{k + 1}e-3' for k in range(len(scores)))}]")
+    (group,) = study.groups
+    db = store.connect(study.directory)
+    store.register(db, study.runs)
+    ids = [run.id for _, run in group.candidates]
+    for rid, f1 in zip(ids, scores):
+        _pause(db, rid, 3, f1)
+    return group, db, ids
+
+
 # ---------------------------------------------------------------------------------------------- the rule, pure
 def test_play_promotes_prunes_and_chooses_from_scores_alone():
     ids = ["a", "b", "c", "d", "e", "f"]
@@ -56,13 +69,7 @@ def test_a_finished_run_stands_for_the_pauses_of_the_model_it_kept_at_each_rung(
 
 # ---------------------------------------------------------------------------------------------- the store
 def test_a_value_added_between_rungs_reopens_the_rung_instead_of_crashing(tmp_path, tiny_models, train_file):
-    study = _study(tmp_path, tiny_models, train_file, "[1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]")
-    (group,) = study.groups
-    db = store.connect(study.directory)
-    store.register(db, study.runs)
-    ids = [run.id for _, run in group.candidates]
-    for rid, f1 in zip(ids, [10.0, 40.0, 30.0, 20.0, 15.0, 12.0]):
-        _pause(db, rid, 3, f1)
+    group, db, ids = _paused(tmp_path, tiny_models, train_file, [10.0, 40.0, 30.0, 20.0, 15.0, 12.0])
     assert decide(db, group, 3) is None  # two go on: ids[1], ids[2]
     assert [store.statuses(db, ids)[r] for r in ids[:3]] == ["pruned", "pending", "pending"]
     (group,) = _study(tmp_path, tiny_models, train_file, "[1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3, 7e-3]").groups
@@ -82,13 +89,7 @@ def test_a_value_added_between_rungs_reopens_the_rung_instead_of_crashing(tmp_pa
 
 
 def test_a_decision_is_taken_again_when_its_values_change_and_stands_otherwise(tmp_path, tiny_models, train_file):
-    study = _study(tmp_path, tiny_models, train_file, "[1e-3, 2e-3, 3e-3]")
-    (group,) = study.groups
-    db = store.connect(study.directory)
-    store.register(db, study.runs)
-    ids = [run.id for _, run in group.candidates]
-    for rid, f1 in zip(ids, [10.0, 40.0, 30.0]):
-        _pause(db, rid, 3, f1)
+    group, db, ids = _paused(tmp_path, tiny_models, train_file, [10.0, 40.0, 30.0])
     first = decide(db, group, 3)
     assert first.winner == ids[1] and first.chosen == {"learning_rate": 2e-3} and first.step == 3 and first.new
     assert not decide(db, group, 3).new  # the same candidates: it stands

@@ -310,9 +310,7 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
         covered = [r for r in every if r["id"] in wanted]
     else:
         covered = every
-    tuning = summarize(covered, chosen)
-    for t in tuning:
-        t["failed"] = failed.get(t["configuration"])  # why no value was chosen: no candidate reached a rung
+    tuning = summarize(covered, chosen, failed)
     _separability(tuning, covered)
     other_rows = len(every) - len(covered)
     covered = [r for r in covered if r["status"] not in ("pruned", "winner")]
@@ -444,14 +442,12 @@ def _factorial(configs: list[Config], questions: list[str], scores: Scores, orde
     for c in configs:
         cells[(model_name(c.runs[0]["config"]), c.strategy, c.volume)].append(c)
     present = {(m, s) for m, s, _ in cells}
-    if len(present) < 4 and len(declared) == 4:  # the study has the four cells; one has no result yet
-        return [], ("The model and strategy effects need all four cells, and "
-                    + " and ".join(f"{m} {s}" for m, s in sorted(declared - present))
-                    + " has no finished run yet (see the runs without results above).")
-    if len(present) < 4:
-        return [], ("The model and strategy effects are confounded: the arms cover only "
-                    + " and ".join(f"{m} {s}" for m, s in sorted(present))
-                    + "; add the other cells (each model with each strategy) to tell them apart.")
+    if len(present) < 4:  # the study declares the four cells and one has no result yet, or it lacks cells
+        cells_named = " and ".join(f"{m} {s}" for m, s in sorted(declared - present if len(declared) == 4 else present))
+        return [], (f"The model and strategy effects need all four cells, and {cells_named} has no finished run yet "
+                    f"(see the runs without results above)." if len(declared) == 4 else
+                    f"The model and strategy effects are confounded: the arms cover only {cells_named}; add the "
+                    f"other cells (each model with each strategy) to tell them apart.")
     out = []
     for v in sorted({c.volume for c in configs}, reverse=True):
         if any((m, s, v) not in cells for m in models for s in ("full", "lora")) or not questions:

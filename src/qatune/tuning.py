@@ -166,10 +166,11 @@ def at_edge(values: list, chosen) -> bool:
     return len(numbers) == len(values) >= 2 and chosen in (min(numbers), max(numbers))
 
 
-def summarize(rows: list[dict], chosen: dict[str, dict]) -> list[dict]:
+def summarize(rows: list[dict], chosen: dict[str, dict], failed: dict[str, str] | None = None) -> list[dict]:
     """Per tuned configuration (rows of the store with a ``grp``): the values tried with their validation F1 at the
-    last rung each reached, the value chosen (``chosen``: the store's decisions) and whether it lies at the edge of
-    its range. Only validation numbers: a candidate's test score is never looked at."""
+    last rung each reached, the value chosen (``chosen``: the store's decisions), whether it lies at the edge of
+    its range, and why none was chosen (``failed``: no candidate reached a rung). Only validation numbers: a
+    candidate's test score is never looked at."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("grp"):
@@ -191,7 +192,8 @@ def summarize(rows: list[dict], chosen: dict[str, dict]) -> list[dict]:
         out.append({"configuration": grp, "arm": members[0]["arm"],
                     "option": options[0] if len(options) == 1 else options, "tried": tried, "chosen": value,
                     "at_edge": value is not None and len(options) == 1 and at_edge([t["value"] for t in tried], value),
-                    "point": {k: v for k, v in points[0].items() if k not in options}})
+                    "point": {k: v for k, v in points[0].items() if k not in options},
+                    "failed": (failed or {}).get(grp)})
     return out
 
 
