@@ -150,3 +150,32 @@ def test_windows_that_lose_the_end_of_a_context_are_refused(tokenizer, monkeypat
     monkeypatch.setattr(features, "_encode", lossy)
     with pytest.raises(FeatureError, match=r"question 'q0_1'.*huggingface/tokenizers#2091"):
         build_features(exs, tokenizer, 64, 16)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ex=example_with_answer(), max_len=st.integers(32, 96), stride=st.integers(0, 12))
+def test_the_window_count_formula_is_the_tokenizers(tokenizer, ex, max_len, stride):
+    """`sizes.windows_of`, given a question's real token counts, gives exactly the windows the fast tokenizer
+    makes: the dry run and a study's rungs are planned with it."""
+    from qatune.sizes import windows_of
+
+    context = len(tokenizer(ex.context, add_special_tokens=False)["input_ids"])
+    question = len(tokenizer(ex.question, add_special_tokens=False)["input_ids"])
+    assert windows_of(context, question, max_len, stride) == len(build_features([ex], tokenizer, max_len, stride))
+
+
+@pytest.mark.parametrize("window", [(384, 128), (128, 32), (64, 16)])
+def test_sizes_estimate_real_squad_windows_without_tokenising(tokenizer, window):
+    """From word counts (local data) and from SQuAD's context-length percentiles (hub data, not downloaded), the
+    estimate is within 4% of the windows the tokenizer makes on real SQuAD (dev v1.1, all of it: the percentiles are
+    of the whole set) at each window setting."""
+    from qatune.data import load_split
+    from qatune.sizes import estimate_windows, windows_per_question
+    from tests.conftest import shared_file
+
+    path = str(shared_file("dev-v1.1.json"))
+    examples = load_split(path, "validation", None, None, 0, repair=False).examples
+    real = len(build_features(examples, tokenizer, *window))
+    estimate = estimate_windows(path, "validation", None, None, 0, "eval", *window)
+    assert estimate == pytest.approx(real, rel=0.04)
+    assert windows_per_question(*window) * len(examples) == pytest.approx(real, rel=0.04)

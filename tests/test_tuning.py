@@ -473,7 +473,7 @@ def test_the_projection_counts_the_halving_steps_and_the_final_seeds(tmp_path, t
     """9 candidates (15 halving steps in all, none tested), then the chosen value at both seeds (9 steps each): the
     projection trains 33 steps, not the grid's 9 x 9 + 18, and only the final runs are tested."""
     import qatune.calibrate
-    from qatune.plan import RUN_OVERHEAD_S, WINDOWS_PER_QUESTION, curve_windows, dry_run, estimate, project
+    from qatune.plan import RUN_OVERHEAD_S, curve_windows, dry_run, estimate, project
     from qatune.sizes import estimate_windows
 
     rates = "[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]"
@@ -487,32 +487,38 @@ def test_the_projection_counts_the_halving_steps_and_the_final_seeds(tmp_path, t
     assert test > 0
     cfg = study.runs[0].config  # batch 4, a curve point every step on all the validation questions (no eval_subset)
     curve = curve_windows(cfg)
-    assert cfg.eval_subset is None and curve == pytest.approx(0.34 * 18 * WINDOWS_PER_QUESTION)
-    assert curve == pytest.approx(0.34 * estimate_windows(str(train_file), "train", "1-3", None, 0))
+    assert cfg.eval_subset is None and curve == pytest.approx(0.34 * 18)  # the short contexts fit one window
+    assert curve == pytest.approx(0.34 * estimate_windows(str(train_file), "train", "1-3", None, 0, "train", 96, 32))
     one = lambda steps, tested: RUN_OVERHEAD_S + steps * 2.0 + (tested + int(steps // 1) * curve) * 2.0 / 4 / 3  # noqa: E731
     assert proj["serial_hours"] * 3600 == pytest.approx(9 * one(15 / 9, 0) + 2 * one(9, test))
     plan = dry_run(study)
     assert plan["summary"]["total_pflop"] == pytest.approx(estimate(study.runs[0])["train_pflop"] * (15 + 18) / 9)
 
 
-def test_several_left_at_the_last_rung_train_to_their_own_end_in_epochs(tmp_path, tiny_models, train_file):
-    """With epochs instead of max_steps the rungs come from the estimated steps (question count x windows per
-    question, which here overcounts: the validation articles are held out of it). Six candidates leave two at the
-    first rung: they train to their real end and the better one wins; the final runs end there too."""
+def test_several_left_at_the_last_rung_train_to_their_own_end_in_epochs(tmp_path, tiny_models, train_file,
+                                                                        monkeypatch):
+    """With epochs instead of max_steps the rungs come from the estimated steps. The estimate is the real step
+    count (windows from the questions' lengths, validation articles held out); skewed to twice the windows here,
+    six candidates leave two at the first rung: they train to their real end and the better one wins; the final
+    runs end there too."""
+    import qatune.sizes
     from qatune.sizes import optimizer_steps
 
     path = write(tmp_path, tiny_models["distilbert"], train_file, "[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]")
     path.write_text(path.read_text().replace("max_steps = 9", "epochs = 2").replace("seed = [1, 2]", "seed = [1]"))
+    true_estimate = optimizer_steps(load_study(path, directory=tmp_path / "s").groups[0].candidates[0][1].config)
+    windows = qatune.sizes.train_windows
+    monkeypatch.setattr(qatune.sizes, "train_windows", lambda cfg: 2 * windows(cfg))
     study = load_study(path, directory=tmp_path / "s")
     (group,) = study.groups
     estimated = optimizer_steps(group.candidates[0][1].config)
-    assert group.schedule == [-(-estimated // 3), estimated]
+    assert estimated > true_estimate and group.schedule == [-(-estimated // 3), estimated]
     counts = run_study(study, LocalLauncher(workers=2, threads=1), poll_s=0.1, progress=False)
     assert counts == {"finished": 1, "pruned": 5, "winner": 1}
     by_id = db_rows(study.directory)
     final = next(r for r in by_id.values() if r["grp"] is None)
     real_end = json.loads((study.directory / "runs" / final["id"] / "run.json").read_text())["curve"][-1]["step"]
-    assert real_end != estimated  # the estimate was off, and the runs went to their own end regardless
+    assert real_end == true_estimate != estimated  # the skewed estimate was off; the runs went to their own end
     last = [r for r in by_id.values() if r["grp"] and len(json.loads(r["scores"])) == 2]
     assert len(last) == 2 and all([s["step"] for s in json.loads(r["scores"])] == [group.schedule[0], real_end]
                                   for r in last)

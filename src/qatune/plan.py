@@ -1,6 +1,6 @@
 """What a study will cost before it runs (``qatune study FILE --dry-run [--calibrate]``).
 
-Parameter counts come from each model's configuration (no weights), windows from question counts, training
+Parameter counts come from each model's configuration (no weights), windows from the questions' lengths, training
 FLOPs from the counted FLOPs per window (`qatune.flops`); ``--calibrate`` times a few steps of every distinct
 run shape on this machine (`qatune.calibrate`) and projects the study's wall time for the launcher's slots.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from qatune.config import TrainConfig, model_name
-from qatune.sizes import WINDOWS_PER_QUESTION, estimate_windows, optimizer_steps, train_windows
+from qatune.sizes import estimate_windows, optimizer_steps, train_windows, windows_per_question
 from qatune.studyfile import Run, Study
 from qatune.tuning import planned_steps
 
@@ -32,7 +32,7 @@ def estimate(run: Run) -> dict:
     width = StepKey.from_config(cfg).width
     per_window = for_config(cfg)
     eval_windows = (estimate_windows(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions, cfg.seed,
-                                     "eval") if cfg.eval_data else 0.0)
+                                     "eval", cfg.max_seq_length, cfg.doc_stride) if cfg.eval_data else 0.0)
     return {**params, "train_windows": windows, "steps": steps, "eval_windows": eval_windows,
             "train_pflop": trained * (per_window.forward(width) + per_window.backward(width)) / 1e15}
 
@@ -86,18 +86,19 @@ def _seconds(cfg: TrainConfig, steps: float, s_per_step: float, test_windows: fl
 def curve_windows(cfg: TrainConfig) -> float:
     """Windows of one learning-curve evaluation: up to eval_subset questions of the validation data (a
     validation_share of the training articles' questions), else of the evaluation data."""
+    window = (cfg.max_seq_length, cfg.doc_stride)
     if cfg.validation_data:
         pool = estimate_windows(cfg.validation_data, cfg.validation_split, cfg.validation_articles,
-                                cfg.validation_questions, cfg.seed, "validation")
+                                cfg.validation_questions, cfg.seed, "validation", *window)
     elif cfg.validation_share:
         pool = cfg.validation_share * estimate_windows(cfg.train_data, cfg.train_split, cfg.train_articles, None,
-                                                       cfg.seed)
+                                                       cfg.seed, "train", *window)
     elif cfg.eval_data:
         pool = estimate_windows(cfg.eval_data, cfg.eval_split, cfg.eval_articles, cfg.eval_questions, cfg.seed,
-                                "eval")
+                                "eval", *window)
     else:
         pool = 0.0
-    return min(pool, cfg.eval_subset * WINDOWS_PER_QUESTION) if cfg.eval_subset else pool
+    return min(pool, cfg.eval_subset * windows_per_question(*window)) if cfg.eval_subset else pool
 
 
 def count_params(cfg: TrainConfig) -> dict:
