@@ -38,13 +38,41 @@ def test_full_finetune_writes_everything(tmp_path, tiny_models, train_file, kind
     assert run["timing"]["train_s"] > 0 and run["timing"]["train_windows_per_s"] > 0
     assert run["memory"]["peak_rss_mb"] > 0
     assert run["resolved"]["total_steps"] == 4
-    assert run["resolved"]["attention"] == "sdpa"  # fused attention, not the eager fallback
+    assert run["resolved"]["attention"] == "eager"  # attention="auto" on a CPU
+    assert run["resolved"]["attention_dropout"] == 0.1  # the model's own
     assert len(run["loss"]["curve"]) == 1 and run["loss"]["final"] == run["loss"]["curve"][-1][1] > 0
     preds = json.loads((out / "predictions.json").read_text())
     assert len(preds) == r.metrics["total"] == 12  # articles 3-4 of the training file
     before, after = weights(tiny_models[kind]), weights(out / "model")
     changed = [k for k in before if k in after and not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2  # every weight trains in full fine-tuning
+
+
+@pytest.mark.parametrize("kind", ["mobilebert", "distilbert"])
+def test_attention_kernels_learn_the_same_and_attention_dropout_reaches_the_model(tmp_path, tiny_models, train_file,
+                                                                                 kind):
+    """The kernel is how a run computes, not what: with the attention maps undropped, an eager and an SDPA run of one
+    seed draw the same hidden-dropout masks and learn the same (one run id). attention_dropout reaches the model
+    (another run, another id) and run.json records both."""
+    from qatune.config import config_hash
+
+    configs = {name: cfg(tiny_models[kind], train_file, tmp_path / name, logging_steps=1, **kw) for name, kw in
+               {"eager": {"attention": "eager", "attention_dropout": 0.0},
+                "sdpa": {"attention": "sdpa", "attention_dropout": 0.0},
+                "dropped": {"attention": "eager", "attention_dropout": 0.5}}.items()}
+    runs = {}
+    for name, c in configs.items():
+        train(c, progress=False)
+        runs[name] = json.loads((tmp_path / name / "run.json").read_text())
+    assert [runs[n]["resolved"]["attention"] for n in configs] == ["eager", "sdpa", "eager"]
+    assert [runs[n]["resolved"]["attention_dropout"] for n in configs] == [0.0, 0.0, 0.5]
+    losses = {n: [loss for _, loss in runs[n]["loss"]["curve"]] for n in configs}
+    assert len(losses["eager"]) == 4 and losses["sdpa"] == pytest.approx(losses["eager"], rel=1e-4)
+    gap = {n: max(abs(a - b) for a, b in zip(losses[n], losses["eager"])) for n in ("sdpa", "dropped")}
+    assert gap["dropped"] > 100 * gap["sdpa"] + 1e-5  # the kernels agree far closer than the dropout settings
+    assert config_hash(configs["eager"]) == config_hash(configs["sdpa"]) != config_hash(configs["dropped"])
+    # an unset attention_dropout is the run of earlier versions (the model's own), whatever the default
+    assert config_hash(cfg(tiny_models[kind], train_file, tmp_path)) != config_hash(configs["eager"])
 
 
 def test_lora_keeps_base_and_trains_head(tmp_path, tiny_models, train_file):

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qatune.models import model_config, model_from_config, random_batch
+from qatune.models import attention_kernel, model_config, model_from_config, random_batch
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +59,8 @@ class StepKey:
     full_width: bool = False
     compile: bool = False
     num_layers: int | None = None
+    attention_dropout: float | None = None
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.strategy == "full":
@@ -76,7 +78,8 @@ class StepKey:
                    lora_targets=tuple(cfg.lora_targets) if cfg.lora_targets else None,
                    max_seq_length=cfg.max_seq_length, batch_size=cfg.batch_size, precision=cfg.precision,
                    lora_dropout=cfg.lora_dropout, full_width=cfg.pad_to_max_length or not cfg.group_by_length,
-                   compile=cfg.compile, num_layers=cfg.num_layers)
+                   compile=cfg.compile, num_layers=cfg.num_layers, attention_dropout=cfg.attention_dropout,
+                   attention=cfg.attention)
 
     @property
     def width(self) -> int:
@@ -89,7 +92,9 @@ class StepKey:
         lora = f" r={self.lora_rank}" if self.strategy == "lora" else ""
         layers = f" ({self.num_layers} layers)" if self.num_layers else ""
         return (f"{self.model}{layers} {self.strategy}{lora} batch={self.batch_size} width={self.width} "
-                f"{self.precision}{' compiled' if self.compile else ''}")
+                f"{self.precision}{' compiled' if self.compile else ''}"
+                + (f" attention dropout {self.attention_dropout:g}" if self.attention_dropout is not None else "")
+                + (f" {self.attention} attention" if self.attention != "auto" else ""))
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -127,7 +132,8 @@ def time_step(key: StepKey, threads: int | None = None, steps: int = 3, warmup: 
     model = forward = optimizer = batch = None
     try:
         model = model_from_config(key.model, key.strategy, _lora_settings(key) if key.strategy == "lora" else None,
-                                  num_layers=key.num_layers)
+                                  num_layers=key.num_layers, attention_dropout=key.attention_dropout,
+                                  attention=attention_kernel(key.attention, device))
         precision = resolve_precision(key.precision, device, model.config.model_type)
         model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]

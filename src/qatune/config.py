@@ -19,6 +19,7 @@ from qatune.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard", "mlflow")
 STRATEGIES = ("full", "lora")
+ATTENTION_KERNELS = ("auto", "eager", "sdpa")
 ALPHA_POLICIES = ("fixed", "proportional", "rslora")
 MIN_SEQ_LENGTH = 32  # room for [CLS] question [SEP] some context [SEP]
 
@@ -39,6 +40,9 @@ class TrainConfig:
     lora_alpha: float = _f(32.0, "LoRA alpha (ignored by the proportional policy, which uses 2r)")
     alpha_policy: str = _f("fixed", "fixed (alpha/r) | proportional (alpha=2r) | rslora (alpha/sqrt(r))")
     lora_dropout: float = _f(0.1, "dropout on the LoRA input")
+    attention_dropout: float | None = _f(None, "dropout on the attention probabilities (unset: the model's own, 0.1 "
+                                               "in BERT, MobileBERT and DistilBERT); 0 skips a random mask the size "
+                                               "of every attention map")
     lora_targets: list[str] | None = _f(None, "module-name suffixes to adapt (default: per architecture)")
     train_data: str = _f("", "SQuAD JSON file or datasets id[:split]")
     train_split: str = _f("train", "split when train_data is a datasets id")
@@ -99,6 +103,8 @@ class TrainConfig:
     report_to: str = _f("none", "none | tensorboard | mlflow")
     feature_cache_dir: str | None = _f(None, "reuse tokenised windows across runs from this directory")
     compile: bool = _f(False, "torch.compile the model (batches padded to multiples of 64 to bound recompiles)")
+    attention: str = _f("auto", "attention kernel: auto (eager on a CPU, where it trains faster than SDPA; "
+                                "transformers' default elsewhere) | eager | sdpa. The same arithmetic either way")
     inference_cost: bool = _f(False, "after evaluation, measure what the model costs to run: latency, size on disk, "
                                      "int8 ONNX accuracy (needs qatune[onnx]; the study presets turn it on)")
 
@@ -132,7 +138,7 @@ class TrainConfig:
 # Allowed values and ranges, checked whenever a TrainConfig is built (CLI, TOML, study files, Python):
 # a bad value is refused before any data or weights load, with the option, the value and what is allowed.
 KEEP = ("best", "last")
-CHOICES = {"strategy": STRATEGIES, "alpha_policy": ALPHA_POLICIES,
+CHOICES = {"strategy": STRATEGIES, "alpha_policy": ALPHA_POLICIES, "attention": ATTENTION_KERNELS,
            "precision": PRECISIONS, "report_to": REPORT_TO, "keep": (None, *KEEP)}
 AT_LEAST_1 = ("lora_rank", "max_steps_if_set", "batch_size", "grad_accum", "eval_batch_size", "save_steps",
               "keep_checkpoints", "logging_steps", "n_best", "max_answer_length")
@@ -212,8 +218,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise bad("warmup_ratio", "must be in [0, 1)")
     if cfg.weight_decay < 0:
         raise bad("weight_decay", "must be >= 0")
-    if not 0 <= cfg.lora_dropout < 1:
-        raise bad("lora_dropout", "must be in [0, 1)")
+    for name in ("lora_dropout", "attention_dropout"):
+        if getattr(cfg, name) is not None and not 0 <= getattr(cfg, name) < 1:
+            raise bad(name, "must be in [0, 1)")
     if cfg.lora_alpha <= 0:
         raise bad("lora_alpha", "must be > 0")
     if cfg.lora_targets is not None and not all(t.strip() for t in cfg.lora_targets) or cfg.lora_targets == []:
@@ -317,11 +324,14 @@ def _spans(indices: list[int]) -> str:
     return ", ".join(out)
 
 
-NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile", "inference_cost", "pause_at",
-               "oracle_threshold")  # where/how, and a guard that refuses a run rather than changing it
-# Options added later: part of a run's identity only when set, so the runs of existing studies keep their ids.
-IN_HASH_WHEN_SET = ("num_layers", "eval_steps", "eval_subset", "validation_data", "validation_split", "validation_articles",
-                    "validation_questions", "validation_share", "keep", "early_stopping_patience")
+NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compile", "attention", "inference_cost",
+               "pause_at", "oracle_threshold")  # where/how, and a guard that refuses a run rather than changing it
+# Options added later, with the value runs had before them: part of a run's identity only when set otherwise, so the
+# runs of existing studies keep their ids whatever the option's default becomes.
+IN_HASH_WHEN_SET = {"num_layers": None, "eval_steps": 0, "eval_subset": 500, "validation_data": None,
+                    "validation_split": "validation", "validation_articles": None, "validation_questions": None,
+                    "validation_share": None, "keep": None, "early_stopping_patience": 0,
+                    "attention_dropout": None}
 
 
 def model_name(config: dict) -> str:
@@ -333,9 +343,8 @@ def model_name(config: dict) -> str:
 def config_hash(cfg: TrainConfig | dict, leave_out: tuple[str, ...] = ()) -> str:
     """What one run *is*: a hash of its configuration without where or how it runs (a study's run id)."""
     d = asdict(cfg) if isinstance(cfg, TrainConfig) else cfg
-    defaults = {f.name: f.default for f in fields(TrainConfig) if f.name in IN_HASH_WHEN_SET}
     d = {k: v for k, v in d.items() if k not in NOT_IN_HASH and k not in leave_out
-         and not (k in defaults and v == defaults[k])}
+         and not (k in IN_HASH_WHEN_SET and v == IN_HASH_WHEN_SET[k])}
     if d.get("strategy") == "lora":  # LoRA runs before this mark never saw segment ids: they are other runs
         d["lora_forward"] = "all inputs"
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

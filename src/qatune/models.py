@@ -91,15 +91,17 @@ def load_tokenizer(name: str):
 SETTINGS_FILE = "qatune.json"  # the inference configuration (plus what the model is) in every model directory
 
 
-def load_qa_model(name: str, num_layers: int | None = None) -> torch.nn.Module:
+def load_qa_model(name: str, num_layers: int | None = None, attention_dropout: float | None = None,
+                  attention: str | None = None) -> torch.nn.Module:
     """An ``AutoModelForQuestionAnswering`` (a fresh span head on top of a plain encoder checkpoint); with
-    ``num_layers``, only the encoder's first N layers (their pretrained weights; the rest are not loaded)."""
+    ``num_layers``, only the encoder's first N layers (their pretrained weights; the rest are not loaded);
+    ``attention_dropout`` and ``attention`` (a kernel, see :func:`attention_kernel`) override the model's own."""
     from transformers import AutoModelForQuestionAnswering
 
     path = resolve_model(name)
     from safetensors import SafetensorError
 
-    kw = {}
+    kw = attention_options(model_config(name), attention_dropout, attention)
     if num_layers is not None:
         depth = model_depth(model_config(name))
         if not 1 <= num_layers <= depth:
@@ -114,6 +116,29 @@ def load_qa_model(name: str, num_layers: int | None = None) -> torch.nn.Module:
     except SafetensorError as e:
         raise ModelError(f"{_describe(name, path)}: its weights file is damaged ({e}); copy or download the model "
                          f"again") from e
+
+
+def attention_kernel(choice: str, device) -> str | None:
+    """The attention implementation a run uses: ``auto`` takes eager on a CPU, where PyTorch's SDPA trains slower
+    (measured 1.1-1.2x per step with dropout on the attention maps, benchmarks/README.md), and leaves transformers'
+    default (SDPA where the model has it) elsewhere; eager and sdpa compute the same attention."""
+    import torch
+
+    if choice != "auto":
+        return choice
+    return "eager" if torch.device(device).type == "cpu" else None
+
+
+def attention_options(config, attention_dropout: float | None, attention: str | None) -> dict:
+    """Config overrides for a model's attention dropout (BERT and MobileBERT call it attention_probs_dropout_prob,
+    DistilBERT attention_dropout) and its attention implementation."""
+    kw = {}
+    if attention_dropout is not None:
+        key = "attention_probs_dropout_prob" if hasattr(config, "attention_probs_dropout_prob") else "attention_dropout"
+        kw[key] = attention_dropout
+    if attention is not None:
+        kw["attn_implementation"] = attention
+    return kw
 
 
 def model_depth(config) -> int:
@@ -341,7 +366,8 @@ def check_seq_length(config, max_seq_length: int, model: str) -> None:
 
 
 def model_from_config(name: str, strategy: str = "full", lora: LoraSettings | None = None,
-                      meta: bool = False, num_layers: int | None = None) -> torch.nn.Module:
+                      meta: bool = False, num_layers: int | None = None, attention_dropout: float | None = None,
+                      attention: str | None = None) -> torch.nn.Module:
     """A question-answering model of ``name``'s architecture with random weights, ready for ``strategy``.
 
     ``meta=True`` allocates nothing (for counting parameters). Otherwise the weights are properly
@@ -351,12 +377,15 @@ def model_from_config(name: str, strategy: str = "full", lora: LoraSettings | No
     import torch
     from transformers import AutoModelForQuestionAnswering
 
-    mcfg = model_config(name)
+    mcfg = copy.deepcopy(model_config(name))
+    kw = attention_options(mcfg, attention_dropout, attention)
     if num_layers is not None:
-        mcfg = copy.deepcopy(mcfg)
         mcfg.num_hidden_layers = num_layers
+    for key, value in kw.items():
+        if key != "attn_implementation":
+            setattr(mcfg, key, value)
     with quiet_transformers(), torch.device("meta") if meta else torch.random.fork_rng(devices=[]):
-        model = AutoModelForQuestionAnswering.from_config(mcfg)
+        model = AutoModelForQuestionAnswering.from_config(mcfg, attn_implementation=kw.get("attn_implementation"))
     return apply_strategy(model, strategy, lora)
 
 

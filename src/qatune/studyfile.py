@@ -24,7 +24,7 @@ from qatune.tuning import METHODS, rungs, tuning_seed
 LORA_ONLY = ("lora_rank", "alpha_policy", "lora_alpha", "lora_dropout", "lora_targets")
 # What [tune.ARM] may try: training hyperparameters (LoRA's on LoRA arms only), never what the candidates are
 # judged on or what a run is.
-TUNABLE = ("learning_rate", "warmup_ratio", "weight_decay", "batch_size", "grad_accum", *LORA_ONLY)
+TUNABLE = ("learning_rate", "warmup_ratio", "weight_decay", "batch_size", "grad_accum", "attention_dropout", *LORA_ONLY)
 # Options the study sets for every run itself: where its files go, resuming, the shared tokenisation cache.
 STUDY_SETS = {"output_dir": "each run's directory is runs/<run id> in the study directory; choose that with --dir",
               "resume": "a study always resumes its runs from their checkpoints",

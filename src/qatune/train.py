@@ -39,6 +39,7 @@ from qatune.machine import LoadMeter, environment, peak_memory, reset_peak_memor
 from qatune.models import (
     LoraSettings,
     apply_strategy,
+    attention_kernel,
     check_segment_inputs,
     check_seq_length,
     load_qa_model,
@@ -104,10 +105,13 @@ class Recipe:
             n = min(cfg.eval_subset or len(source), len(source))
             self.curve_data = source.with_examples(subsample(source.examples, n, CURVE_SEED))
 
-        model = load_qa_model(cfg.model, cfg.num_layers)
+        model = load_qa_model(cfg.model, cfg.num_layers, cfg.attention_dropout,
+                              attention_kernel(cfg.attention, state.device))
         check_seq_length(model.config, cfg.max_seq_length, cfg.model)
         self.model_type = model.config.model_type
         self.attention = getattr(model.config, "_attn_implementation", None)
+        self.attention_dropout = getattr(model.config, "attention_probs_dropout_prob",
+                                         getattr(model.config, "attention_dropout", None))
         self.precision = resolve_precision(cfg.precision, state.device, self.model_type)
         # Accelerate runs the forward pass under autocast for bf16/fp16 and scales fp16 losses. Its state is a
         # process-wide singleton: reset it so runs in one process may use different precisions.
@@ -440,7 +444,8 @@ class Recipe:
         return RunRecord(
             config=asdict(cfg),
             resolved={"learning_rate": cfg.resolved_learning_rate(), "precision": self.precision,
-                      "model_type": self.model_type, "attention": self.attention, "compile": cfg.compile,
+                      "model_type": self.model_type, "attention": self.attention,
+                      "attention_dropout": self.attention_dropout, "compile": cfg.compile,
                       "world_size": world, "total_steps": self.total_steps,
                       "steps_per_epoch": self.steps_per_epoch, "train_windows": len(self.feats),
                       "lora_alpha_effective": LoraSettings.from_config(cfg).effective_alpha
