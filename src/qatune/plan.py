@@ -150,7 +150,7 @@ def dry_run(study: Study, calibrate_here: bool = False, slots: int = 1, threads:
     summary = {"runs": len(study.runs), "total_pflop": total}
     notes = [*(f"‡ {n}" for n in sorted({n for n in run_notes if n})),
              f"total training compute: {total:.2f} PFLOP (FLOPs per window counted on each model shape at the "
-             f"typical padded width, x windows trained; windows estimated from question counts"
+             f"typical padded width, x windows trained; windows estimated from the questions' lengths"
              + ("; tuning candidates at the halving's steps, and the chosen values' runs at every seed)"
                 if study.groups else ")")]
     if calibrate_here:

@@ -1,4 +1,4 @@
-"""How big a data selection is, without tokenising it: windows from question counts, and the optimizer steps a
+"""How big a data selection is, without tokenising it: windows from the questions' lengths, and the optimizer steps a
 run will take. The dry run plans with these, and a tuned study places its rungs with them when a run is given in
 epochs rather than steps."""
 
