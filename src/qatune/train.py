@@ -46,6 +46,7 @@ from qatune.models import (
     load_tokenizer,
     lora_widths,
     parameter_counts,
+    set_attention,
 )
 from qatune.record import RunRecord
 from qatune.rundir import RunDir, write_evaluation
@@ -110,6 +111,9 @@ class Recipe:
         check_seq_length(model.config, cfg.max_seq_length, cfg.model)
         self.model_type = model.config.model_type
         self.attention = getattr(model.config, "_attn_implementation", None)
+        # auto: eager attention trains faster on a CPU, SDPA answers faster (measured 1.8x at 64 x 256 tokens)
+        self.eval_attention = ("sdpa" if cfg.attention == "auto" and self.attention == "eager"
+                               and getattr(model, "_supports_sdpa", False) else self.attention)
         self.attention_dropout = getattr(model.config, "attention_probs_dropout_prob",
                                          getattr(model.config, "attention_dropout", None))
         self.precision = resolve_precision(cfg.precision, state.device, self.model_type)
@@ -301,8 +305,10 @@ class Recipe:
             from qatune.metrics import squad_v1_scores, squad_v2_scores
 
             t = time.perf_counter()
-            reader = Reader.live(self.acc.unwrap_model(self.model), self.tokenizer, self.infer, self.precision)
-            m, decoded = reader.evaluate(self.curve_data, cache_dir=self.cfg.feature_cache_dir)
+            module = self.acc.unwrap_model(self.model)
+            reader = Reader.live(module, self.tokenizer, self.infer, self.precision)
+            with self._evaluating(module):
+                m, decoded = reader.evaluate(self.curve_data, cache_dir=self.cfg.feature_cache_dir)
             point = {"step": step, "windows": self.windows_through(step), "exact_match": m["exact_match"],
                      "f1": m["f1"]}
             self.keeper.add(point, self.acc.unwrap_model(self.model))
@@ -316,6 +322,18 @@ class Recipe:
                 self.writer.add_scalar("curve/exact_match", point["exact_match"], step)
             self.curve_eval_s += time.perf_counter() - t
         self.acc.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def _evaluating(self, module):
+        """A learning-curve evaluation with the evaluation kernel, then back to the training one."""
+        if self.eval_attention == self.attention:
+            yield
+            return
+        set_attention(module, self.eval_attention)
+        try:
+            yield
+        finally:
+            set_attention(module, self.attention)
 
     def _flag_nonfinite(self, loss: torch.Tensor, m: int) -> None:
         """Record a non-finite loss on the device (no host sync); every rank sees the same flag."""
@@ -371,6 +389,8 @@ class Recipe:
         if self.main:
             # without accelerate's autocast wrapper: the evaluation runs at the inference precision, as a Reader would
             module = self.acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+            if self.eval_attention != self.attention:  # training is over: evaluate (and save) with its kernel
+                set_attention(module, self.eval_attention)
             validation = self._keep(module)
             self.dir.save_model(module, self.tokenizer, cfg.model, self._write_settings)
             eval_s, metrics, inference = 0.0, {}, {}
@@ -445,7 +465,8 @@ class Recipe:
             config=asdict(cfg),
             resolved={"learning_rate": cfg.resolved_learning_rate(), "precision": self.precision,
                       "model_type": self.model_type, "attention": self.attention,
-                      "attention_dropout": self.attention_dropout, "compile": cfg.compile,
+                      "eval_attention": self.eval_attention, "attention_dropout": self.attention_dropout,
+                      "compile": cfg.compile,
                       "world_size": world, "total_steps": self.total_steps,
                       "steps_per_epoch": self.steps_per_epoch, "train_windows": len(self.feats),
                       "lora_alpha_effective": LoraSettings.from_config(cfg).effective_alpha
