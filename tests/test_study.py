@@ -267,3 +267,52 @@ def test_sigkill_mid_run_then_resume(tmp_path, tiny_distilbert, train_file):
     others = [i for i in statuses if i != killed]
     assert all(json.loads((tmp_path / "s" / "runs" / i / "run.json").read_text())["timing"]["resumed_from_step"]
                == 0 for i in others)
+
+
+class _StopsWhileStarting:
+    """A launcher whose worker is still starting when the driver is stopped: the stop kills it before it could
+    save (as SIGTERM kills a worker that has not installed its handler yet)."""
+
+    name = "stub"
+
+    def __init__(self):
+        from qatune.launch import Slot
+
+        self.slots, self.running = [Slot(0, None, 1)], []
+
+    def submit(self, run, slot):
+        self.running.append(run.id)
+
+    def poll(self):
+        if self.running:
+            raise KeyboardInterrupt  # Ctrl-C or SIGTERM to the driver, once a run has started
+        return []
+
+    @staticmethod
+    def shares_device(a, b):
+        return False
+
+    def stop(self, grace_s=120.0):
+        from qatune.launch import Outcome
+
+        out = [Outcome(rid, "died", error="worker process died (killed by signal 15) without an outcome")
+               for rid in self.running]
+        self.running = []
+        return out
+
+    def close(self):
+        pass
+
+
+def test_a_run_stopped_while_its_worker_starts_is_handed_back_without_using_an_attempt(tmp_path, tiny_distilbert,
+                                                                                       train_file):
+    from qatune import store
+    from qatune.study import StudyInterrupted
+
+    study = load_study(write_study(tmp_path, tiny_distilbert, train_file), directory=tmp_path / "s")
+    with pytest.raises(StudyInterrupted):
+        run_study(study, _StopsWhileStarting(), poll_s=0.01, progress=False)
+    db = store.connect(study.directory)
+    row = db.execute("SELECT status, attempts, error FROM runs WHERE id=?", (study.runs[0].id,)).fetchone()
+    db.close()
+    assert tuple(row) == ("pending", 0, None)

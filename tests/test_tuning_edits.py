@@ -56,15 +56,22 @@ def test_play_promotes_prunes_and_chooses_from_scores_alone():
     p = play(["a", "b"], {}, {"a", "b"}, [9], 3)
     assert p.failed_rung == 0 and p.unreached == ["a", "b"]
     assert play(["a"], {}, set(), [9], 3).winner == "a"  # a lone candidate: chosen without training
-    # a run that ended (or stopped early) records its pause at its rung's step; the last rung takes its end
-    assert play(["a", "b"], {"a": {9: 1.0}, "b": {7: 2.0}}, set(), [9], 3).winner == "b"
+    # a run that ended before the last rung stands there with its end; a pause elsewhere is an earlier schedule's
+    assert play(["a", "b"], {"a": {9: 1.0}, "b": {7: 2.0}}, set(), [9], 3, {"b": 7}).winner == "b"
+    assert play(["a", "b"], {"a": {9: 1.0}, "b": {7: 2.0}}, set(), [9], 3).stages["b"]["stage"] == "candidate"
+    assert play(["a", "b"], {"a": {1: 5.0}, "b": {1: 2.0}}, set(), [2, 3], 2).winner is None  # rungs were [1, 3]
+    # a run shorter than a rung stands for it and every later one with its end
+    p = play(["a", "b", "c"], {"a": {3: 5.0}, "b": {2: 9.0}, "c": {3: 1.0}}, set(), [3, 9], 3, {"b": 2})
+    assert p.winner == "b" and p.step == 2
 
 
 def test_a_finished_run_stands_for_the_pauses_of_the_model_it_kept_at_each_rung():
     curve = [{"step": 1, "f1": 10.0}, {"step": 2, "f1": 30.0}, {"step": 3, "f1": 20.0}, {"step": 6, "f1": 25.0}]
-    assert finished_pauses(curve, [2, 6], "best") == {2: 30.0, 6: 30.0}
-    assert finished_pauses(curve, [2, 6], "last") == {2: 30.0, 6: 25.0}
-    assert finished_pauses(curve, [1, 3, 9], "last") == {1: 10.0, 3: 20.0, 9: 25.0}  # ended at 6: its end stands
+    assert finished_pauses(curve, [2, 6], "best") == ({2: 30.0, 6: 30.0}, 6)
+    assert finished_pauses(curve, [2, 6], "last") == ({2: 30.0, 6: 25.0}, 6)
+    assert finished_pauses(curve, [1, 3, 9], "last") == ({1: 10.0, 3: 20.0, 6: 25.0}, 6)  # ended at 6: its end stands
+    adopted, end = finished_pauses(curve, [9], "last")
+    assert play(["a", "b"], {"a": {9: 24.0}, "b": adopted}, set(), [9], 3, {"b": end}).winner == "b"
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -89,18 +96,19 @@ def test_a_value_added_between_rungs_reopens_the_rung_instead_of_crashing(tmp_pa
 
 
 def test_a_decision_is_taken_again_when_its_values_change_and_stands_otherwise(tmp_path, tiny_models, train_file):
-    group, db, ids = _paused(tmp_path, tiny_models, train_file, [10.0, 40.0, 30.0])
+    group, db, ids = _paused(tmp_path, tiny_models, train_file, [10.0, 40.0, 30.0, 20.0])
     first = decide(db, group, 3)
     assert first.winner == ids[1] and first.chosen == {"learning_rate": 2e-3} and first.step == 3 and first.new
     assert not decide(db, group, 3).new  # the same candidates: it stands
-    # the chosen value removed from the file: chosen again among the others, the removed run leaves the group
-    (fewer,) = _study(tmp_path, tiny_models, train_file, "[1e-3, 3e-3]").groups
-    assert fewer.id == group.id
+    # the chosen value removed from the file (the rungs stay [3, 9]): chosen again among the others, the removed run
+    # leaves the group
+    (fewer,) = _study(tmp_path, tiny_models, train_file, "[1e-3, 3e-3, 4e-3]").groups
+    assert fewer.id == group.id and fewer.schedule == group.schedule == [3, 9]
     assert store.decisions(db, {g.id: [r.id for _, r in g.candidates] for g in [fewer]}) == {}  # stale until retaken
     again = decide(db, fewer, 3)
     assert again.new and again.chosen == {"learning_rate": 3e-3} and again.winner == ids[2]
     assert db.execute("SELECT grp, stage FROM runs WHERE id=?", (ids[1],)).fetchone()[:] == (None, None)
-    assert store.decisions(db, {fewer.id: [ids[0], ids[2]]}) == {fewer.id: {"learning_rate": 3e-3}}
+    assert store.decisions(db, {fewer.id: [ids[0], ids[2], ids[3]]}) == {fewer.id: {"learning_rate": 3e-3}}
     # and put back: its saved pause counts again, nothing to train
     back = decide(db, group, 3)
     assert back.new and back.winner == ids[1]
@@ -190,3 +198,72 @@ def test_a_second_version_of_the_file_is_refused_while_a_driver_trains_the_first
     db.execute("UPDATE runs SET lease_until=0 WHERE id=?", (ids[0],))  # that driver is gone: the edit goes ahead
     assert decide(db, edited, 3) is None
     assert db.execute("SELECT grp FROM runs WHERE id=?", (ids[0],)).fetchone()[0] is None
+
+
+def test_a_former_candidate_whose_seed_becomes_a_final_seed_trains_as_a_final_run(tmp_path, tiny_models, train_file):
+    """Seeds [1] tune at seed 0; the file then keeps the chosen value alone and trains seeds [0, 1]: the chosen
+    candidate (paused at its rung, stage winner) is now the seed-0 final run. It leaves the old configuration and
+    trains to its end, so every final run is finished, not a candidate left waiting while the study exits 0."""
+    path = write(tmp_path, tiny_models["distilbert"], train_file, "[1e-3, 3e-3, 1e-2]")
+    path.write_text(path.read_text().replace("seed = [1, 2]", "seed = [1]").replace("eval_steps = 1", SUBSET))
+    study = load_study(path, directory=tmp_path / "s")
+    assert run_study(study, LocalLauncher(workers=1, threads=1), poll_s=0.05, progress=False) == \
+        {"finished": 1, "pruned": 2, "winner": 1}
+    db = store.connect(study.directory)
+    ((grp, chosen),) = store.decisions(db).items()
+    db.close()
+    old = study.groups[0].run(chosen, 0)
+    assert db_rows(study.directory)[old.id]["stage"] == "winner"  # paused at step 3 of 9
+    rate = chosen["learning_rate"]
+    path.write_text(path.read_text().replace("[1e-3, 3e-3, 1e-2]", f"[{rate}]").replace("seed = [1]", "seed = [0, 1]"))
+    again = load_study(path, directory=tmp_path / "s")
+    counts = run_study(again, LocalLauncher(workers=1, threads=1), poll_s=0.05, progress=False)
+    assert counts == {"finished": 2, "winner": 1}  # the lone candidate (seed 2) is chosen without training
+    row = db_rows(again.directory)[old.id]
+    assert row["status"] == "finished" and row["grp"] is None and row["stage"] is None
+    assert json.loads(row["curve"])[-1]["step"] == 9  # trained on from its rung to the end
+
+
+def test_a_renamed_arm_keeps_its_runs_under_its_new_name(tmp_path, tiny_models, train_file):
+    """Run ids do not depend on arm names: after a rename nothing retrains, and the store (so --status and the
+    report) names the runs as the file does now."""
+    path = write(tmp_path, tiny_models["distilbert"], train_file, "[1e-3, 3e-3]")
+    fixed = '\n[[arms]]\nname = "fix"\nmodel = "{m}"\nstrategy = "full"\nlearning_rate = 5e-3\n'.format(
+        m=tiny_models["distilbert"])
+    text = path.read_text().replace("seed = [1, 2]", "seed = [1]").replace("eval_steps = 1", SUBSET)
+    path.write_text(text.replace("[tune]", fixed + "\n[tune]"))
+    study = load_study(path, directory=tmp_path / "s")
+    run_study(study, LocalLauncher(workers=1, threads=1), poll_s=0.05, progress=False)
+    before = db_rows(study.directory)
+    renamed = path.read_text().replace('name = "fix"', 'name = "fixed2"').replace('name = "full"', 'name = "tuned"')
+    path.write_text(renamed.replace("[tune.full]", "[tune.tuned]"))
+    again = load_study(path, directory=tmp_path / "s")
+    assert {r.id for r in again.runs} == {r.id for r in study.runs}
+    run_study(again, LocalLauncher(workers=1, threads=1), poll_s=0.05, progress=False)
+    after = db_rows(again.directory)
+    assert {rid: r["curve"] for rid, r in after.items()} == {rid: r["curve"] for rid, r in before.items()}
+    assert {r["arm"] for r in after.values()} == {"fixed2", "tuned"}
+
+
+def test_new_rungs_are_trained_to_not_answered_with_an_earlier_schedules_scores(tmp_path, tiny_models, train_file):
+    """Halving chose at step 3 of 9; the file then asks for a grid (one rung, the end): every candidate trains on
+    from its checkpoint to step 9 and the choice is taken there, as a fresh grid study would take it."""
+    path = write(tmp_path, tiny_models["distilbert"], train_file, "[1e-3, 3e-3, 1e-2]")
+    path.write_text(path.read_text().replace("seed = [1, 2]", "seed = [1]").replace("eval_steps = 1", SUBSET))
+    study = load_study(path, directory=tmp_path / "s")
+    run_study(study, LocalLauncher(workers=1, threads=1), poll_s=0.05, progress=False)
+    path.write_text(path.read_text().replace('method = "halving"', 'method = "grid"'))
+    grid = load_study(path, directory=tmp_path / "s")
+    (group,) = grid.groups
+    assert group.schedule == [9] and group.id != study.groups[0].id
+    counts = run_study(grid, LocalLauncher(workers=1, threads=1), poll_s=0.05, progress=False)
+    assert counts["winner"] == 1 and counts["pruned"] == 2
+    rows = db_rows(grid.directory)
+    for _, run in group.candidates:
+        scores = json.loads(rows[run.id]["scores"])
+        assert [s["step"] for s in scores] == [3, 9] and scores[-1]["rung"] == 0  # the old pause kept, not counted
+    db = store.connect(grid.directory)
+    decision = decide(db, group, 3)
+    db.close()
+    assert decision.step == 9
+    assert decision.chosen == max(group.candidates, key=lambda c: json.loads(rows[c[1].id]["scores"])[-1]["f1"])[0]

@@ -14,12 +14,16 @@ torch, onnx and onnxruntime are imported inside the functions: ``import qatune.c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -201,10 +205,13 @@ def convert(onnx_path: Path, out_dir: Path, tokenizer_dir: Path) -> float:
         raise ModelError(f"{onnx_path}: the converted model's hidden states differ from the ONNX graph's by "
                          f"{error:.3g} (limit {TOLERANCE:g}): the graph does not compute what its weight names "
                          f"say; reinstall the package ({INSTALL_HINT}) or report it")
-    from qatune.models import quiet_transformers
+    from transformers.utils import logging as hf_logging
 
-    with quiet_transformers():  # no "Writing model shards" bar in the middle of a command's output
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of a command's output
+    try:
         model.save_pretrained(out_dir)
+    finally:
+        hf_logging.enable_progress_bar()
     for name in TOKENIZER_FILES:
         shutil.copy2(tokenizer_dir / name, out_dir / name)
     return error
@@ -219,7 +226,15 @@ def is_converted(path: Path, sha256: str) -> bool:
     return isinstance(marker, dict) and marker.get("sha256") == sha256 and (path / "model.safetensors").is_file()
 
 
-def converted_model(onnx_path: Path, tokenizer_dir) -> Path:
+def _drop_stale_temporaries(root: Path, name: str, age_s: float = 3600.0) -> None:
+    """Remove what conversions killed over an hour ago left (a live one finishes in seconds)."""
+    for path in root.glob(f".{name}-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > age_s:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def converted_model(onnx_path: Path, tokenizer_dir: Callable[[], str | Path]) -> Path:
     """The cached model directory of ``onnx_path``, converting it first when there is none for its checksum.
 
     ``tokenizer_dir`` is a callable giving the tokenizer files' directory, asked only when converting. Converts
@@ -231,8 +246,10 @@ def converted_model(onnx_path: Path, tokenizer_dir) -> Path:
     if is_converted(final, sha):
         return final
     root = final.parent
+    print(f"converting minilm-l3 from {onnx_path} into {final} (once per package version)", file=sys.stderr)
     try:
         root.mkdir(parents=True, exist_ok=True)
+        _drop_stale_temporaries(root, final.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry is a plain model directory, readable by all
     except OSError as e:
@@ -257,14 +274,7 @@ def converted_model(onnx_path: Path, tokenizer_dir) -> Path:
     return final
 
 
-def minilm_l3_dir() -> Path:
-    """The ``minilm-l3`` alias: the installed package's ONNX file as a cached Hugging Face model directory."""
-    from qatune.models import resolve_model
-
-    def tokenizer_dir() -> str:
-        try:
-            return resolve_model("minilm-l6")
-        except ModelError as e:
-            raise ModelError(f"converting minilm-l3 takes its uncased tokenizer from minilm-l6: {e}") from e
-
+def minilm_l3_dir(tokenizer_dir: Callable[[], str | Path]) -> Path:
+    """The ``minilm-l3`` alias: the installed package's ONNX file as a cached Hugging Face model directory
+    (``tokenizer_dir``: where its uncased tokenizer files are, asked only when converting)."""
     return converted_model(packaged_onnx(), tokenizer_dir)

@@ -35,9 +35,9 @@ class Paused(TrainingError):
     """A tuning candidate reached the step it was asked to pause at (``pause_at``): checkpoint saved, validated;
     the study driver promotes it (it resumes from there) or prunes it."""
 
-    def __init__(self, step: int, score: float):
+    def __init__(self, step: int, score: float, end: bool = False):
         super().__init__(f"paused at step {step} with validation F1 {score:.2f}")
-        self.step, self.score = step, score
+        self.step, self.score, self.end = step, score, end  # end: the run's last step (shorter than its rung)
 
 
 class FileError(QatuneError, OSError):

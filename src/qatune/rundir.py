@@ -9,7 +9,8 @@ export agree on what a run leaves behind and on when it can be trusted::
     predictions.json   {question id: answer}; nbest.json, null_odds.json (SQuAD v2) beside it
     curve.json         learning-curve points so far (kept across an interruption)
     question_scores.json  F1 (0-100) of every learning-curve question at each curve step: {step: {question id: f1}}
-    pauses.json        a tuning candidate's validation F1 at each step it paused at (a study's rungs): {step: f1}
+    pauses.json        a tuning candidate's validation F1 at each step it paused at (a study's rungs): {step: f1},
+                       and "end": the step its run ended at, when it paused there
     progress.json      step, speed and where it runs, every few seconds (advisory, for --status)
     model/             the trained model or LoRA adapter, tokenizer and inference configuration
     checkpoints/       checkpoint-<step>/ folders, each with the configuration it was trained with (config.json)
@@ -214,18 +215,31 @@ class RunDir:
             write_json_atomic(self.path / QUESTION_SCORES,
                               {str(k): v for k, v in sorted(steps.items()) if k <= through_step})
 
-    def write_pause(self, step: int, score: float) -> None:
-        """A tuning candidate paused at ``step`` with validation F1 ``score`` (kept to rebuild a study's store)."""
+    def write_pause(self, step: int, score: float, end: bool = False) -> None:
+        """A tuning candidate paused at ``step`` with validation F1 ``score``, ``end``: the last step of its run
+        (kept to rebuild a study's store)."""
         pauses = {str(k): v for k, v in self.read_pauses().items()}
         pauses[str(step)] = score
-        write_json_atomic(self.path / PAUSES, pauses)
+        write_json_atomic(self.path / PAUSES, {**pauses, **({"end": step} if end else {})})
+
+    def _pauses_file(self) -> dict:
+        try:
+            out = json.loads((self.path / PAUSES).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return out if isinstance(out, dict) else {}
 
     def read_pauses(self) -> dict[int, float]:
         """{step: validation F1} of every pause of a tuning candidate; {} when none (or damaged)."""
         try:
-            return {int(k): float(v) for k, v in json.loads((self.path / PAUSES).read_text(encoding="utf-8")).items()}
-        except (OSError, ValueError, TypeError, AttributeError):
+            return {int(k): float(v) for k, v in self._pauses_file().items() if k != "end"}
+        except (ValueError, TypeError):
             return {}
+
+    def read_pause_end(self) -> int | None:
+        """The step a candidate's run ended at when it paused there (shorter than its rung), else None."""
+        end = self._pauses_file().get("end")
+        return end if isinstance(end, int) else None
 
 
 def write_evaluation(out: Path, metrics: dict, decoded=None, version_2: bool = False) -> None:

@@ -16,7 +16,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -215,15 +215,22 @@ def run_dir(directory: Path, rid: str, stored: str) -> Path:
     return own if own.exists() or not p.exists() else p
 
 
-def register(db: sqlite3.Connection, runs: Sequence) -> None:
-    """Insert the study's runs that the store does not know yet (as pending), in the study's order."""
+def register(db: sqlite3.Connection, runs: Sequence, candidates: Collection[str] = ()) -> None:
+    """Insert the study's runs that the store does not know yet (as pending), in the study's order, and name the
+    known ones as the file does now (an arm renamed keeps its runs). A run that is no tuning candidate now
+    (``candidates``: the ids that are) leaves the tuned configuration an earlier version of the file had it in:
+    e.g. a former candidate whose seed became a final seed trains as a final run, not waits as a candidate."""
     with db:
         for k, r in enumerate(runs):
             db.execute("INSERT OR IGNORE INTO runs (id, arm, point, config, status, created_at, output_dir, ord) "
                        "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
                        (r.id, r.arm, json.dumps(r.point), json.dumps(asdict(r.config)), time.time(),
                         _relative(db, r.config.output_dir), k))
-            db.execute("UPDATE runs SET ord=? WHERE id=? AND ord IS NULL", (k, r.id))
+            db.execute("UPDATE runs SET ord=COALESCE(ord, ?), arm=?, point=? WHERE id=?",
+                       (k, r.arm, json.dumps(r.point), r.id))
+            if r.id not in candidates:
+                db.execute("UPDATE runs SET grp=NULL, stage=NULL, rung=NULL, pause_at=NULL WHERE id=? AND "
+                           "grp IS NOT NULL AND status != 'running'", (r.id,))
 
 
 def register_grid(db: sqlite3.Connection, study: str, file: str, headline: Sequence[str] | None,
@@ -410,30 +417,34 @@ def pause_at(db: sqlite3.Connection, rid: str) -> int | None:
     return row["pause_at"] if row and row["stage"] == "candidate" else None
 
 
-def pause(db: sqlite3.Connection, rid: str, owner: Owner, step: int, score: float) -> None:
-    """A candidate reached its rung: it waits (pending, not claimable) with its validation score. Like a clean stop,
-    the attempt does not count: a candidate's claims are one per rung, and only failures use its attempts."""
+def pause(db: sqlite3.Connection, rid: str, owner: Owner, step: int, score: float, end: bool = False) -> None:
+    """A candidate reached its rung (``end``: or the end of its run, before it): it waits (pending, not claimable)
+    with its validation score. Like a clean stop, the attempt does not count: a candidate's claims are one per rung,
+    and only failures use its attempts."""
     with _immediate(db):
         row = db.execute("SELECT scores FROM runs WHERE id=? AND owner=?", (rid, str(owner))).fetchone()
         if row is None:
             return
         db.execute("UPDATE runs SET status='pending', stage='paused', scores=?, owner=NULL, lease_until=NULL, "
-                   "attempts=MAX(attempts-1, 0) WHERE id=?", (json.dumps(_with_pause(row["scores"], step, score)), rid))
+                   "error=NULL, attempts=MAX(attempts-1, 0) WHERE id=?", (json.dumps(_with_pause(row["scores"], step, score, end)), rid))
 
 
-def restore_pauses(db: sqlite3.Connection, rid: str, pauses: dict[int, float]) -> None:
-    """A candidate's pause scores read back from its run directory (rebuilding a damaged store)."""
+def restore_pauses(db: sqlite3.Connection, rid: str, pauses: dict[int, float], end: int | None = None) -> None:
+    """A candidate's pause scores (and the step its run ended at, if it did) read back from its run directory
+    (rebuilding a damaged store)."""
     with db:
         row = db.execute("SELECT scores FROM runs WHERE id=?", (rid,)).fetchone()
         scores = row["scores"] if row else None
         for step, f1 in sorted(pauses.items()):
-            scores = json.dumps(_with_pause(scores, step, f1))
+            scores = json.dumps(_with_pause(scores, step, f1, step == end))
         db.execute("UPDATE runs SET scores=? WHERE id=?", (scores, rid))
 
 
-def _with_pause(scores: str | None, step: int, f1: float) -> list[dict]:
-    """The stored pauses ([{step, f1}], by step) with one more (a pause at the same step replaces it)."""
-    out = [s for s in json.loads(scores or "[]") if s["step"] != step] + [{"step": step, "f1": f1}]
+def _with_pause(scores: str | None, step: int, f1: float, end: bool = False) -> list[dict]:
+    """The stored pauses ([{step, f1}, with ``end`` at the end of the run], by step) with one more (a pause at the
+    same step replaces it)."""
+    out = ([s for s in json.loads(scores or "[]") if s["step"] != step]
+           + [{"step": step, "f1": f1, **({"end": True} if end else {})}])
     return sorted(out, key=lambda s: s["step"])
 
 
@@ -478,21 +489,25 @@ def decide(db: sqlite3.Connection, grp: str, values: dict[str, dict], schedule: 
                                  f"runs keep their checkpoints), or give this version its own --dir")
         rows = {r["id"]: r for r in db.execute(
             f"SELECT id, status, scores, curve, error FROM runs WHERE id IN ({','.join('?' * len(ids))})", ids)}
-        pauses = {}
+        pauses, ends = {}, {}
         for rid, r in rows.items():
-            pauses[rid] = {s["step"]: s["f1"] for s in json.loads(r["scores"] or "[]")}
+            stored = json.loads(r["scores"] or "[]")
+            pauses[rid] = {s["step"]: s["f1"] for s in stored}
+            ends.update({rid: s["step"] for s in stored if s.get("end")})
             if r["status"] == "finished" and r["curve"]:
-                pauses[rid] = {**finished_pauses(json.loads(r["curve"]), list(schedule), keep), **pauses[rid]}
+                adopted, ends[rid] = finished_pauses(json.loads(r["curve"]), list(schedule), keep)
+                pauses[rid] = {**adopted, **pauses[rid]}
         failed = {rid for rid, r in rows.items() if r["status"] == "failed"}
-        outcome = play([rid for rid in ids if rid in rows], pauses, failed, list(schedule), eta)
+        outcome = play([rid for rid in ids if rid in rows], pauses, failed, list(schedule), eta, ends)
         db.execute(f"UPDATE runs SET grp=NULL, stage=NULL, rung=NULL, pause_at=NULL WHERE grp=? AND id NOT IN "
                    f"({','.join('?' * len(ids))})", (grp, *ids))
         for rid, st in outcome.stages.items():
             scores = [{"rung": k, "step": at[0], "f1": at[1]} for k in range(len(schedule))
-                      if k <= st["rung"] and (at := rung_score(pauses[rid], list(schedule), k)) is not None]
+                      if k <= st["rung"] and (at := rung_score(pauses[rid], list(schedule), k, ends.get(rid)))
+                      is not None]
             db.execute("UPDATE runs SET grp=?, stage=?, rung=?, pause_at=?, scores=? WHERE id=?",
-                       (grp, st["stage"], st["rung"], st["pause_at"], json.dumps(_all_pauses(pauses[rid], scores)),
-                        rid))
+                       (grp, st["stage"], st["rung"], st["pause_at"],
+                        json.dumps(_all_pauses(pauses[rid], scores, ends.get(rid))), rid))
         db.execute("DELETE FROM decisions WHERE grp=?", (grp,))
         if outcome.winner is not None:
             chosen = values[outcome.winner]
@@ -510,12 +525,12 @@ def decide(db: sqlite3.Connection, grp: str, values: dict[str, dict], schedule: 
         return None
 
 
-def _all_pauses(pauses: dict[int, float], rung_scores: list[dict]) -> list[dict]:
+def _all_pauses(pauses: dict[int, float], rung_scores: list[dict], end: int | None) -> list[dict]:
     """What a candidate's ``scores`` column keeps: every pause ({step, f1}, by step), those that were its rungs'
-    scores with their ``rung``."""
+    scores with their ``rung`` (the last of them, when a run's end stands for several), its run's end marked."""
     rung_of = {s["step"]: s["rung"] for s in rung_scores}
-    return [{"step": step, "f1": f1, **({"rung": rung_of[step]} if step in rung_of else {})}
-            for step, f1 in sorted(pauses.items())]
+    return [{"step": step, "f1": f1, **({"rung": rung_of[step]} if step in rung_of else {}),
+             **({"end": True} if step == end else {})} for step, f1 in sorted(pauses.items())]
 
 
 def _first_line(error: str | None) -> str:

@@ -169,7 +169,7 @@ class _Driver:
                 self.say(f"  inference cost of {o.run_id} not measured: {o.record.inference['error']} (kept in its "
                          f"run.json and listed in the report)")
         elif o.status == "paused":
-            store.pause(self.db, o.run_id, self.owner, o.step, o.score)
+            store.pause(self.db, o.run_id, self.owner, o.step, o.score, o.end)
             self.say(f"  paused {o.run_id} ({run.arm}) at step {o.step}: validation F1 {o.score:.2f}")
             self.decide(self.group_of[o.run_id])
         elif o.status == "interrupted":
@@ -212,7 +212,8 @@ class _Driver:
         stopped = len(self.active)
         self.say(f"stopping {stopped} run(s): each saves a checkpoint first ...")
         for o in self.launcher.stop():
-            self.record(o)
+            # a worker killed by the stop before it could save (still starting up): handed back, no attempt used
+            self.record(replace(o, status="interrupted") if o.status == "died" else o)
         for rid in list(self.active):
             store.release(self.db, rid, self.owner)
         return stopped
@@ -239,7 +240,7 @@ def register(db, study: Study) -> None:
                                f"{study.name!r} (from {study.path}): a study directory belongs to one study. "
                                f"Give this one its own --dir, or set [study] name = {e.name!r} if it is the same "
                                f"study under a new name") from None
-    store.register(db, study.runs)
+    store.register(db, study.runs, {run.id for g in study.groups for _, run in g.candidates})
 
 
 def untrusted_finished(db, runs: list[Run]) -> dict[str, str]:
@@ -301,7 +302,8 @@ def rebuild_store(study: Study) -> dict[str, int]:
     restore(study.runs)
     for g in study.groups:
         for _, run in g.candidates:
-            store.restore_pauses(db, run.id, RunDir(run.config.output_dir).read_pauses())
+            run_dir = RunDir(run.config.output_dir)
+            store.restore_pauses(db, run.id, run_dir.read_pauses(), run_dir.read_pause_end())
         decide(db, g, study.eta)
     finals = [r for r in with_finals(study, store.decisions(db)) if r.id not in {x.id for x in study.runs}]
     store.register(db, finals)

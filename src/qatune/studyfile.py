@@ -203,11 +203,13 @@ def _tuned_groups(path: Path, arm: dict, defaults: dict, grid: dict, options: di
             group.candidates = [(values, group.run(values, seed)) for values in combos]
         except (TypeError, ValueError) as e:
             raise StudyError(f"{path}: [tune.{arm['name']}] at {point or 'its one configuration'}: {e}") from e
-        # the configuration without its tuned options, at its tuning seed (a store's choices made under the earlier
-        # rule, candidates at the first final seed, are not taken for this one's)
-        group.id = config_hash({**{k: v for k, v in settings.items() if k not in options}, "seed": seed})
         # in epochs, the rungs sit at shares of the estimated steps; the last rung is the run's end either way
         group.schedule = rungs(len(combos), optimizer_steps(cfg), cfg.eval_steps, method, eta)
+        # the configuration without its tuned options, at its tuning seed, under its rungs and eta: another schedule
+        # is another tuning, played again from the pauses at its own rungs (choices made under earlier rules are
+        # not taken for this one's)
+        group.id = config_hash({**{k: v for k, v in settings.items() if k not in options}, "seed": seed,
+                                "tuning": {"rungs": group.schedule, "eta": eta}})
         groups.append(group)
     return groups
 

@@ -287,10 +287,11 @@ class Recipe:
         if not any(step == self.end_step for step, _ in list_checkpoints(self.dir.checkpoints)):
             self._save_checkpoint(self.end_step)
         score = self.keeper.kept()["f1"]
-        at = min(self.cfg.pause_at, self.total_steps)  # a run that ended or stopped early stands for its rung there
+        # a run that stopped early stands for its rung there; one shorter than the rung pauses at its end
+        at = min(self.cfg.pause_at, self.total_steps)
         if self.main:
-            self.dir.write_pause(at, score)
-        raise Paused(at, score)
+            self.dir.write_pause(at, score, end=at == self.total_steps)
+        raise Paused(at, score, end=at == self.total_steps)
 
     def windows_through(self, step: int) -> int:
         """Training windows (all ranks) that went into optimizer steps [0, step): every epoch passes each once."""

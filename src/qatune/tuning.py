@@ -66,26 +66,33 @@ def promote(scores: list[tuple[str, float]], entrants: int, eta: int, last: bool
     return kept, last or len(kept) == 1
 
 
-def rung_score(pauses: dict[int, float], schedule: list[int], rung: int) -> tuple[int, float] | None:
-    """A candidate's (step, validation F1) at ``rung``: its pause after the rung before, at the rung's step or
-    before (a run that ends or stops early pauses at its end, recorded at the rung's step), at the last rung any
-    pause after the one before (the end of its run); None when it has not reached the rung."""
-    after = schedule[rung - 1] if rung else 0
+def rung_score(pauses: dict[int, float], schedule: list[int], rung: int,
+               end: int | None = None) -> tuple[int, float] | None:
+    """A candidate's (step, validation F1) at ``rung``: its pause at the rung's step (at the last rung, at or after
+    it), else its pause at the end of its run (``end``: a run that ended, shorter than the rung, stands there with
+    its last score); None when it has not reached the rung. A pause at another step (a rung of an earlier
+    schedule) does not count: the candidate trains on to this one."""
     last = rung == len(schedule) - 1
-    at = max((s for s in pauses if after < s and (last or s <= schedule[rung])), default=None)
+    at = schedule[rung] if schedule[rung] in pauses else None
+    if last:
+        at = max((s for s in pauses if s >= schedule[rung]), default=None)
+    if at is None and end is not None and end in pauses and (last or end <= schedule[rung]):
+        at = end
     return None if at is None else (at, pauses[at])
 
 
-def finished_pauses(curve: list[dict], schedule: list[int], keep: str) -> dict[int, float]:
-    """The pauses a finished run stands for when it becomes a candidate: at each rung's step the validation F1 of
-    the model it kept by then (as a candidate paused there would have), at the last the one it kept at its end."""
+def finished_pauses(curve: list[dict], schedule: list[int], keep: str) -> tuple[dict[int, float], int]:
+    """The pauses a finished run stands for when it becomes a candidate, and its end: at each rung's step the
+    validation F1 of the model it kept by then (as a candidate paused there would have), at its last step the one
+    it kept at its end."""
     out = {}
-    for k, step in enumerate(schedule):
-        last = k == len(schedule) - 1
-        point = kept_point([p for p in curve if last or p["step"] <= step], keep)
+    for step in schedule[:-1]:
+        point = kept_point([p for p in curve if p["step"] <= step], keep)
         if point is not None:
-            out[max(step, curve[-1]["step"]) if last else step] = point["f1"]
-    return out
+            out[step] = point["f1"]
+    end = curve[-1]["step"]
+    out[end] = kept_point(curve, keep)["f1"]
+    return out, end
 
 
 @dataclass
@@ -102,9 +109,10 @@ class Play:
 
 
 def play(ids: list[str], pauses: dict[str, dict[int, float]], failed: set[str], schedule: list[int],
-         eta: int) -> Play:
+         eta: int, ends: dict[str, int] | None = None) -> Play:
     """Successive halving over the candidates ``ids`` (study order; the first of equals is kept) from their pause
-    scores ({step: validation F1}) and which of them failed every attempt. A rung is decided when no candidate is
+    scores ({step: validation F1}; ``ends``: the step a candidate's run ended at, see :func:`rung_score`) and which
+    of them failed every attempt. A rung is decided when no candidate is
     still on its way to it: among those that reached it the best 1/eta of those that set out go on, the rest and
     the failed are pruned; the values are chosen at the first rung that leaves one, or at the last. A lone
     candidate is chosen without training."""
@@ -113,7 +121,8 @@ def play(ids: list[str], pauses: dict[str, dict[int, float]], failed: set[str], 
     out = Play({rid: {"stage": "candidate", "rung": 0, "pause_at": pause_step(schedule, 0)} for rid in ids})
     alive = list(ids)
     for k in range(len(schedule)):
-        reached = {rid: at for rid in alive if (at := rung_score(pauses.get(rid, {}), schedule, k)) is not None}
+        reached = {rid: at for rid in alive
+                   if (at := rung_score(pauses.get(rid, {}), schedule, k, (ends or {}).get(rid))) is not None}
         for rid in alive:
             out.stages[rid] = {"stage": "paused" if rid in reached else "candidate", "rung": k,
                                "pause_at": pause_step(schedule, k)}

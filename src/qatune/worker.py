@@ -59,7 +59,7 @@ def execute(config: dict, threads: int | None = None) -> dict:
             record = train(cfg, progress=False)
         return {"status": "finished", "record": record.to_dict()}
     except Paused as e:  # before Interrupted: a pause is a stop asked for by the driver, with a score
-        return {"status": "paused", "step": e.step, "score": e.score}
+        return {"status": "paused", "step": e.step, "score": e.score, "end": e.end}
     except Interrupted as e:
         return {"status": "interrupted", "error": str(e)}
     except Exception as e:  # noqa: BLE001 - a failed run is data, handed to the driver
