@@ -493,7 +493,9 @@ def decide(db: sqlite3.Connection, grp: str, values: dict[str, dict], schedule: 
         for rid, r in rows.items():
             stored = json.loads(r["scores"] or "[]")
             pauses[rid] = {s["step"]: s["f1"] for s in stored}
-            ends.update({rid: s["step"] for s in stored if s.get("end")})
+            end = next((s["step"] for s in stored if s.get("end")), None)
+            if end is not None:
+                ends[rid] = end
             if r["status"] == "finished" and r["curve"]:
                 adopted, ends[rid] = finished_pauses(json.loads(r["curve"]), list(schedule), keep)
                 pauses[rid] = {**adopted, **pauses[rid]}
