@@ -310,7 +310,7 @@ def test_a_run_stopped_while_its_worker_starts_is_handed_back_without_using_an_a
     from qatune.study import StudyInterrupted
 
     study = load_study(write_study(tmp_path, tiny_distilbert, train_file), directory=tmp_path / "s")
-    with pytest.raises(StudyInterrupted):
+    with pytest.raises(StudyInterrupted, match=r"1 run\(s\) were running and keep their checkpoints"):
         run_study(study, _StopsWhileStarting(), poll_s=0.01, progress=False)
     db = store.connect(study.directory)
     row = db.execute("SELECT status, attempts, error FROM runs WHERE id=?", (study.runs[0].id,)).fetchone()

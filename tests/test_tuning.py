@@ -131,7 +131,12 @@ def test_tune_table_mistakes_are_refused(tmp_path, tiny_models, train_file):
                             ("learning_rate = [1e-3, 2e-3]", "validation_share = [0.2, 0.4]",
                              "validation_share: cannot be tuned: not a training hyperparameter"),
                             ("learning_rate = [1e-3, 2e-3]", "eval_questions = [5, 10]", "eval_questions: cannot be"),
-                            ("learning_rate = [1e-3, 2e-3]", "pause_at = [1, 2]", "pause_at: cannot be tuned")]:
+                            ("learning_rate = [1e-3, 2e-3]", "pause_at = [1, 2]", "pause_at: cannot be tuned"),
+                            ("learning_rate = [1e-3, 2e-3]", "learning_rat = [1e-3, 2e-3]",
+                             "learning_rat: unknown option (did you mean learning_rate?)"),
+                            ("eta = 3", "eta = 3\nlearning_rate = [1e-3, 2e-3]",
+                             "[tune] itself takes method and eta; the options to tune go in a table per arm, e.g. "
+                             "[tune.full]")]:
         path.write_text(text.replace(old, new))
         with pytest.raises(StudyError, match=None) as e:
             load_study(path, directory=tmp_path / "s")

@@ -49,8 +49,9 @@ def run_study(study: Study, launcher: Launcher | None = None, max_attempts: int 
             time.sleep(poll_s)
     except KeyboardInterrupt:
         stopped = driver.stop()
-        raise StudyInterrupted(f"stopped; {stopped or 'no'} run(s) were running and keep their checkpoints. "
-                               f"Run the same command again to continue.") from None
+        kept = f"{stopped} run(s) were running and keep their checkpoints" if stopped else "no run was left half-done"
+        raise StudyInterrupted(f"stopped; {kept}. Run the same command again to continue (--status shows where "
+                               f"the study is).") from None
     finally:
         driver.close()
         if previous is not None:
@@ -209,14 +210,17 @@ class _Driver:
 
     def stop(self) -> int:
         """Ctrl-C: every running run saves a checkpoint and is handed back for the next driver."""
-        stopped = len(self.active)
-        self.say(f"stopping {stopped} run(s): each saves a checkpoint first ...")
+        self.say(f"stopping {len(self.active)} run(s): each saves a checkpoint first ...")
+        kept = 0  # runs handed back to continue (not those that finished or paused as the stop came)
         for o in self.launcher.stop():
             # a worker killed by the stop before it could save (still starting up): handed back, no attempt used
-            self.record(replace(o, status="interrupted") if o.status == "died" else o)
+            o = replace(o, status="interrupted") if o.status == "died" else o
+            kept += o.status == "interrupted"
+            self.record(o)
         for rid in list(self.active):
             store.release(self.db, rid, self.owner)
-        return stopped
+            kept += 1
+        return kept
 
     def close(self) -> None:
         self.launcher.close()

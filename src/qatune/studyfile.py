@@ -158,12 +158,21 @@ def _tune(path: Path, table, arms: list[dict], arm_grids: dict[str, dict]) -> tu
     for arm_name, options in table.items():
         if arm_name in own:
             continue
+        if not isinstance(options, dict):
+            raise StudyError(f"{path}: [tune] {arm_name} = {options!r}: [tune] itself takes method and eta; the "
+                             f"options to tune go in a table per arm, e.g. [tune.{next(iter(arm_grids))}] "
+                             f"learning_rate = [1e-4, 3e-4]")
         if arm_name not in arm_grids:
             raise StudyError(f"{path}: [tune.{arm_name}]: no arm named {arm_name!r} (arms: {list(arm_grids)})")
         if not isinstance(options, dict) or not options:
             raise StudyError(f"{path}: [tune.{arm_name}] must be a table of options, each with its values to try")
         lora = next(a for a in arms if a["name"] == arm_name).get("strategy") == "lora"
         for key, values in options.items():
+            if key not in {f.name for f in fields(TrainConfig)}:
+                near = difflib.get_close_matches(key, TUNABLE, n=1)
+                raise StudyError(f"{path}: [tune.{arm_name}] {key}: unknown option"
+                                 + (f" (did you mean {near[0]}?)" if near else f"; options that can be tuned: "
+                                                                                 f"{', '.join(TUNABLE)}"))
             if key not in TUNABLE or (key in LORA_ONLY and not lora):
                 why = (f"a LoRA option, and arm {arm_name!r} is not a LoRA arm" if key in TUNABLE else
                        "not a training hyperparameter (data, validation, evaluation, model and run options are the "
