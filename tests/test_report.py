@@ -199,8 +199,10 @@ def test_html_is_one_page_with_every_figure_inline(tmp_path, capsys):
     construct(tmp_path, "lora_rank = [2, 4]\ntrain_questions = [100, 400]\nseed = [1]", lambda run, q: 0.6,
               curve=lambda run: [{"step": 1, "windows": 10, "exact_match": 20.0, "f1": 30.0},
                                  {"step": 2, "windows": 20, "exact_match": 40.0, "f1": 50.0}])
+    (tmp_path / "s" / "expected_max.png").write_bytes(b"an earlier report's figure")  # the study no longer tunes
     out = report_json(capsys, tmp_path / "s")
     assert set(out["figures"]) == {"rank_sweep.png", "data_volume.png", "learning_curves.png", "pareto.png"}
+    assert {p.name for p in (tmp_path / "s").glob("*.png")} == set(out["figures"])  # the stale one removed
     page = Path(out["html"]).read_text()
     sources = re.findall(r'<img[^>]* src="([^"]+)"', page)
     assert len(sources) == len(out["figures"])

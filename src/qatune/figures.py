@@ -1,4 +1,5 @@
-"""The report's figures (PNG, written beside report.md): rank sweep, data volume, learning curves, Pareto fronts."""
+"""The report's figures (PNG, written beside report.md): rank sweep, data volume, learning curves, Pareto fronts,
+the factorial, the expected maximum over tuning trials, and what each model costs to run."""
 
 from __future__ import annotations
 
@@ -29,7 +30,13 @@ def figures(study_dir: Path, a: Analysis) -> list[str]:
     top = max(c.volume for c in a.configs)
     drawn = [_rank_sweep(study_dir, a, top), _data_volume(study_dir, a), _learning_curves(study_dir, a, top),
              _pareto(study_dir, a, top), _factorial(study_dir, a), _expected_max(study_dir, a)]
+    for stale in set(FIGURES) - set(drawn):  # an earlier report's, of what the study no longer shows
+        (study_dir / stale).unlink(missing_ok=True)
     return [name for name in drawn if name]
+
+
+FIGURES = ("rank_sweep.png", "data_volume.png", "learning_curves.png", "pareto.png", "factorial.png",
+           "expected_max.png")
 
 
 def _factorial(study_dir: Path, a: Analysis) -> str | None:
