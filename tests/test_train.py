@@ -311,3 +311,23 @@ def test_learning_curve_survives_an_interruption(tmp_path, tiny_models, train_fi
     r = train(c, progress=False)
     assert r.timing["resumed_from_step"] == 2
     assert [p["step"] for p in r.curve] == [2, 4] and [p["windows"] for p in r.curve] == [8, 16]
+
+
+def test_a_flops_budget_ends_the_run_at_the_first_step_that_reaches_it(tmp_path, tiny_models, train_file):
+    """max_train_flops instead of steps: the run counts its batches in advance and trains to the first step at
+    which its counted FLOPs reach the budget (one step fewer would not: a run of that many steps, same seed and
+    batches, counts less); the dry run's estimate at a typical width is close."""
+    from qatune.sizes import optimizer_steps
+
+    model = tiny_models["distilbert"]
+    probe = train(cfg(model, train_file, tmp_path / "probe", max_steps=6), progress=False)
+    budget = 3.5 * probe.timing["train_flops"] / 6
+    c = cfg(model, train_file, tmp_path / "budget", max_steps=0, max_train_flops=budget)
+    r = train(c, progress=False)
+    steps = r.resolved["total_steps"]
+    assert r.timing["steps_run"] == steps and 2 <= steps <= 5 and r.timing["train_flops"] >= budget
+    shorter = train(cfg(model, train_file, tmp_path / "shorter", max_steps=steps - 1), progress=False)
+    assert shorter.timing["train_flops"] < budget
+    assert abs(optimizer_steps(c) - steps) <= 2
+    with pytest.raises(ValueError, match="max_train_flops.*max_steps = 4 is set too, and a run has one end"):
+        cfg(model, train_file, tmp_path / "both", max_train_flops=budget)  # with max_steps = 4

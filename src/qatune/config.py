@@ -73,6 +73,10 @@ class TrainConfig:
     doc_stride: int = _f(128, "overlap between windows, in tokens")
     epochs: float = _f(2.0, "passes over the training windows (ignored when max_steps > 0)")
     max_steps: int = _f(0, "optimizer steps; 0 means use epochs")
+    max_train_flops: float | None = _f(None, "a compute budget instead of steps or epochs: train up to the first "
+                                             "step at which the run's counted training FLOPs (run.json's "
+                                             "train_flops) reach this, e.g. 2e15; arms with one budget train at "
+                                             "equal compute")
     learning_rate: float | None = _f(None, "peak learning rate (default 1e-4 full, 5e-4 lora)")
     warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up")
     weight_decay: float = _f(0.01, "AdamW weight decay (not on biases and LayerNorm)")
@@ -211,6 +215,11 @@ def check_config(cfg: TrainConfig) -> None:
     _check_validation(cfg, bad)
     if cfg.eval_subset is not None and cfg.eval_subset < 1:
         raise bad("eval_subset", "must be >= 1 question (or unset for all evaluation questions)")
+    if cfg.max_train_flops is not None and not cfg.max_train_flops > 0:
+        raise bad("max_train_flops", "must be > 0 (counted FLOPs, e.g. 2e15), or unset")
+    if cfg.max_train_flops is not None and cfg.max_steps:
+        raise bad("max_train_flops", f"max_steps = {cfg.max_steps} is set too, and a run has one end: give one "
+                                     f"of them (in a study, --set max_steps=0 with a budget)")
     if cfg.max_steps == 0 and cfg.epochs <= 0:
         raise bad("epochs", "must be > 0 (or set max_steps)")
     if cfg.learning_rate is not None and not 0 < cfg.learning_rate < 1:
@@ -332,7 +341,7 @@ NOT_IN_HASH = ("output_dir", "resume", "report_to", "feature_cache_dir", "compil
 IN_HASH_WHEN_SET = {"num_layers": None, "eval_steps": 0, "eval_subset": 500, "validation_data": None,
                     "validation_split": "validation", "validation_articles": None, "validation_questions": None,
                     "validation_share": None, "keep": None, "early_stopping_patience": 0,
-                    "attention_dropout": None}
+                    "attention_dropout": None, "max_train_flops": None}
 
 
 def model_name(config: dict) -> str:

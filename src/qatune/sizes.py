@@ -81,8 +81,21 @@ def train_windows(cfg: TrainConfig) -> float:
 
 
 def optimizer_steps(cfg: TrainConfig, windows: float | None = None) -> int:
-    """The optimizer steps of a run: ``max_steps``, else its epochs over the (estimated) training windows."""
+    """The optimizer steps of a run: ``max_steps``, else those its FLOPs budget buys, else its epochs over the
+    (estimated) training windows."""
     if cfg.max_steps:
         return cfg.max_steps
+    if cfg.max_train_flops:
+        return budget_steps(cfg)
     batches = math.ceil((train_windows(cfg) if windows is None else windows) / cfg.batch_size)
     return max(1, math.ceil(cfg.epochs * max(1, batches // cfg.grad_accum)))
+
+
+def budget_steps(cfg: TrainConfig) -> int:
+    """The optimizer steps ``max_train_flops`` buys, estimated at a typical batch's padded width (the run itself
+    counts its own batches, which it knows in advance, and stops at the exact step)."""
+    from qatune.calibrate import StepKey
+    from qatune.flops import for_config
+
+    per_step = for_config(cfg).train(cfg.batch_size * cfg.grad_accum, StepKey.from_config(cfg).width)
+    return max(1, math.ceil(cfg.max_train_flops / per_step))

@@ -127,9 +127,12 @@ class Recipe:
         self.window_flops = flops.for_config(cfg)  # counted on the architecture, on the meta device
 
         self.world, self.rank = acc.num_processes, acc.process_index
+        self._pad_multiple = COMPILE_PAD_MULTIPLE if cfg.compile else PAD_MULTIPLE
         self.n_batches = self._plan().n_batches
         self.steps_per_epoch = max(1, self.n_batches // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        if cfg.max_train_flops:
+            self.total_steps = self._budget_steps(cfg.max_train_flops)
         decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n)]
         no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n)]
         # The fused kernel updates every parameter in a few launches and honours ``found_inf``.
@@ -152,7 +155,6 @@ class Recipe:
         self.model, self.acc_optimizer = acc.prepare(model, self.optimizer)
         # A compiled view for the forward pass; saving and evaluation use the module itself.
         self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self._pad_multiple = COMPILE_PAD_MULTIPLE if cfg.compile else PAD_MULTIPLE
         self.setup_s = time.perf_counter() - t_setup
         return None
 
@@ -168,14 +170,26 @@ class Recipe:
     def flops(self, first_step: int, last_step: int) -> int:
         """Training FLOPs of optimizer steps [first_step, last_step) over every rank: the batches are known in
         advance, so a resumed run counts the whole run exactly as an uninterrupted one."""
-        cfg, plan, total = self.cfg, self._plan(), 0
-        for m in range(first_step * cfg.grad_accum, last_step * cfg.grad_accum):
+        plan = self._plan()
+        return sum(self._step_flops(plan, step) for step in range(first_step, last_step))
+
+    def _step_flops(self, plan: BatchPlan, step: int) -> int:
+        cfg, total = self.cfg, 0
+        for m in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
             for rank in range(self.world):
                 rows = plan.rows(m, rank)
                 width = batch_width(self.feats.lengths[rows], cfg.max_seq_length, cfg.pad_to_max_length,
                                     self._pad_multiple)
                 total += self.window_flops.train(len(rows), width)
         return total
+
+    def _budget_steps(self, budget: float) -> int:
+        """The steps a FLOPs budget buys: up to the first at which the counted FLOPs reach it."""
+        plan, total, steps = self._plan(), 0, 0
+        while total < budget:
+            total += self._step_flops(plan, steps)
+            steps += 1
+        return steps
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
