@@ -124,9 +124,11 @@ def test_many_errors_reported_together(tmp_path):
         load_squad(_write(tmp_path, doc))
 
 
-def test_missing_file_is_clear(tmp_path):
-    with pytest.raises(SquadDataError, match="no such SQuAD JSON file"):
+def test_missing_file_is_clear_and_says_how_to_get_squad(tmp_path):
+    with pytest.raises(SquadDataError, match="no such SQuAD JSON file") as e:
         load_squad(tmp_path / "nope.json")
+    assert "rajpurkar/squad" in str(e.value) and "curl -LO https://rajpurkar.github.io/SQuAD-explorer/dataset/" \
+        "dev-v1.1.json" in str(e.value)
 
 
 def test_nearest_occurrence():

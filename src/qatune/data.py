@@ -17,6 +17,10 @@ from typing import Any
 from qatune.errors import ConfigError, FileError, QatuneError, read_json
 
 MAX_REPORTED_ERRORS = 10
+GET_SQUAD = ("To get SQuAD: give the datasets id rajpurkar/squad (v1.1) or rajpurkar/squad_v2 (with :train or "
+             ":validation), or download the official files: curl -LO "
+             "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json (train-v1.1.json, dev-v2.0.json, "
+             "train-v2.0.json alike)")
 
 
 def kind(value) -> str:
@@ -113,7 +117,7 @@ def load_squad(source: str | Path, split: str | None = None, repair: bool = Fals
                              f"file itself")
     if path.name.endswith((".json", ".json.gz")):
         raise SquadDataError(f"{source}: no such SQuAD JSON file (check the path; relative paths start "
-                             f"from {Path.cwd()})")
+                             f"from {Path.cwd()}). {GET_SQUAD}")
     return _load_hf(text, split or "train", repair)
 
 
