@@ -322,10 +322,12 @@ def test_a_flops_budget_ends_the_run_at_the_first_step_that_reaches_it(tmp_path,
     model = tiny_models["distilbert"]
     probe = train(cfg(model, train_file, tmp_path / "probe", max_steps=6), progress=False)
     budget = 3.5 * probe.timing["train_flops"] / 6
-    c = cfg(model, train_file, tmp_path / "budget", max_steps=0, max_train_flops=budget)
+    c = cfg(model, train_file, tmp_path / "budget", max_steps=0, max_train_flops=budget, eval_steps=1)
     r = train(c, progress=False)
     steps = r.resolved["total_steps"]
     assert r.timing["steps_run"] == steps and 2 <= steps <= 5 and r.timing["train_flops"] >= budget
+    flops = [p["flops"] for p in r.curve]  # each learning-curve point's compute: the curve against FLOPs
+    assert len(flops) == steps and flops == sorted(set(flops)) and flops[-1] == r.timing["train_flops"]
     shorter = train(cfg(model, train_file, tmp_path / "shorter", max_steps=steps - 1), progress=False)
     assert shorter.timing["train_flops"] < budget
     assert abs(optimizer_steps(c) - steps) <= 2

@@ -75,11 +75,12 @@ def _expected_max(study_dir: Path, a: Analysis) -> str | None:
     return _save(fig, study_dir, "expected_max.png")
 
 
-def _axes(ax, xlabel: str | None, ylabel: str, title: str | None, legend: int | None = None) -> None:
+def _axes(ax, xlabel: str | None, ylabel: str | None, title: str | None, legend: int | None = None) -> None:
     """Labels, a light grid and (with a font size) the legend: the same finish for every figure."""
     if xlabel:
         ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -147,7 +148,8 @@ def _data_volume(study_dir: Path, a: Analysis) -> str | None:
 
 
 def _learning_curves(study_dir: Path, a: Analysis, top: float) -> str | None:
-    """F1 vs training windows for the headline configurations (each seed a line)."""
+    """F1 vs optimizer steps and vs counted training FLOPs (runs that record them) for the headline
+    configurations, each seed a line: arms of unequal cost per step compare at equal compute on the right."""
     import matplotlib.pyplot as plt
 
     shown = {id(c): c for comp in a.comparisons for c in (comp["a"], comp["b"])} or \
@@ -155,18 +157,24 @@ def _learning_curves(study_dir: Path, a: Analysis, top: float) -> str | None:
     curved = [c for c in shown.values() if any(r.get("curve") for r in c.runs)]
     if not curved:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.4))
+    counted = any(r.get("curve") and all("flops" in p for p in r["curve"]) for c in curved for r in c.runs)
+    fig, axes = plt.subplots(1, 2 if counted else 1, figsize=(12 if counted else 8, 4.4), sharey=True, squeeze=False)
+    by_step, by_flops = axes[0][0], axes[0][-1]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, c in enumerate(sorted(curved, key=lambda c: (c.volume, c.label))):
         for j, r in enumerate(c.runs):
             pts = r.get("curve") or []
             if pts:
                 flag = "" if converged(pts) is not False else " (not converged)"
-                ax.plot([p["windows"] for p in pts], [p["f1"] for p in pts], marker=".",
-                        color=colors[k % len(colors)], alpha=0.9 if j == 0 else 0.5,
-                        label=f"{c.label}, {int(c.volume)} q{flag}" if j == 0 else None)
-    _axes(ax, "training windows seen", "F1 (learning-curve questions)", "Learning curves of the headline configurations",
+                style = {"marker": ".", "color": colors[k % len(colors)], "alpha": 0.9 if j == 0 else 0.5}
+                by_step.plot([p["step"] for p in pts], [p["f1"] for p in pts],
+                             label=f"{c.label}, {int(c.volume)} q{flag}" if j == 0 else None, **style)
+                if counted and all("flops" in p for p in pts):
+                    by_flops.plot([p["flops"] / 1e15 for p in pts], [p["f1"] for p in pts], **style)
+    _axes(by_step, "optimizer steps", "F1 (learning-curve questions)", "Learning curves of the headline configurations",
           legend=7)
+    if counted:
+        _axes(by_flops, "counted training PFLOP", None, "The same against compute")
     return _save(fig, study_dir, "learning_curves.png")
 
 

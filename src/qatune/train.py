@@ -183,6 +183,17 @@ class Recipe:
                 total += self.window_flops.train(len(rows), width)
         return total
 
+    def flops_through(self, step: int) -> int:
+        """Counted training FLOPs of steps [0, step) (a learning-curve point's compute), carried on from the last
+        call so that a run's curve costs one pass over its batches."""
+        done, total = getattr(self, "_flops_memo", (0, 0))
+        if done > step:
+            done, total = 0, 0
+        plan = self._plan()
+        total += sum(self._step_flops(plan, k) for k in range(done, step))
+        self._flops_memo = (step, total)
+        return total
+
     def _budget_steps(self, budget: float) -> int:
         """The steps a FLOPs budget buys: up to the first at which the counted FLOPs reach it."""
         plan, total, steps = self._plan(), 0, 0
@@ -324,7 +335,8 @@ class Recipe:
             reader = Reader.live(module, self.tokenizer, self.infer, self.precision)
             with self._evaluating(module):
                 m, decoded = reader.evaluate(self.curve_data, cache_dir=self.cfg.feature_cache_dir)
-            point = {"step": step, "windows": self.windows_through(step), "exact_match": m["exact_match"],
+            point = {"step": step, "windows": self.windows_through(step), "flops": self.flops_through(step),
+                     "exact_match": m["exact_match"],
                      "f1": m["f1"]}
             self.keeper.add(point, self.acc.unwrap_model(self.model))
             self.dir.write_curve(self.eval_curve)
