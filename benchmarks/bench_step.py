@@ -67,13 +67,14 @@ def plain_loop(cfg: TrainConfig) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForQuestionAnswering, get_linear_schedule_with_warmup
 
-    from qatune.models import DEFAULT_LORA_TARGETS, resolve_model
+    from qatune.models import DEFAULT_LORA_TARGETS, quiet_transformers, resolve_model
 
     recipe = Recipe(cfg, progress=False)  # only for its windows and batch order
     recipe.setup()
     recipe.plan = recipe._plan()
     kw = {"num_hidden_layers": cfg.num_layers} if cfg.num_layers else {}
-    model = AutoModelForQuestionAnswering.from_pretrained(resolve_model(cfg.model), **kw)
+    with quiet_transformers():  # no load report for the span head it adds
+        model = AutoModelForQuestionAnswering.from_pretrained(resolve_model(cfg.model), **kw)
     if cfg.strategy == "lora":
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.1,
                                                  use_rslora=cfg.alpha_policy == "rslora",
