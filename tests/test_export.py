@@ -9,7 +9,10 @@ from qatune.export import ExportError, export
 from qatune.inference import Reader
 from tests.runs import CONTEXT, minilm_run, qa_data, tiny_lora_run, tiny_run  # noqa: F401 - fixtures
 
-INT8_F1_BOUND = 5.0  # int8 EM/F1 within this many points of fp32 on the 48 generated questions
+# int8 EM/F1 within this many points of fp32 on the 48 generated questions (one answer is 2.1 points: int8 rounding
+# flips a few borderline answers either way; the same brief fine-tune trained with eager attention instead of SDPA
+# flipped 3, 6.25 points, so the fixture trains with SDPA, the model this bound was set on)
+INT8_F1_BOUND = 5.0
 
 
 def _evaluate(model, data, out, *extra) -> dict:
