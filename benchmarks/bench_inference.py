@@ -7,7 +7,7 @@ padding="max_length")``, non-context offsets set to None, a forward pass in batc
 ``np.argsort`` for the top 20 start and end logits and a Python loop over their pairs). That recipe is written here as
 the baseline and answers the same questions as
 
-* ``qatune.inference.Reader`` on the PyTorch model (fp32: the answers must be the recipe's),
+* ``qatune.answer.inference.Reader`` on the PyTorch model (fp32: the answers must be the recipe's),
 * ``Reader`` on the model's ONNX export (fp32) and on its int8 export (ONNX Runtime dynamic quantization),
 
 each one question at a time (batch 1: tokenise, forward, decode per question, what a client of a server sees) and all
@@ -115,7 +115,7 @@ def batch1(answer_many, items) -> tuple[list[str], list[float]]:
 
 def train_model(work: Path, data: Path) -> Path:
     from qatune.config import TrainConfig
-    from qatune.train import train
+    from qatune.train.recipe import train
 
     run = work / "minilm-full"
     if (run / "run.json").exists():
@@ -139,10 +139,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)
 
-    from qatune.data import load_squad, select_articles
-    from qatune.export import export
-    from qatune.inference import Reader, resolve_model_dir
-    from qatune.metrics import squad_v1
+    from qatune.answer.export import export
+    from qatune.answer.inference import Reader, resolve_model_dir
+    from qatune.answer.metrics import squad_v1
+    from qatune.data.splits import select_articles
+    from qatune.data.squad import load_squad
 
     if not args.data.exists():
         print(f"SQuAD dev file not found: {args.data} (pass --data)", file=sys.stderr)

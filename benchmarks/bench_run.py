@@ -41,7 +41,7 @@ def random_model(kind: str, directory: Path) -> str:
         MobileBertForQuestionAnswering,
     )
 
-    from qatune.models import resolve_model
+    from qatune.model.load import resolve_model
 
     torch.manual_seed(0)
     model = (MobileBertForQuestionAnswering(MobileBertConfig()) if kind == "mobilebert"

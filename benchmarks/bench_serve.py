@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
-    from qatune.data import load_squad, select_articles
+    from qatune.data.splits import select_articles
+    from qatune.data.squad import load_squad
 
     data = select_articles(load_squad(args.data), "37-48")
     items = [(ex.question, ex.context) for ex in data.examples]

@@ -6,7 +6,7 @@ ways, in one process:
 
 - **plain**: a plain Hugging Face loop (transformers' model as it loads, PEFT's LoRA with its dropout 0.1, bf16
   autocast, clipping, fused AdamW, linear schedule), the yardstick of issue 27;
-- **today**: qatune's training path (`qatune.train`) as it trained before issue 27 (SDPA attention, the model's
+- **today**: qatune's training path (`qatune.train.recipe`) as it trained before issue 27 (SDPA attention, the model's
   attention dropout 0.1, LoRA dropout 0.1);
 - **fast**: qatune's path with its defaults (the attention kernel ``auto``: eager on a CPU), attention dropout 0 and,
   for LoRA, LoRA dropout 0 (benchmarks/fastpath.toml measures what that does to F1).
@@ -33,8 +33,8 @@ from _table import markdown_table  # sibling modules: scripts run as python benc
 from bench_train import matmul_flops
 
 from qatune.config import TrainConfig
-from qatune.machine import cpu_has_bf16
-from qatune.train import Recipe, train
+from qatune.model.machine import cpu_has_bf16
+from qatune.train.recipe import Recipe, train
 
 SHAPES = [  # (label, options): the offline preset's arms
     ("MiniLM-L6 full", {"strategy": "full"}),
@@ -67,7 +67,8 @@ def plain_loop(cfg: TrainConfig) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForQuestionAnswering, get_linear_schedule_with_warmup
 
-    from qatune.models import DEFAULT_LORA_TARGETS, quiet_transformers, resolve_model
+    from qatune.methods import DEFAULT_LORA_TARGETS
+    from qatune.model.load import quiet_transformers, resolve_model
 
     recipe = Recipe(cfg, progress=False)  # only for its windows and batch order
     recipe.setup()
@@ -96,7 +97,7 @@ def plain_loop(cfg: TrainConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         windows += n
     seconds = time.perf_counter() - t0
-    return {"windows_per_s": windows / seconds, "flop_per_s": recipe.flops(0, cfg.max_steps) / seconds}
+    return {"windows_per_s": windows / seconds, "flop_per_s": recipe.costs.between(0, cfg.max_steps) / seconds}
 
 
 def profile(cfg: TrainConfig, top: int) -> dict:

@@ -9,7 +9,7 @@ Part 2 (Trainer): trains the same windows (the windows of ``--compare-questions`
 seed) for one epoch three times, each from freshly loaded weights with the same seed, learning rate, batch
 size, linear warm-up/decay schedule and weight decay: with ``transformers.Trainer`` configured as Hugging
 Face's run_qa.py does (fp32, every window padded to max_seq_length, ``default_data_collator``), and with
-``qatune.train.train`` in fp32 padded to max_seq_length and as qatune trains by default (dynamic padding,
+``qatune.train.recipe.train`` in fp32 padded to max_seq_length and as qatune trains by default (dynamic padding,
 length grouping, bf16 where the CPU has it). It prints windows/s, the ratio to the Trainer and two losses per
 side so equal loss can be judged: the final training loss (mean per-step loss over the last quarter of the
 steps) and the loss of the final weights scored the same way on the trained windows.
@@ -32,14 +32,15 @@ import numpy as np
 import torch
 from _table import markdown_table  # sibling module: scripts run as python benchmarks/x.py
 
-from qatune.batches import epoch_batches
+from qatune.answer.inference import autocast_context
 from qatune.config import TrainConfig
-from qatune.data import load_split, load_squad, subsample
-from qatune.features import build_features, collate
-from qatune.inference import autocast_context
-from qatune.machine import cpu_has_bf16
-from qatune.models import load_qa_model, load_tokenizer
-from qatune.train import train as qatune_train
+from qatune.data.batches import epoch_batches
+from qatune.data.features import build_features, collate
+from qatune.data.splits import load_split, subsample
+from qatune.data.squad import load_squad
+from qatune.model.load import load_qa_model, load_tokenizer
+from qatune.model.machine import cpu_has_bf16
+from qatune.train.recipe import train as qatune_train
 
 TARGET_VS_TRAINER = 3.0
 
@@ -141,7 +142,7 @@ def windows_loss(model, feats, pad_id: int, batch_size: int = 64) -> float:
 
 def run_qatune(args, questions: int, precision: str, pad_to_max: bool, group_by_length: bool, feats,
                pad_id: int) -> dict:
-    """One real `qatune.train.train` run (one epoch); throughput and per-step losses read from its run.json,
+    """One real `qatune.train.recipe.train` run (one epoch); throughput and per-step losses read from its run.json,
     then its saved final weights scored with `windows_loss` on the windows it trained on."""
     with tempfile.TemporaryDirectory(prefix="bench_train_qatune_") as tmp:
         cfg = TrainConfig(model=args.model, train_data=args.data, train_questions=questions, eval_data=None,
@@ -185,7 +186,7 @@ def run_trainer(args, feats, pad_id: int) -> dict:
 
     dataset = PaddedWindows(feats, pad_id)
     steps = math.ceil(len(dataset) / args.batch_size)
-    set_seed(args.seed)  # as qatune.train: seed, then load (the fresh span head draws from the seeded RNG)
+    set_seed(args.seed)  # as qatune.train.recipe: seed, then load (the fresh span head draws from the seeded RNG)
     model = load_qa_model(args.model)
     # qatune's Accelerator may have left a bf16 process-wide accelerate state behind; start clean.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -216,7 +217,7 @@ def run_trainer(args, feats, pad_id: int) -> dict:
 
 def compare_with_trainer(args, tok) -> dict:
     questions, pad = args.compare_questions, tok.pad_token_id
-    # The windows qatune trains on: the same questions drawn with the seed (as `qatune.train` draws them),
+    # The windows qatune trains on: the same questions drawn with the seed (as `qatune.train.recipe` draws them),
     # windowed the same way. The Trainer trains on these; every side's final weights are scored on them.
     data = load_split(args.data, "train", None, questions, args.seed, False)
     feats = build_features(data.examples, tok, args.max_seq_length, args.doc_stride)

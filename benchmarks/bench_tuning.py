@@ -21,13 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import markdown_table  # noqa: E402
 
-from qatune import store  # noqa: E402
+from qatune.study import store, tuningstate  # noqa: E402
 
 
 def summarize(directory: Path) -> dict:
     db = store.connect(directory)
     rows = store.rows(db)
-    chosen = store.decisions(db)
+    chosen = tuningstate.decisions(db)
     db.close()
     groups: dict[str, list[dict]] = {}
     for r in rows:

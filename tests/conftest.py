@@ -7,13 +7,28 @@ from pathlib import Path
 
 import pytest
 
-from qatune.data import Answer, QAExample, write_squad_json
+from qatune.data.squad import Answer, QAExample, write_squad_json
 
 SHARED_SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad"
 
 NAMES = ["Zorvania", "Quellburg", "Amaranth", "Besseltown", "Corvid", "Dunmore", "Elstree", "Fenwick",
          "Galloway", "Harrowgate", "Ingleby", "Jarrow", "Kestrel", "Lowther", "Marlow", "Northam"]
 THINGS = ["river", "bridge", "castle", "library", "harbour", "mountain", "forest", "market"]
+
+
+def method_settings(name: str, **options) -> dict:
+    """A fine-tuning method's settings as a run with these options would give them (the rest at their defaults)."""
+    from qatune.config import TrainConfig
+    from qatune.methods import method
+
+    return method(name).settings(TrainConfig(strategy=name, **options))
+
+
+def owners(option: str) -> str:
+    """The methods that read ``option``, as a refusal names them ("lora, dora, pissa")."""
+    from qatune.methods import METHODS
+
+    return ", ".join(m.name for m in METHODS.values() if option in m.options)
 
 
 def make_examples(n_articles: int = 3, per_article: int = 4, seed: int = 0, unanswerable: int = 0,
@@ -54,7 +69,7 @@ def small_squad(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from qatune.models import load_tokenizer
+    from qatune.model.load import load_tokenizer
 
     return load_tokenizer("minilm-l6")
 
@@ -77,7 +92,7 @@ def save_tiny_model(path: Path, kind: str, dropout: float = 0.1) -> Path:
         MobileBertForQuestionAnswering,
     )
 
-    from qatune.models import resolve_model
+    from qatune.model.load import resolve_model
 
     torch.manual_seed(0)
     vocab = Path(resolve_model("minilm-l6")) / "vocab.txt"

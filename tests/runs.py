@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from qatune.config import TrainConfig
-from qatune.data import write_squad_json
-from qatune.train import train
+from qatune.data.squad import write_squad_json
+from qatune.train.recipe import train
 from tests.conftest import make_examples, save_tiny_model
 
 CONTEXT = "The bridge of Marlow is called Kestrel7. Visitors often walk near the river in spring."
@@ -51,8 +51,8 @@ def minilm_run(tmp_path_factory) -> tuple[Path, Path]:
     """Real MiniLM-L6 weights fine-tuned briefly on generated data: (run directory, its 48-question data file,
     trained on, then scored by a separate evaluation written into the run directory as the run's own would be: a
     run may not evaluate on its training articles)."""
-    from qatune.data import load_squad
-    from qatune.inference import Reader
+    from qatune.answer.inference import Reader
+    from qatune.data.squad import load_squad
     from qatune.rundir import write_evaluation
 
     root = tmp_path_factory.mktemp("minilm-run")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from qatune.cli import main
-from tests.conftest import make_examples
+from tests.conftest import make_examples, owners
 
 TINY = ["--max-seq-length", "96", "--doc-stride", "32", "--batch-size", "4", "--precision", "fp32"]
 
@@ -232,7 +232,7 @@ def test_score_reads_gzip_and_refuses_what_it_cannot_read(tmp_path, small_squad,
 
 
 def test_score_v2_na_probs_must_be_finite_and_complete(tmp_path, capsys):
-    from qatune.data import write_squad_json
+    from qatune.data.squad import write_squad_json
 
     data = tmp_path / "v2.json"
     write_squad_json(make_examples(unanswerable=3), data, version="2.0")
@@ -346,7 +346,7 @@ def test_study_command_mistakes(tmp_path, small_squad, tiny_models, capsys):
     expect_error(["study", path, "--dry-run", "--set", "maxsteps=3"], capsys,
                  "--set 'maxsteps=3': unknown option 'maxsteps' (did you mean max_steps?)")
     expect_error(["study", path, "--dry-run", "--set", "full.lora_rank=8"], capsys,
-                 "lora_rank applies to LoRA arms; arm 'full' fine-tunes fully")
+                 f"lora_rank is an option of {owners('lora_rank')}; arm 'full' fine-tunes with full")
     path = study_file(tmp_path, small_squad, model=tiny_models["distilbert"])  # data the dry run reads
     expect_error(["study", path, "--dry-run", "--set", f"eval_data='{small_squad}'", "--set", "train_articles='1-2'",
                   "--set", "eval_articles='3-99'"],
@@ -496,7 +496,7 @@ def test_files_of_the_wrong_kind(tmp_path, small_squad, capsys):
 def test_training_on_the_test_articles_is_refused(tmp_path, small_squad, capsys):
     """The test articles are never trained on: overlapping ranges of one file are refused with the options, before
     anything is created or loaded; another file holding a training article is refused when the data loads."""
-    from qatune.data import write_squad_json
+    from qatune.data.squad import write_squad_json
 
     argv = ["train", "--train-data", small_squad, "--train-articles", "1-2", "--eval-data", small_squad,
             "--eval-articles", "2-3", "--output-dir", tmp_path / "out", *TINY]

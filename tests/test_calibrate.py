@@ -8,7 +8,10 @@ import itertools
 import pytest
 import torch
 
-from qatune.calibrate import (
+from qatune.config import TrainConfig
+from qatune.model.load import ModelConfigError, ModelError, model_from_config, parameter_counts
+from qatune.model.machine import resolve_precision
+from qatune.study.calibrate import (
     EVAL_STEP_FRACTION,
     TYPICAL_PADDED_WIDTH,
     TYPICAL_PADDED_WIDTH_COMPILED,
@@ -18,10 +21,7 @@ from qatune.calibrate import (
     project_run_seconds,
     time_step,
 )
-from qatune.config import TrainConfig
-from qatune.machine import resolve_precision
-from qatune.models import LoraSettings, ModelConfigError, ModelError, model_from_config, parameter_counts
-from tests.conftest import save_tiny_model
+from tests.conftest import method_settings, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_step_key_normalises_lora_fields_for_full_fine_tuning():
     a = StepKey.from_config(TrainConfig(model="m", strategy="full", lora_rank=32, lora_targets=["q_lin"]))
     b = StepKey.from_config(TrainConfig(model="m", strategy="full", lora_rank=256, lora_dropout=0.0))
     assert a == b and hash(a) == hash(b)
-    assert a.lora_rank == 0 and a.lora_targets is None
+    assert a.method == ()
     lo32 = StepKey.from_config(TrainConfig(model="m", strategy="lora", lora_rank=32))
     lo64 = StepKey.from_config(TrainConfig(model="m", strategy="lora", lora_rank=64))
     assert lo32 != lo64 and lo32 != a
@@ -97,7 +97,7 @@ def test_step_key_normalises_lora_fields_for_full_fine_tuning():
                                            alpha_policy="rslora", seed=3, train_questions=0.5))
     assert same == lo32
     targeted = StepKey.from_config(TrainConfig(model="m", strategy="lora", lora_targets=["q_lin", "v_lin"]))
-    assert targeted.lora_targets == ("q_lin", "v_lin") and targeted != lo32
+    assert dict(targeted.method)["lora_targets"] == ("q_lin", "v_lin") and targeted != lo32
     assert StepKey.from_config(TrainConfig(model="m", batch_size=8)) != a
 
 
@@ -118,7 +118,7 @@ def test_model_from_config_offline_seed_models():
     assert mobile.config.model_type == "mobilebert"
     distil = model_from_config("distilbert-base-uncased", meta=True)
     assert parameter_counts(distil)["total_params"] == 66_364_418  # 66,362,880 encoder + 768x2+2 span head
-    lora = model_from_config("distilbert-base-uncased", "lora", LoraSettings(rank=32), meta=True)
+    lora = model_from_config("distilbert-base-uncased", "lora", method_settings("lora", lora_rank=32), meta=True)
     # 6 layers x (4 x 32(768+768) attention + 2 x 32(768+3072) feed-forward) adapters + the span head
     assert parameter_counts(lora)["trainable_params"] == 6 * (4 * 32 * 1536 + 2 * 32 * 3840) + 1538
 
@@ -144,7 +144,9 @@ def test_unreadable_model_raises_clear_error(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- timing
 def _key(model: str, batch_size: int, strategy: str = "full", precision: str = "fp32") -> StepKey:
-    return StepKey(model, strategy, 8, None, 128, batch_size, precision)
+    return StepKey.from_config(TrainConfig(model=model, strategy=strategy, lora_rank=8, max_seq_length=128,
+                                           doc_stride=32, batch_size=batch_size, precision=precision,
+                                           pad_to_max_length=True))
 
 
 def test_time_step_positive_and_grows_with_batch(tiny_distilbert):
@@ -162,7 +164,7 @@ def test_time_step_lora_and_bad_precision(tiny_distilbert):
 
 
 def test_calibrate_times_each_shape_once(tiny_distilbert, monkeypatch, capsys):
-    import qatune.calibrate as cal
+    import qatune.study.calibrate as cal
 
     timed = []
     monkeypatch.setattr(cal, "time_step", lambda key, *a: timed.append(key) or float(key.batch_size))

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from qatune.cli import main
-from qatune.data import load_squad, write_squad_json
+from qatune.data.squad import load_squad, write_squad_json
 from tests.conftest import make_examples, shared_file
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import qatune.convert as conv
+import qatune.model.convert as conv
 from qatune.errors import ModelError
-from qatune.models import resolve_model
+from qatune.model.load import resolve_model
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -218,7 +218,7 @@ def test_load_qa_model_tokenizer_and_config(l3_cache, monkeypatch):
     import torch
     from safetensors.torch import load_file
 
-    from qatune.models import load_qa_model, load_tokenizer, model_config
+    from qatune.model.load import load_qa_model, load_tokenizer, model_config
 
     monkeypatch.setenv("QATUNE_CACHE", str(l3_cache))
     model = load_qa_model("minilm-l3")
@@ -232,7 +232,7 @@ def test_load_qa_model_tokenizer_and_config(l3_cache, monkeypatch):
 
 def test_train_with_minilm_l3(l3_cache, tmp_path, monkeypatch, capsys):
     from qatune.cli import main
-    from qatune.data import write_squad_json
+    from qatune.data.squad import write_squad_json
     from tests.conftest import make_examples
 
     monkeypatch.setenv("QATUNE_CACHE", str(l3_cache))

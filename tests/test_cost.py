@@ -2,11 +2,11 @@
 
 import json
 
-from qatune.cost import COST_HEADER, cost_rows
-from qatune.figures import cost_figure
 from qatune.record import RunRecord
-from qatune.stats import pareto_front
-from qatune.train import train
+from qatune.report.costtable import COST_HEADER, cost_rows
+from qatune.report.figures import cost_figure
+from qatune.report.stats import pareto_front
+from qatune.train.recipe import train
 from tests.conftest import save_tiny_model
 from tests.runs import qa_data, tiny_config  # noqa: F401 - fixtures
 

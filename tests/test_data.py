@@ -2,15 +2,8 @@ import json
 
 import pytest
 
-from qatune.data import (
-    SquadDataError,
-    load_squad,
-    nearest_occurrence,
-    parse_ranges,
-    select_articles,
-    subsample,
-    write_squad_json,
-)
+from qatune.data.splits import parse_ranges, select_articles, subsample
+from qatune.data.squad import SquadDataError, load_squad, nearest_occurrence, write_squad_json
 from tests.conftest import make_examples, shared_file
 
 

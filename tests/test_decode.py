@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qatune.data import Answer, QAExample
-from qatune.decode import decode
+from qatune.answer.decode import decode
+from qatune.data.squad import Answer, QAExample
 
 CTX = "aa bb cc dd ee ff"
 # window 0: CLS q SEP aa bb cc SEP ; window 1: CLS q SEP cc dd ee ff SEP

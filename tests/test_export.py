@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from qatune.answer.export import ExportError, export
+from qatune.answer.inference import Reader
 from qatune.cli import main
-from qatune.export import ExportError, export
-from qatune.inference import Reader
 from tests.runs import CONTEXT, minilm_run, qa_data, tiny_lora_run, tiny_run  # noqa: F401 - fixtures
 
 # int8 EM/F1 within this many points of fp32 on the 48 generated questions (one answer is 2.1 points: int8 rounding
@@ -56,7 +56,7 @@ def test_model_card_parses_with_huggingface_hub(tiny_run, tmp_path):
 
 
 def test_parity_probe_failure_is_loud_and_writes_nothing(tiny_run, tmp_path, monkeypatch):
-    import qatune.export as ex
+    import qatune.answer.export as ex
 
     monkeypatch.setattr(ex, "ONNX_TOLERANCE", -1.0)  # no difference can pass
     with pytest.raises(ExportError, match=r"parity probe failed: the fp32 ONNX model's logits differ .* tolerance"):

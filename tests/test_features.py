@@ -3,8 +3,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qatune.data import Answer, QAExample
-from qatune.features import FeatureError, build_features, collate, label_span
+from qatune.data.features import FeatureError, build_features, collate, label_span
+from qatune.data.squad import Answer, QAExample
 from tests.conftest import make_examples
 
 WORDS = ["alpha", "beta", "gamma", "delta", "zürich", "東京", "naïve", "x1", "q", "über", "co-op", "well-known",
@@ -135,7 +135,7 @@ def test_question_without_tokens(tokenizer):
 
 def test_windows_that_lose_the_end_of_a_context_are_refused(tokenizer, monkeypatch):
     # tokenizers 0.23.1-0.23.2 drop the last overflowing window(s); simulate that and expect a clear error.
-    import qatune.features as features
+    import qatune.data.features as features
 
     exs = make_examples(n_articles=1, per_article=2, filler=30)
     full = build_features(exs, tokenizer, 64, 16)
@@ -157,7 +157,7 @@ def test_windows_that_lose_the_end_of_a_context_are_refused(tokenizer, monkeypat
 def test_the_window_count_formula_is_the_tokenizers(tokenizer, ex, max_len, stride):
     """`sizes.windows_of`, given a question's real token counts, gives exactly the windows the fast tokenizer
     makes: the dry run and a study's rungs are planned with it."""
-    from qatune.sizes import windows_of
+    from qatune.study.sizes import windows_of
 
     context = len(tokenizer(ex.context, add_special_tokens=False)["input_ids"])
     question = len(tokenizer(ex.question, add_special_tokens=False)["input_ids"])
@@ -169,8 +169,8 @@ def test_sizes_estimate_real_squad_windows_without_tokenising(tokenizer, window)
     """From word counts (local data) and from SQuAD's context-length percentiles (hub data, not downloaded), the
     estimate is within 4% of the windows the tokenizer makes on real SQuAD (dev v1.1, all of it: the percentiles are
     of the whole set) at each window setting."""
-    from qatune.data import load_split
-    from qatune.sizes import estimate_windows, windows_per_question
+    from qatune.data.splits import load_split
+    from qatune.study.sizes import estimate_windows, windows_per_question
     from tests.conftest import shared_file
 
     path = str(shared_file("dev-v1.1.json"))

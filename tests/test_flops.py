@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForQuestionAnswering, BertConfig
 
-from qatune.flops import COUNT_WIDTHS, count_window, fit
-from qatune.machine import LoadMeter
-from qatune.models import LoraSettings, apply_strategy
+from qatune.methods import apply_method
+from qatune.model.flops import COUNT_WIDTHS, count_window, fit
+from qatune.model.machine import LoadMeter
+from tests.conftest import method_settings
 
 L, D, FF, H = 2, 64, 128, 2  # tiny BERT: layers, width, feed-forward, heads
 
@@ -23,7 +24,7 @@ def tiny_bert(strategy="full", rank=4):
         model = AutoModelForQuestionAnswering.from_config(
             BertConfig(num_hidden_layers=L, hidden_size=D, intermediate_size=FF, num_attention_heads=H,
                        vocab_size=1000))
-    return apply_strategy(model, strategy, LoraSettings(rank, 8, 0.0) if strategy == "lora" else None)
+    return apply_method(model, strategy, method_settings(strategy, lora_rank=rank, lora_alpha=8, lora_dropout=0.0))
 
 
 def hand_forward(width: int) -> int:
@@ -40,12 +41,18 @@ def test_counted_flops_match_a_hand_count(width):
     assert bwd == pytest.approx(2 * hand_forward(width), rel=0.05)  # gradients of inputs and of weights
 
 
-def test_two_counts_fix_every_width_exactly():
-    model = tiny_bert()
+@pytest.mark.parametrize("strategy", ["full", "dora"])
+def test_three_counts_fix_every_width_and_batch_exactly(strategy):
+    """DoRA computes its weight norms once per forward pass: a cost per micro-batch, not per window, which the
+    fit keeps apart (0 for full fine-tuning)."""
+    model = tiny_bert(strategy)
     per_window = fit(model)
+    assert (per_window.per_batch > 0) == (strategy == "dora")
     for width in (*COUNT_WIDTHS, 24, 200, 384):
-        assert (per_window.forward(width), per_window.backward(width)) == count_window(model, width)
-    assert per_window.train(3, 40) == 3 * sum(count_window(model, 40))
+        for rows in (1, 3):
+            assert per_window.train(rows, width) == sum(count_window(model, width, rows))
+    if strategy == "full":
+        assert (per_window.forward(40), per_window.backward(40)) == count_window(model, 40)
 
 
 def test_lora_backward_cheaper_at_small_rank_dearer_above_the_width():
@@ -85,10 +92,10 @@ learning_rate = [1e-3, 2e-3]
 
 @pytest.mark.slow
 def test_a_loaded_run_counts_the_same_flops_and_is_marked(tmp_path, train_file):
-    from qatune.launch import LocalLauncher
-    from qatune.report import write_report
-    from qatune.study import run_study
-    from qatune.studyfile import load_study
+    from qatune.report.write import write_report
+    from qatune.study.driver import run_study
+    from qatune.study.launch import LocalLauncher
+    from qatune.study.studyfile import load_study
     from tests.conftest import save_tiny_model
 
     meter = LoadMeter()

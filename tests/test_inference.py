@@ -7,12 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from qatune.answer.inference import InferenceConfig, Reader, plan_batches
 from qatune.cli import main
-from qatune.data import write_squad_json
+from qatune.data.features import build_features
+from qatune.data.squad import write_squad_json
 from qatune.errors import ConfigError
-from qatune.features import build_features
-from qatune.inference import InferenceConfig, Reader, plan_batches
-from qatune.train import train
+from qatune.train.recipe import train
 from tests.conftest import make_examples, save_tiny_model
 from tests.runs import CONTEXT, qa_data, tiny_config, tiny_lora_run, tiny_run  # noqa: F401 - fixtures
 
@@ -137,7 +137,7 @@ def test_reader_precision_and_device_defaults(tiny_run):
 
 def test_evaluate_during_training_leaves_the_model_in_training_mode(tiny_run, qa_data):
     """The learning-curve evaluation of a model being trained: same answers as a Reader, mode kept."""
-    from qatune.data import load_squad
+    from qatune.data.squad import load_squad
 
     reader = Reader.load(tiny_run, device="cpu")
     data = load_squad(qa_data)

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from qatune import store
-from qatune.study import run_study
-from qatune.studyfile import load_study
+from qatune.study import store
+from qatune.study.driver import run_study
+from qatune.study.studyfile import load_study
 from tests.runs import db_rows
 from tests.test_study import write_study
 
@@ -229,7 +229,7 @@ def test_ray_launcher_matches_local(tmp_path, tiny_model, train_file):
     pytest.importorskip("ray")
     import ray
 
-    from qatune.launch import LocalLauncher, RayLauncher
+    from qatune.study.launch import LocalLauncher, RayLauncher
 
     path = write_study(tmp_path, tiny_model, train_file)
     narrow = ["alpha_policy=['fixed']", "lora_rank=[2]"]

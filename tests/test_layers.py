@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qatune.answer.inference import Reader
 from qatune.cli import main
 from qatune.config import TrainConfig
 from qatune.errors import ConfigError
-from qatune.inference import Reader
-from qatune.models import ModelError, load_qa_model, model_depth
-from qatune.plan import count_params
-from qatune.train import train
+from qatune.model.load import ModelError, load_qa_model, model_depth
+from qatune.study.plan import count_params
+from qatune.train.recipe import train
 
 
 def test_a_three_layer_cut_of_minilm_holds_its_first_three_layers_exactly():
@@ -57,14 +57,14 @@ def test_a_cut_model_trains_evaluates_exports_and_serves(tmp_path, tiny_models, 
     assert "cut to its first 1 transformer layers" in (tmp_path / "ship" / "README.md").read_text()
     shipped = load_file(str(tmp_path / "ship" / "model.safetensors"))
     assert not any(".layer.1." in k for k in shipped)  # one transformer layer, merged
-    from qatune.data import load_role
+    from qatune.data.splits import load_role
 
     _, decoded = Reader.load(tmp_path / "ship").evaluate(load_role(r.config, "eval"))
     assert decoded.predictions == json.loads((out / "predictions.json").read_text())
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from qatune.serve import create_app
+    from qatune.answer.serve import create_app
 
     with TestClient(create_app(Reader.load(tmp_path / "ship"))) as client:
         reply = client.post("/answer", json={"question": "Who?", "context": "Kestrel7 is a bridge."})

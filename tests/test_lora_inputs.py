@@ -7,19 +7,19 @@ import json
 import pytest
 import torch
 
+from qatune.answer.export import probe_batch
+from qatune.answer.inference import load_inference_config
 from qatune.cli import main
 from qatune.config import config_hash
-from qatune.export import probe_batch
-from qatune.inference import load_inference_config
-from qatune.models import (
+from qatune.methods import apply_method
+from qatune.model.load import (
     ModelError,
-    apply_strategy,
     check_segment_inputs,
     has_segment_embeddings,
     load_trained,
 )
-from qatune.train import train
-from tests.conftest import save_tiny_model
+from qatune.train.recipe import train
+from tests.conftest import method_settings, save_tiny_model
 from tests.runs import qa_data, tiny_config  # noqa: F401 - fixtures
 
 POLICIES = ("fixed", "rslora", "proportional")
@@ -64,7 +64,7 @@ def test_trained_adapter_merges_exactly_on_windows_with_both_segments(arch, poli
 
 
 def model_dir_tokenizer(model_dir):
-    from qatune.models import load_tokenizer
+    from qatune.model.load import load_tokenizer
 
     return load_tokenizer(str(model_dir))
 
@@ -91,12 +91,12 @@ class InventsSegments(DropsSegments):
 
 @pytest.mark.parametrize("arch", ["minilm", "mobilebert", "distilbert"])
 def test_segment_probe_tells_architectures_apart(arch, bases):
-    from qatune.models import LoraSettings, load_qa_model
+    from qatune.model.load import load_qa_model
 
     model = load_qa_model(bases[arch])
     assert has_segment_embeddings(model) == (arch != "distilbert")
     check_segment_inputs(model)  # the plain model and its LoRA wrapper pass
-    lora = apply_strategy(model, "lora", LoraSettings(rank=4))
+    lora = apply_method(model, "lora", method_settings("lora", lora_rank=4))
     check_segment_inputs(lora)
     if arch == "distilbert":
         check_segment_inputs(DropsSegments(model))  # nothing to lose
@@ -108,10 +108,10 @@ def test_segment_probe_tells_architectures_apart(arch, bases):
 
 
 def test_a_run_whose_model_ignores_segment_ids_refuses_to_train(bases, qa_data, tmp_path, monkeypatch):
-    import qatune.train as t
+    import qatune.train.recipe as t
 
-    real = t.apply_strategy
-    monkeypatch.setattr(t, "apply_strategy", lambda model, strategy, lora: DropsSegments(real(model, strategy, lora)))
+    real = t.apply_method
+    monkeypatch.setattr(t, "apply_method", lambda model, name, settings: DropsSegments(real(model, name, settings)))
     with pytest.raises(ModelError, match="token_type_ids"):
         train(tiny_config(bases["mobilebert"], qa_data, tmp_path / "run", strategy="lora"), progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -123,7 +123,7 @@ def test_peft_question_answering_wrapper_passes_token_type_ids(bases):
     """The minimal reproduction of the upstream bug; it passes (XPASS) once PEFT forwards the argument."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from qatune.models import load_qa_model
+    from qatune.model.load import load_qa_model
 
     model = get_peft_model(load_qa_model(bases["minilm"]), LoraConfig(task_type=TaskType.QUESTION_ANS, r=4,
                                                                      target_modules=["query"]))

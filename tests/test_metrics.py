@@ -1,4 +1,4 @@
-"""Tests for qatune.metrics (official SQuAD v1.1 / v2.0 scoring rules).
+"""Tests for qatune.answer.metrics (official SQuAD v1.1 / v2.0 scoring rules).
 
 Every expected number below is derived by hand from the official rules (see the
 comments), never copied from running the code.
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qatune.metrics import (
+from qatune.answer.metrics import (
     exact_match,
     normalize_answer,
     squad_references,

@@ -10,13 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from qatune.inference import Reader
+from qatune.answer.inference import Reader
 from tests.runs import CONTEXT, qa_data, tiny_run  # noqa: F401 - fixtures
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from qatune.serve import Limits, create_app, to_pipeline  # noqa: E402
+from qatune.answer.serve import Limits, create_app, to_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def test_requests_queued_together_are_answered_in_one_batch():
     """While the model answers one batch, requests queue up; the next call answers them together."""
     import asyncio
 
-    from qatune.serve import MicroBatcher
+    from qatune.answer.serve import MicroBatcher
 
     release, calls = threading.Event(), []
 
@@ -215,7 +215,7 @@ def test_requests_queued_together_are_answered_in_one_batch():
 
 
 def test_no_answer_in_the_pipeline_shape_and_first_when_abstaining():
-    from qatune.inference import _null_first_if_predicted
+    from qatune.answer.inference import _null_first_if_predicted
 
     span = {"text": "Kestrel7", "start": 31, "end": 39, "score": 3.0, "probability": 0.4}
     null = {"text": "", "start": -1, "end": -1, "score": 4.0, "probability": 0.6}

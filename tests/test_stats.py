@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qatune.stats import P_FLOOR, contrast, equality_test, holm
+from qatune.report.stats import P_FLOOR, contrast, equality_test, holm
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_coverage.py"
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from qatune.cli import main
-from qatune.report import write_report
-from qatune.study import run_study
-from qatune.studyfile import StudyError, load_study
-from tests.conftest import save_tiny_model
+from qatune.report.write import write_report
+from qatune.study.driver import run_study
+from qatune.study.studyfile import StudyError, load_study
+from tests.conftest import owners, save_tiny_model
 
 STUDY = """
 [study]
@@ -122,7 +122,7 @@ def test_an_arms_own_grid_table_replaces_or_adds_axes_for_that_arm(tmp_path, tin
     # on an axis of the [grid], the same as --set ARM.key=[...]
     assert [r.id for r in as_set.runs] == [r.id for r in load_study(path, directory=tmp_path / "s").runs]
     for extra, words in [("[grid.nope]\nseed = [1]", "[grid.nope]: no arm named 'nope'"),
-                         ("[grid.full]\nlora_rank = [8]", "[grid.full] lora_rank applies to LoRA arms"),
+                         ("[grid.full]\nlora_rank = [8]", f"[grid.full] lora_rank is an option of {owners('lora_rank')}"),
                          ("[grid.lora]\nseed = [1, 1]", "[grid.lora] seed lists 1 more than once"),
                          ("[grid.lora]\nseed = 1", "[grid.lora] seed must be a non-empty list")]:
         path.write_text(text + "\n" + extra + "\n")
@@ -231,7 +231,7 @@ def test_report_on_partial_study_says_what_is_missing(tmp_path, tiny_distilbert,
     study.runs = study.runs[:1]
     run_study(study, poll_s=0.1, progress=False)
     full = load_study(path, directory=tmp_path / "s")
-    from qatune.store import connect, register
+    from qatune.study.store import connect, register
 
     register(connect(full.directory), full.runs)
     text = Path(write_report(tmp_path / "s", all_runs=True)["report"]).read_text()
@@ -276,7 +276,7 @@ class _StopsWhileStarting:
     name = "stub"
 
     def __init__(self):
-        from qatune.launch import Slot
+        from qatune.study.launch import Slot
 
         self.slots, self.running = [Slot(0, None, 1)], []
 
@@ -293,7 +293,7 @@ class _StopsWhileStarting:
         return False
 
     def stop(self, grace_s=120.0):
-        from qatune.launch import Outcome
+        from qatune.study.launch import Outcome
 
         out = [Outcome(rid, "died", error="worker process died (killed by signal 15) without an outcome")
                for rid in self.running]
@@ -306,8 +306,8 @@ class _StopsWhileStarting:
 
 def test_a_run_stopped_while_its_worker_starts_is_handed_back_without_using_an_attempt(tmp_path, tiny_distilbert,
                                                                                        train_file):
-    from qatune import store
-    from qatune.study import StudyInterrupted
+    from qatune.study import store
+    from qatune.study.driver import StudyInterrupted
 
     study = load_study(write_study(tmp_path, tiny_distilbert, train_file), directory=tmp_path / "s")
     with pytest.raises(StudyInterrupted, match=r"1 run\(s\) were running and keep their checkpoints"):

@@ -4,10 +4,10 @@ import sys
 
 import pytest
 
-from qatune import tracking
 from qatune.cli import main
 from qatune.config import TrainConfig
-from qatune.train import train
+from qatune.train import tracking
+from qatune.train.recipe import train
 
 
 def test_tensorboard_gets_loss_learning_curve_and_final_metrics(tmp_path, tiny_models, train_file):

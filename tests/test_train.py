@@ -4,14 +4,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qatune.answer.inference import Reader, window_logits
 from qatune.cli import main
 from qatune.config import TrainConfig
-from qatune.data import SquadDataError
+from qatune.data.features import build_features
+from qatune.data.squad import SquadDataError
 from qatune.errors import TrainingError
-from qatune.features import build_features
-from qatune.inference import Reader, window_logits
-from qatune.models import LoraSettings, ModelError, apply_strategy, load_qa_model
-from qatune.train import train
+from qatune.methods import apply_method
+from qatune.model.load import ModelError, load_qa_model
+from qatune.train.recipe import train
+from tests.conftest import method_settings
 
 
 def cfg(model, data, out, **kw):
@@ -97,8 +99,8 @@ def test_lora_keeps_base_and_trains_head(tmp_path, tiny_models, train_file):
 
 @pytest.mark.parametrize("policy,expected", [("fixed", 8 / 4), ("proportional", 2.0), ("rslora", 8 / 2)])
 def test_alpha_policies(tiny_models, policy, expected):
-    model = apply_strategy(load_qa_model(str(tiny_models["distilbert"])), "lora",
-                           LoraSettings(rank=4, alpha=8, alpha_policy=policy))
+    model = apply_method(load_qa_model(str(tiny_models["distilbert"])), "lora",
+                         method_settings("lora", lora_rank=4, lora_alpha=8, alpha_policy=policy))
     layer = next(m for n, m in model.named_modules() if n.endswith("q_lin") and hasattr(m, "scaling"))
     assert layer.scaling["default"] == pytest.approx(expected)
 
@@ -106,7 +108,7 @@ def test_alpha_policies(tiny_models, policy, expected):
 def test_bad_lora_targets_list_real_modules(tiny_models):
     model = load_qa_model(str(tiny_models["distilbert"]))
     with pytest.raises(ModelError, match=r"\['query'\] match no linear layer.*q_lin"):
-        apply_strategy(model, "lora", LoraSettings(targets=["query"]))
+        apply_method(model, "lora", method_settings("lora", lora_targets=["query"]))
 
 
 def test_fp16_mobilebert_refused(tmp_path, tiny_models, train_file):
@@ -122,7 +124,7 @@ def test_bad_paths_are_clear(tmp_path, tiny_models, train_file):
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_models, train_file, monkeypatch):
-    import qatune.train as t
+    import qatune.train.recipe as t
 
     full = cfg(tiny_models["mobilebert"], train_file, tmp_path / "a", max_steps=6, save_steps=3, logging_steps=1)
     train(full, progress=False)
@@ -160,7 +162,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_models, train_file, monkeypa
 
 def poison_third_forward(monkeypatch, factor: float) -> None:
     """Make the span head's third forward pass (step 3 at grad_accum 1) return non-finite logits."""
-    import qatune.train as t
+    import qatune.train.recipe as t
 
     real = t.load_qa_model
     calls = {"n": 0}
@@ -196,7 +198,7 @@ def test_export_merge_matches_adapter(tmp_path, tiny_models, train_file, capsys)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["max_abs_logit_diff"] < 1e-4
     adapter, merged = Reader.load(out / "model"), Reader.load(tmp_path / "merged")
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
-    from qatune.data import load_squad
+    from qatune.data.squad import load_squad
 
     feats = build_features(load_squad(train_file).examples, adapter.tokenizer, 96, 32)
     sa, ea = window_logits(adapter.model, feats, adapter.tokenizer.pad_token_id)
@@ -238,7 +240,7 @@ def test_cli_train_evaluate_predict(tmp_path, tiny_models, train_file, capsys):
 
 @pytest.mark.slow
 def test_real_minilm_learns_a_few_dozen_questions(tmp_path, train_file):
-    from qatune.data import load_squad
+    from qatune.data.squad import load_squad
 
     # scored on its own training questions by a separate evaluation: a run may not evaluate on its training articles
     r = train(TrainConfig(model="minilm-l6", train_data=str(train_file), output_dir=str(tmp_path / "minilm"),
@@ -252,7 +254,7 @@ def test_real_minilm_learns_a_few_dozen_questions(tmp_path, train_file):
 
 def test_nonfinite_loss_leaves_the_weights_untouched(tmp_path, tiny_models, train_file, monkeypatch):
     """The check is deferred (no host sync per step), so later steps run, but no update reaches the weights."""
-    import qatune.train as t
+    import qatune.train.recipe as t
 
     poison_third_forward(monkeypatch, float("inf"))
     recipe = t.Recipe(cfg(tiny_models["distilbert"], train_file, tmp_path / "inf", max_steps=6, save_steps=100,
@@ -289,7 +291,7 @@ def test_compiled_training_matches_eager(tmp_path, train_file):
 
 def test_learning_curve_survives_an_interruption(tmp_path, tiny_models, train_file, monkeypatch):
     """A run stopped after its first curve point resumes with that point kept, and adds the rest."""
-    from qatune import train as train_module
+    from qatune.train import recipe as train_module
 
     first = train_module.Recipe._curve_point
 
@@ -317,7 +319,7 @@ def test_a_flops_budget_ends_the_run_at_the_first_step_that_reaches_it(tmp_path,
     """max_train_flops instead of steps: the run counts its batches in advance and trains to the first step at
     which its counted FLOPs reach the budget (one step fewer would not: a run of that many steps, same seed and
     batches, counts less); the dry run's estimate at a typical width is close."""
-    from qatune.sizes import optimizer_steps
+    from qatune.study.sizes import optimizer_steps
 
     model = tiny_models["distilbert"]
     probe = train(cfg(model, train_file, tmp_path / "probe", max_steps=6), progress=False)

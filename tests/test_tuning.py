@@ -8,20 +8,13 @@ from pathlib import Path
 import pytest
 
 from qatune.config import TrainConfig
-from qatune.launch import LocalLauncher
-from qatune.study import decide, run_study
-from qatune.studyfile import StudyError, load_study
-from qatune.train import train
-from qatune.tuning import (
-    at_edge,
-    expected_max,
-    planned_steps,
-    promote,
-    rungs,
-    stable_from,
-    survivors,
-    tuning_seed,
-)
+from qatune.report.tuningsummary import at_edge, expected_max, stable_from
+from qatune.study.driver import decide, run_study
+from qatune.study.launch import LocalLauncher
+from qatune.study.studyfile import StudyError, load_study
+from qatune.study.tuning import planned_steps, promote, rungs, survivors, tuning_seed
+from qatune.train.recipe import train
+from tests.conftest import owners
 from tests.runs import db_rows
 
 
@@ -127,7 +120,8 @@ def test_tune_table_mistakes_are_refused(tmp_path, tiny_models, train_file):
                             ("seed = [1, 2]", "seed = [1, 2]\nlearning_rate = [1e-3]", "also a [grid] axis"),
                             ("validation_share = 0.34\n", "", "needs validation data"),
                             ("learning_rate = [1e-3, 2e-3]", "lora_rank = [2, 4]",
-                             "lora_rank: cannot be tuned: a LoRA option, and arm 'full' is not a LoRA arm"),
+                             f"lora_rank: cannot be tuned: lora_rank is an option of {owners('lora_rank')}; arm 'full' "
+                             "fine-tunes with full"),
                             ("learning_rate = [1e-3, 2e-3]", "validation_share = [0.2, 0.4]",
                              "validation_share: cannot be tuned: not a training hyperparameter"),
                             ("learning_rate = [1e-3, 2e-3]", "eval_questions = [5, 10]", "eval_questions: cannot be"),
@@ -184,7 +178,7 @@ def test_candidates_and_final_runs_are_different_runs_and_rungs_score_every_vali
 # ---------------------------------------------------------------------------------------------- rung decisions
 def _store_with(tmp_path, tiny_models, train_file, rates: str):
     """A study's store with its candidates registered, decided by hand (no training)."""
-    from qatune import store
+    from qatune.study import store
 
     study = load_study(write(tmp_path, tiny_models["distilbert"], train_file, rates), directory=tmp_path / "s")
     (group,) = study.groups
@@ -204,7 +198,7 @@ def _fail(db, rid, error="TrainingError: non-finite loss (nan) at step 2"):
 
 
 def test_a_rung_whose_last_candidate_failed_is_decided_among_those_that_reached_it(tmp_path, tiny_models, train_file):
-    from qatune import store
+    from qatune.study import store, tuningstate
 
     db, group, ids, values = _store_with(tmp_path, tiny_models, train_file, "[1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]")
     assert group.schedule == [3, 9]
@@ -223,7 +217,7 @@ def test_a_rung_whose_last_candidate_failed_is_decided_among_those_that_reached_
     decision = take()  # at the last rung one reached the end: it wins
     assert decision.chosen == values[ids[2]] and decision.winner == ids[2] and decision.step == 9 and decision.new
     assert store.statuses(db, ids)[ids[2]] == "winner" and store.statuses(db, ids)[ids[1]] == "pruned"
-    assert store.decisions(db) == {group.id: values[ids[2]]} and store.failed_decisions(db) == {}
+    assert tuningstate.decisions(db) == {group.id: values[ids[2]]} and tuningstate.failed_decisions(db) == {}
     assert store.claim(db, ids, store.Owner.new(), 60, 1, "w") is None  # a winner is never claimed
     again = take()
     assert again.chosen == values[ids[2]] and not again.new
@@ -231,7 +225,7 @@ def test_a_rung_whose_last_candidate_failed_is_decided_among_those_that_reached_
 
 
 def test_a_rung_that_no_candidate_reached_fails_its_configuration_until_retried(tmp_path, tiny_models, train_file):
-    from qatune import store
+    from qatune.study import store, tuningstate
 
     db, group, ids, values = _store_with(tmp_path, tiny_models, train_file, "[1e-3, 2e-3, 3e-3]")
     for rid in ids:
@@ -240,23 +234,23 @@ def test_a_rung_that_no_candidate_reached_fails_its_configuration_until_retried(
     assert decision.chosen is None and decision.new
     assert decision.error.startswith("no candidate reached step 3 (rung 1 of 2): ") and "non-finite loss" in decision.error
     assert all(rid in decision.error for rid in ids)
-    assert store.decisions(db) == {} and store.failed_decisions(db) == {group.id: decision.error}
+    assert tuningstate.decisions(db) == {} and tuningstate.failed_decisions(db) == {group.id: decision.error}
     assert set(store.statuses(db, ids).values()) == {"failed"}
-    assert store.retry_failed(db, ids) == 3 and store.failed_decisions(db) == {}  # undecided again
+    assert store.retry_failed(db, ids) == 3 and tuningstate.failed_decisions(db) == {}  # undecided again
     assert decide(db, group, 3) is None  # its candidates train again
     assert store.claim(db, ids, store.Owner.new(), 60, 1, "w") == ids[0]
 
 
 def test_a_lone_candidate_is_chosen_without_training(tmp_path, tiny_models, train_file):
-    from qatune import store
+    from qatune.study import store, tuningstate
 
     db, group, ids, values = _store_with(tmp_path, tiny_models, train_file, "[1e-3]")
     decision = decide(db, group, 3)
     assert decision.chosen == {"learning_rate": 1e-3} and decision.step is None
     assert store.statuses(db, ids) == {ids[0]: "winner"}
-    from qatune.tuning import summarize
+    from qatune.report.tuningsummary import summarize
 
-    (entry,) = summarize(store.rows(db), store.decisions(db))  # the report's entry names its option and value
+    (entry,) = summarize(store.rows(db), tuningstate.decisions(db))  # the report's entry names its option and value
     assert entry["option"] == "learning_rate" and entry["chosen"] == 1e-3
     assert [t["value"] for t in entry["tried"]] == [1e-3]
 
@@ -362,7 +356,7 @@ def test_a_promoted_candidate_scores_as_one_trained_straight_to_its_rung(halving
 def test_a_lost_store_is_rebuilt_with_the_same_choice_and_nothing_retrained(halving_study, tmp_path):
     import shutil
 
-    from qatune.study import rebuild_store
+    from qatune.study.driver import rebuild_store
 
     study, counts = halving_study
     copy = tmp_path / "s"
@@ -385,7 +379,7 @@ def test_the_choice_does_not_depend_on_the_test_data(tmp_path, tiny_models, trai
     """A grid: every candidate trains to the end (several are left at the last rung), the best validation F1 wins."""
     from dataclasses import replace
 
-    from qatune.data import write_squad_json
+    from qatune.data.squad import write_squad_json
     from tests.conftest import make_examples
 
     other = tmp_path / "other-test.json"  # other articles (titles apart from the training ones)
@@ -477,13 +471,13 @@ def test_dry_run_shows_candidates_rungs_and_what_halving_saves(tmp_path, tiny_mo
 def test_the_projection_counts_the_halving_steps_and_the_final_seeds(tmp_path, tiny_models, train_file, monkeypatch):
     """9 candidates (15 halving steps in all, none tested), then the chosen value at both seeds (9 steps each): the
     projection trains 33 steps, not the grid's 9 x 9 + 18, and only the final runs are tested."""
-    import qatune.calibrate
-    from qatune.plan import RUN_OVERHEAD_S, curve_windows, dry_run, estimate, project
-    from qatune.sizes import estimate_windows
+    import qatune.study.calibrate
+    from qatune.study.plan import RUN_OVERHEAD_S, curve_windows, dry_run, estimate, project
+    from qatune.study.sizes import estimate_windows
 
     rates = "[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]"
     study = load_study(write(tmp_path, tiny_models["distilbert"], train_file, rates), directory=tmp_path / "s")
-    monkeypatch.setattr(qatune.calibrate, "calibrate", lambda keys, **kw: dict.fromkeys(keys, 2.0))
+    monkeypatch.setattr(qatune.study.calibrate, "calibrate", lambda keys, **kw: dict.fromkeys(keys, 2.0))
     proj = project(study, slots=1, threads=1, progress=False)
     cands, finals = [p for p in proj["per_run"] if not p.get("final")], [p for p in proj["per_run"] if p.get("final")]
     assert len(cands) == 9 and [f["point"]["seed"] for f in finals] == [1, 2]
@@ -506,14 +500,14 @@ def test_several_left_at_the_last_rung_train_to_their_own_end_in_epochs(tmp_path
     count (windows from the questions' lengths, validation articles held out); skewed to twice the windows here,
     six candidates leave two at the first rung: they train to their real end and the better one wins; the final
     runs end there too."""
-    import qatune.sizes
-    from qatune.sizes import optimizer_steps
+    import qatune.study.sizes
+    from qatune.study.sizes import optimizer_steps
 
     path = write(tmp_path, tiny_models["distilbert"], train_file, "[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]")
     path.write_text(path.read_text().replace("max_steps = 9", "epochs = 2").replace("seed = [1, 2]", "seed = [1]"))
     true_estimate = optimizer_steps(load_study(path, directory=tmp_path / "s").groups[0].candidates[0][1].config)
-    windows = qatune.sizes.train_windows
-    monkeypatch.setattr(qatune.sizes, "train_windows", lambda cfg: 2 * windows(cfg))
+    windows = qatune.study.sizes.train_windows
+    monkeypatch.setattr(qatune.study.sizes, "train_windows", lambda cfg: 2 * windows(cfg))
     study = load_study(path, directory=tmp_path / "s")
     (group,) = study.groups
     estimated = optimizer_steps(group.candidates[0][1].config)
@@ -578,8 +572,8 @@ def test_a_diverging_last_candidate_is_left_out_and_the_rung_decided_among_the_o
 
 def test_a_configuration_whose_candidates_all_fail_ends_the_study_with_exit_2_naming_it(
         tmp_path, tiny_models, train_file, capsys):
-    from qatune import store
     from qatune.cli import main
+    from qatune.study import store, tuningstate
 
     path = diverging_study(tmp_path, tiny_models["distilbert"], train_file, "[0.9, 0.8]")
     args = ["study", str(path), "--dir", str(tmp_path / "s"), "--workers", "2", "--threads", "1", "--max-attempts", "1"]
@@ -601,10 +595,10 @@ def test_a_configuration_whose_candidates_all_fail_ends_the_study_with_exit_2_na
     assert main(args + ["--retry-failed"]) == 2
     assert "retrying 2 failed run(s)" in capsys.readouterr().out
     db = store.connect(study.directory)
-    assert list(store.failed_decisions(db)) == [group.id]
+    assert list(tuningstate.failed_decisions(db)) == [group.id]
     assert all(r["attempts"] == 1 and r["status"] == "failed" for r in db_rows(study.directory).values() if r["grp"])
     db.close()
-    from qatune.report import write_report
+    from qatune.report.write import write_report
 
     text = Path(write_report(tmp_path / "s")["report"]).read_text()  # says what happened, not "not yet"
     assert "none: every candidate failed" in text and "not yet" not in text

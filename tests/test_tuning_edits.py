@@ -1,16 +1,16 @@
 """Tuning state that survives edits of the study file: values added or removed before or after a decision, a
 finished run that becomes a candidate, a seed list that moves the tuning seed, and two arms that would share runs.
-The state is a function of the candidates' scores (`qatune.tuning.play`), so each case is played again, not patched."""
+The state is a function of the candidates' scores (`qatune.study.tuning.play`), so each case is played again, not patched."""
 
 import json
 
 import pytest
 
-from qatune import store
-from qatune.launch import LocalLauncher
-from qatune.study import decide, run_study
-from qatune.studyfile import StudyError, load_study
-from qatune.tuning import finished_pauses, play
+from qatune.study import store, tuningstate
+from qatune.study.driver import decide, run_study
+from qatune.study.launch import LocalLauncher
+from qatune.study.studyfile import StudyError, load_study
+from qatune.study.tuning import finished_pauses, play
 from tests.runs import db_rows
 from tests.test_tuning import write
 
@@ -22,7 +22,7 @@ def _study(tmp_path, tiny_models, train_file, rates: str):
 
 
 def _pause(db, rid, step, f1):
-    """A candidate reached a rung (as `store.pause` records it)."""
+    """A candidate reached a rung (as `tuningstate.pause` records it)."""
     row = db.execute("SELECT scores FROM runs WHERE id=?", (rid,)).fetchone()
     scores = json.loads(row[0] or "[]") + [{"step": step, "f1": f1}]
     db.execute("UPDATE runs SET status='pending', stage='paused', scores=? WHERE id=?", (json.dumps(scores), rid))
@@ -85,14 +85,14 @@ def test_a_value_added_between_rungs_reopens_the_rung_instead_of_crashing(tmp_pa
     new = group.candidates[-1][1].id
     assert decide(db, group, 3) is None  # the first rung is on again, for the newcomer
     st = store.statuses(db, [*ids, new])
-    assert st[new] == "pending" and store.pause_at(db, new) == 3 and all(st[r] == "paused" for r in ids)
+    assert st[new] == "pending" and tuningstate.pause_at(db, new) == 3 and all(st[r] == "paused" for r in ids)
     assert store.claim(db, [*ids, new], store.Owner.new(), 60, 1, "w") == new
     db.execute("UPDATE runs SET owner=NULL WHERE id=?", (new,))
     _pause(db, new, 3, 50.0)
     assert decide(db, group, 3) is None  # seven set out, two go on: the newcomer and ids[1]
     st = store.statuses(db, [*ids, new])
     assert st[new] == st[ids[1]] == "pending" and st[ids[2]] == "pruned"
-    assert store.pause_at(db, new) == store.pause_at(db, ids[1]) == 2**31 - 1
+    assert tuningstate.pause_at(db, new) == tuningstate.pause_at(db, ids[1]) == 2**31 - 1
 
 
 def test_a_decision_is_taken_again_when_its_values_change_and_stands_otherwise(tmp_path, tiny_models, train_file):
@@ -104,11 +104,11 @@ def test_a_decision_is_taken_again_when_its_values_change_and_stands_otherwise(t
     # leaves the group
     (fewer,) = _study(tmp_path, tiny_models, train_file, "[1e-3, 3e-3, 4e-3]").groups
     assert fewer.id == group.id and fewer.schedule == group.schedule == [3, 9]
-    assert store.decisions(db, {g.id: [r.id for _, r in g.candidates] for g in [fewer]}) == {}  # stale until retaken
+    assert tuningstate.decisions(db, {g.id: [r.id for _, r in g.candidates] for g in [fewer]}) == {}  # stale until retaken
     again = decide(db, fewer, 3)
     assert again.new and again.chosen == {"learning_rate": 3e-3} and again.winner == ids[2]
     assert db.execute("SELECT grp, stage FROM runs WHERE id=?", (ids[1],)).fetchone()[:] == (None, None)
-    assert store.decisions(db, {fewer.id: [ids[0], ids[2], ids[3]]}) == {fewer.id: {"learning_rate": 3e-3}}
+    assert tuningstate.decisions(db, {fewer.id: [ids[0], ids[2], ids[3]]}) == {fewer.id: {"learning_rate": 3e-3}}
     # and put back: its saved pause counts again, nothing to train
     back = decide(db, group, 3)
     assert back.new and back.winner == ids[1]
@@ -130,7 +130,7 @@ def test_a_value_added_to_a_finished_study_is_tried_and_the_choice_taken_again(t
     trained_before = [rows[run.id] for _, run in group.candidates[:3]]
     assert all(len(json.loads(r["scores"])) == 1 for r in trained_before)  # nothing retrained
     db = store.connect(more.directory)
-    (chosen,) = store.decisions(db).values()
+    (chosen,) = tuningstate.decisions(db).values()
     best = max(group.candidates, key=lambda c: json.loads(rows[c[1].id]["scores"])[0]["f1"])[0]
     assert chosen == best
     finals = [group.run(chosen, seed).id for seed in group.seeds]
@@ -210,7 +210,7 @@ def test_a_former_candidate_whose_seed_becomes_a_final_seed_trains_as_a_final_ru
     assert run_study(study, LocalLauncher(workers=1, threads=1), poll_s=0.05, progress=False) == \
         {"finished": 1, "pruned": 2, "winner": 1}
     db = store.connect(study.directory)
-    ((grp, chosen),) = store.decisions(db).items()
+    ((grp, chosen),) = tuningstate.decisions(db).items()
     db.close()
     old = study.groups[0].run(chosen, 0)
     assert db_rows(study.directory)[old.id]["stage"] == "winner"  # paused at step 3 of 9

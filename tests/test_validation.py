@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qatune.answer.inference import Reader
 from qatune.config import TrainConfig
-from qatune.data import SquadDataError, hold_out, load_squad, load_training, write_squad_json
+from qatune.data.splits import hold_out, load_training
+from qatune.data.squad import SquadDataError, load_squad, write_squad_json
 from qatune.errors import ConfigError
-from qatune.inference import Reader
-from qatune.train import train
+from qatune.train.recipe import train
 from tests.conftest import make_examples
 
 
@@ -74,7 +75,7 @@ def test_hold_out_is_by_article_and_the_same_for_every_seed_and_volume(tmp_path)
 
 def test_every_seed_is_tested_on_the_same_draw_of_eval_questions_and_trains_on_its_own(tmp_path):
     """A study's seeds are compared question by question: a per-seed test draw would leave few shared questions."""
-    from qatune.data import load_role
+    from qatune.data.splits import load_role
 
     path = tmp_path / "d.json"
     write_squad_json(make_examples(n_articles=10, per_article=6), path)
@@ -192,7 +193,8 @@ def test_a_datasets_id_with_a_split_loads_that_split(monkeypatch):
     """`rajpurkar/squad:validation` names its split; the split options (eval_split ...) apply to ids without one."""
     import datasets
 
-    from qatune.data import load_split, source_identity
+    from qatune.data.splits import load_split
+    from qatune.data.squad import source_identity
 
     asked = []
 
@@ -262,7 +264,7 @@ def test_the_kept_model_is_an_earlier_best_steps_not_the_last(tiny_models, train
 
 
 def load_training_eval(config: dict):
-    from qatune.data import load_role
+    from qatune.data.splits import load_role
 
     return load_role(config, "eval")
 
@@ -292,7 +294,7 @@ def test_early_stopping_stops_after_patience_evaluations_without_gain(tiny_model
 
 def test_an_interrupted_keep_best_run_resumes_to_the_same_model(best_run, tiny_models, train_file, tmp_path,
                                                                monkeypatch):
-    import qatune.train as t
+    import qatune.train.recipe as t
 
     out, _ = best_run
     original = t.save_checkpoint
@@ -332,10 +334,10 @@ def test_v2_threshold_is_tuned_on_validation_and_applied_unchanged_to_the_test_d
 
 
 def test_a_study_with_validation_reports_where_its_choices_were_made(tiny_models, train_file, tmp_path):
-    from qatune.launch import LocalLauncher
-    from qatune.report import write_report
-    from qatune.study import run_study
-    from qatune.studyfile import load_study
+    from qatune.report.write import write_report
+    from qatune.study.driver import run_study
+    from qatune.study.launch import LocalLauncher
+    from qatune.study.studyfile import load_study
 
     path = tmp_path / "v.toml"
     path.write_text(f"""

@@ -14,14 +14,13 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+from qatune.data.squad import MIN_SEQ_LENGTH
 from qatune.errors import ConfigError
+from qatune.methods import ALPHA_POLICIES, METHODS, NAMES, method
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard", "mlflow")
-STRATEGIES = ("full", "lora")
 ATTENTION_KERNELS = ("auto", "eager", "sdpa")
-ALPHA_POLICIES = ("fixed", "proportional", "rslora")
-MIN_SEQ_LENGTH = 32  # room for [CLS] question [SEP] some context [SEP]
 
 
 def _f(default, help: str, **kw):
@@ -33,7 +32,7 @@ class TrainConfig:
     """Everything that defines a training run (what `run.json` records and a study varies)."""
 
     model: str = _f("minilm-l6", "hub id, local directory or alias (minilm-l6)")
-    strategy: str = _f("full", "full | lora")
+    strategy: str = _f("full", "fine-tuning method: " + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))
     num_layers: int | None = _f(None, "keep the first N transformer layers of the pretrained encoder (default: all), "
                                       "as DistilBERT's student was initialised from BERT's")
     lora_rank: int = _f(32, "LoRA rank r")
@@ -77,7 +76,8 @@ class TrainConfig:
                                              "step at which the run's counted training FLOPs (run.json's "
                                              "train_flops) reach this, e.g. 2e15; arms with one budget train at "
                                              "equal compute")
-    learning_rate: float | None = _f(None, "peak learning rate (default 1e-4 full, 5e-4 lora)")
+    learning_rate: float | None = _f(None, "peak learning rate (default per method: " + ", ".join(
+        f"{m.name} {m.learning_rate:g}" for m in METHODS.values()) + ")")
     warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up")
     weight_decay: float = _f(0.01, "AdamW weight decay (not on biases and LayerNorm)")
     batch_size: int = _f(32, "windows per batch per process")
@@ -129,7 +129,7 @@ class TrainConfig:
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return 1e-4 if self.strategy == "full" else 5e-4
+        return method(self.strategy).learning_rate
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -143,7 +143,7 @@ class TrainConfig:
 # Allowed values and ranges, checked whenever a TrainConfig is built (CLI, TOML, study files, Python):
 # a bad value is refused before any data or weights load, with the option, the value and what is allowed.
 KEEP = ("best", "last")
-CHOICES = {"strategy": STRATEGIES, "alpha_policy": ALPHA_POLICIES, "attention": ATTENTION_KERNELS,
+CHOICES = {"strategy": NAMES, "alpha_policy": ALPHA_POLICIES, "attention": ATTENTION_KERNELS,
            "precision": PRECISIONS, "report_to": REPORT_TO, "keep": (None, *KEEP)}
 AT_LEAST_1 = ("lora_rank", "max_steps_if_set", "batch_size", "grad_accum", "eval_batch_size", "save_steps",
               "keep_checkpoints", "logging_steps", "n_best", "max_answer_length")
@@ -178,7 +178,8 @@ def check_config(cfg: TrainConfig) -> None:
     (as in a TOML file; the flag is the same with dashes), the value and what is allowed."""
     import typing
 
-    from qatune.data import SquadDataError, parse_ranges
+    from qatune.data.splits import parse_ranges
+    from qatune.data.squad import SquadDataError
 
     def bad(name: str, allowed: str) -> ConfigError:
         return ConfigError(f"option {name} = {getattr(cfg, name)!r} is not allowed: {allowed} "
@@ -290,7 +291,8 @@ def _check_disjoint(cfg: TrainConfig, bad) -> None:
     or one datasets id and split), their article ranges must not overlap; an unset range is every article.
     validation_share holds its articles out of train_articles, so training against test covers it. The data loader
     checks titles again, across sources."""
-    from qatune.data import parse_ranges, source_identity
+    from qatune.data.splits import parse_ranges
+    from qatune.data.squad import source_identity
 
     for first, second in DATA_ROLES:
         a, b = getattr(cfg, f"{first}_data"), getattr(cfg, f"{second}_data")
@@ -355,8 +357,8 @@ def config_hash(cfg: TrainConfig | dict, leave_out: tuple[str, ...] = ()) -> str
     d = asdict(cfg) if isinstance(cfg, TrainConfig) else cfg
     d = {k: v for k, v in d.items() if k not in NOT_IN_HASH and k not in leave_out
          and not (k in IN_HASH_WHEN_SET and v == IN_HASH_WHEN_SET[k])}
-    if d.get("strategy") == "lora":  # LoRA runs before this mark never saw segment ids: they are other runs
-        d["lora_forward"] = "all inputs"
+    if d.get("strategy") in METHODS:  # e.g. LoRA runs before the segment-ids fix are other runs
+        d.update(METHODS[d["strategy"]].id_marks)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

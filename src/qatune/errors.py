@@ -1,7 +1,11 @@
 """One base class for every error a user can cause or fix, so `qatune` catches them in one place.
 
-Each failure family has its own subclass (data, features, model, config, training, study, store, launch,
-file); the message says what is wrong and what to do. `cli.main` prints it on one line and exits 2; any
+Here: the base, the families several stages raise (configuration and model, training with its interruption and
+pause, files) and the helpers that read JSON files with such errors. The stages define their own beside the code
+that raises them: ``SquadDataError`` (data.squad), ``FeatureError`` (data.features), ``ModelConfigError``
+(model.load), ``TrackingError`` (train.tracking), ``ExportError`` (answer.export), ``StudyError`` (study.studyfile),
+``StoreError`` (study.store), ``LaunchError`` (study.launch), ``ReportError`` (report.configs) and ``CliError``
+(cli.common). Every message says what is wrong and what to do; `cli.main` prints it on one line and exits 2; any
 other exception is a bug and keeps its traceback.
 """
 

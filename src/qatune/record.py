@@ -29,7 +29,7 @@ class RunRecord:
     environment: dict  # library versions and hardware
     loss: dict = field(default_factory=dict)  # final (last logging window's mean) and curve [[step, mean]]
     curve: list = field(default_factory=list)  # learning curve: [{step, windows, exact_match, f1}] (eval_steps)
-    inference: dict = field(default_factory=dict)  # what the model costs to run (qatune.cost.measure); {} if not measured
+    inference: dict = field(default_factory=dict)  # what the model costs to run (qatune.answer.cost.measure); {} if not measured
     # the kept model on the validation data: keep, best_step, exact_match, f1, questions, stopped_at (early
     # stopping), null_threshold (v2, tuned here); {} without validation data
     validation: dict = field(default_factory=dict)

@@ -13,9 +13,13 @@ export agree on what a run leaves behind and on when it can be trusted::
                        and "end": the step its run ended at, when it paused there
     progress.json      step, speed and where it runs, every few seconds (advisory, for --status)
     model/             the trained model or LoRA adapter, tokenizer and inference configuration
-    checkpoints/       checkpoint-<step>/ folders, each with the configuration it was trained with (config.json)
+    checkpoints/       checkpoint-<step>/ folders: the trainable weights (trainable.safetensors), the optimizer,
+                       scheduler and RNG state (state.pt) and the configuration they were trained with
+                       (config.json); best-<step>/ beside them: the trainable weights of a best validation step
     tensorboard/       TensorBoard events (report_to = "tensorboard")
     .lock              held by the one process that trains the run
+    worker.json        a study worker's task (what to train, where to report); train.log its output;
+    outcome.json       what the worker hands back to the driver (finished, paused, failed)
 
 Free of torch: the driver and the report read run directories without a model stack.
 """
@@ -47,6 +51,12 @@ MODEL = "model"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 LOCK = ".lock"
+TRAINABLE = "trainable.safetensors"  # in a checkpoint: the weights that train
+STATE = "state.pt"  # in a checkpoint: optimizer, scheduler, RNG and step
+BEST = "best-"  # checkpoints/best-<step>/: the trainable weights of a best validation step (keep = "best")
+WORKER_SPEC = "worker.json"
+TRAIN_LOG = "train.log"
+OUTCOME = "outcome.json"
 
 
 def write_config(directory: Path, cfg: TrainConfig) -> None:

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qatune.errors import Interrupted
-    from qatune.study import StudyInterrupted
+    from qatune.study.driver import StudyInterrupted
 
     try:
         args.func(args)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from qatune.cli.common import MODEL_HELP, CliError, count_or_fraction, emit
-from qatune.data import EVAL_SEED
+from qatune.data.splits import EVAL_SEED
 from qatune.errors import check_writable
 
 
@@ -33,8 +33,8 @@ def add(sub) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from qatune.data import load_split
-    from qatune.inference import Reader
+    from qatune.answer.inference import Reader
+    from qatune.data.splits import load_split
     from qatune.rundir import write_evaluation
 
     check_writable(args.output_dir, "--output-dir", directory=True)

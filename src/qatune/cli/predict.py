@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from qatune.cli.common import MODEL_HELP, CliError, emit, read_text
-from qatune.data import kind, text_problem
+from qatune.data.squad import kind, text_problem
 from qatune.errors import check_writable
 
 
@@ -27,7 +27,7 @@ def add(sub) -> None:
 
 
 def predict(args: argparse.Namespace) -> None:
-    from qatune.inference import Reader
+    from qatune.answer.inference import Reader
 
     if args.top_k < 1:
         raise CliError(f"--top-k must be >= 1 (answers per question), got {args.top_k}")
@@ -75,8 +75,8 @@ def batch_item(line: str) -> tuple[str, str, str | None]:
 
 def _predict_batch(args: argparse.Namespace) -> None:
     """Answer every good line of a JSONL file; report each bad line by number, then exit 2 if there was one."""
+    from qatune.answer.inference import Reader
     from qatune.errors import QatuneError
-    from qatune.inference import Reader
 
     text = read_text(args.input, "JSONL input")
     numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]

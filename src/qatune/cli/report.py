@@ -17,7 +17,7 @@ def add(sub) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    from qatune.report import write_report
+    from qatune.report.write import write_report
 
     result = write_report(args.study_dir, all_runs=args.all_runs)
     lines = [f"wrote {result['report']} and {result['html']}", *[f"  {f}" for f in result["figures"]]]

@@ -6,7 +6,7 @@ import argparse
 import math
 
 from qatune.cli.common import CliError, emit, read_json_mapping
-from qatune.data import load_squad
+from qatune.data.squad import load_squad
 
 
 def add(sub) -> None:
@@ -32,7 +32,7 @@ def add(sub) -> None:
 
 
 def score(args: argparse.Namespace) -> None:
-    from qatune.metrics import squad_v1, squad_v2
+    from qatune.answer.metrics import squad_v1, squad_v2
 
     data = load_squad(args.data)
     preds = read_json_mapping(args.predictions, "predictions", str)
@@ -59,8 +59,8 @@ def score(args: argparse.Namespace) -> None:
 
 
 def data_check(args: argparse.Namespace) -> None:
-    from qatune.check import check_data
-    from qatune.models import load_tokenizer
+    from qatune.answer.check import check_data
+    from qatune.model.load import load_tokenizer
 
     data = load_squad(args.path, repair=args.repair_answers)
     tok = load_tokenizer(args.tokenizer)

@@ -38,7 +38,7 @@ def add(sub) -> None:
 
 
 def export(args: argparse.Namespace) -> None:
-    from qatune.export import export as export_model
+    from qatune.answer.export import export as export_model
 
     r = export_model(args.model, args.output_dir, args.format, args.quantize)
     what = args.format + (f" {args.quantize}" if args.quantize else "")
@@ -48,7 +48,7 @@ def export(args: argparse.Namespace) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    from qatune.serve import serve as serve_model
+    from qatune.answer.serve import serve as serve_model
 
     serve_model(args.model, args.host, args.port, device=args.device, threads=args.threads,
                 max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_body_bytes=args.max_body_bytes,

@@ -36,8 +36,8 @@ def add(sub) -> None:
 
 
 def study(args: argparse.Namespace) -> None:
-    from qatune.launch import LaunchError, check_settings
-    from qatune.studyfile import StudyError, load_study
+    from qatune.study.launch import LaunchError, check_settings
+    from qatune.study.studyfile import StudyError, load_study
 
     try:
         loaded = load_study(args.file, args.set or [], args.dir)
@@ -61,8 +61,8 @@ def study(args: argparse.Namespace) -> None:
 
 
 def _run(loaded, args: argparse.Namespace) -> None:
-    from qatune.launch import LaunchError, make_launcher
-    from qatune.study import failed_configurations, run_study, status
+    from qatune.study.driver import failed_configurations, run_study, status
+    from qatune.study.launch import LaunchError, make_launcher
 
     try:
         launcher = make_launcher(args.launcher, args.workers, args.runs_per_gpu, args.threads, args.ray_address)
@@ -105,8 +105,8 @@ def configuration_name(group) -> str:
 
 
 def _rebuild(loaded, as_json: bool) -> None:
-    from qatune.store import DB_FILE
-    from qatune.study import rebuild_store
+    from qatune.study.driver import rebuild_store
+    from qatune.study.store import DB_FILE
 
     r = rebuild_store(loaded)
     emit(r, as_json, [f"{loaded.directory / DB_FILE}: rebuilt from the run directories: "
@@ -117,11 +117,11 @@ def _rebuild(loaded, as_json: bool) -> None:
 
 
 def _dry_run(loaded, args: argparse.Namespace) -> None:
-    from qatune.plan import dry_run
+    from qatune.study.plan import dry_run
 
     slots, threads, gpus = 1, None, 0
     if args.calibrate:
-        from qatune.launch import LocalLauncher, visible_gpus
+        from qatune.study.launch import LocalLauncher, visible_gpus
 
         if args.launcher == "local":
             gpus = len(visible_gpus())
@@ -136,7 +136,7 @@ def _dry_run(loaded, args: argparse.Namespace) -> None:
 
 def _status(loaded, as_json: bool) -> None:
     from qatune.record import exact_match
-    from qatune.study import failed_configurations, status
+    from qatune.study.driver import failed_configurations, status
 
     body, runs, counts = [], [], {}
     for k, s in enumerate(status(loaded), 1):

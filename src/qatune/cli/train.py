@@ -20,10 +20,10 @@ def add(sub) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    from qatune import tracking
     from qatune.config import TrainConfig
-    from qatune.signals import stop_on_signals
-    from qatune.train import train as run_training
+    from qatune.train import tracking
+    from qatune.train.recipe import train as run_training
+    from qatune.train.signals import stop_on_signals
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "json", "debug")}
     cfg = TrainConfig.from_dict({**(load_toml(args.config) if args.config else {}), **given})
