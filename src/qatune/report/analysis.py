@@ -191,32 +191,49 @@ def analyse(study_dir: Path, all_runs: bool = False) -> Analysis:
     ranks = effects.rank_tests(configs, questions, scores, tuned_options)
     crossed, note = effects.factorial(configs, questions, scores,
                                       [(model_name(r["config"]), r["config"]["strategy"]) for r in covered])
-    family = _adjust(comparisons, interaction, crossed)
+    family = _adjust(comparisons, split["test_ids"] if split else [], interaction, crossed)
     return Analysis(covered, done, grid, other_rows, configs, scores, intervals, questions,
                     comparisons, ranks, interaction, headline, split, crossed, note, tuning, family,
                     {r["id"]: ending(r) for r in done})
 
 
-def _adjust(comparisons: list[dict], interaction: dict | None, factorial: list[dict]) -> list[str]:
+def _adjust(comparisons: list[dict], test: list[str], interaction: dict | None, factorial: list[dict]) -> list[str]:
     """Holm's adjustment over the F1 claims a reader takes as the study's verdict: the headline at each volume, the
-    volume interaction and every factorial effect (each Contrast gains ``p_holm``). Returns the family's names."""
-    slots: list[tuple[str, dict, str]] = []  # (name, holder, key): where each contrast lives
+    volume interaction and every factorial effect (each Contrast gains ``p_holm``). A claim made twice (the headline
+    is also a factorial effect: the same configurations on the same test questions) counts once in the family, under
+    both its names. Returns the family's names."""
+    claims: dict[tuple, list[tuple[str, dict, str]]] = {}  # the contrast's identity -> where it lives, named
+
+    def add(name: str, holder: dict, key: str, terms: list[tuple[Config, float]], questions: list[str]) -> None:
+        signed = sorted((c.id, w) for c, w in terms)
+        flipped = sorted((c.id, -w) for c, w in terms)  # a - b and b - a are one two-sided claim
+        claims.setdefault((tuple(min(signed, flipped)), tuple(questions)), []).append((name, holder, key))
+
     for comp in comparisons:
-        slots.append((f"headline at {int(comp['volume'])} questions", comp, "f1"))
+        add(f"headline at {int(comp['volume'])} questions", comp, "f1", [(comp["a"], 1.0), (comp["b"], -1.0)], test)
     if interaction:
-        slots.append(("data-volume interaction", interaction, "f1"))
+        (la, lb), (ha, hb) = interaction["pairs"]
+        add("data-volume interaction", interaction, "f1", [(ha, 1.0), (hb, -1.0), (la, -1.0), (lb, 1.0)], test)
     for f in factorial:
-        v = int(f["volume"])
-        ref = method(f["reference"]).label
-        slots += [(f"{ref} − {method(s).label} on {m} at {v}", f["method_effect"][m], s)
-                  for m in f["models"] for s in f["method_effect"][m]]
-        slots += [(f"model effect with {method(s).label} at {v}", f["model_effect"], s) for s in f["model_effect"]]
-        slots += [(f"model × method interaction ({ref} − {method(s).label}) at {v}", f["interaction"], s)
-                  for s in f["interaction"]]
-    adjusted = holm([holder[key].p for _, holder, key in slots])
-    for (_, holder, key), p in zip(slots, adjusted):
-        holder[key] = replace(holder[key], p_holm=p)
-    return [name for name, _, _ in slots]
+        v, cell, ref_key, (first, last) = int(f["volume"]), f["cells"], f["reference"], (f["models"][0], f["models"][-1])
+        ref = method(ref_key).label
+        for m in f["models"]:
+            for s in f["method_effect"][m]:
+                add(f"{ref} − {method(s).label} on {m} at {v}", f["method_effect"][m], s,
+                    [(cell[(m, ref_key)], 1.0), (cell[(m, s)], -1.0)], f["test_ids"])
+        for s in f["model_effect"]:
+            add(f"model effect with {method(s).label} at {v}", f["model_effect"], s,
+                [(cell[(first, s)], 1.0), (cell[(last, s)], -1.0)], f["test_ids"])
+        for s in f["interaction"]:
+            add(f"model × method interaction ({ref} − {method(s).label}) at {v}", f["interaction"], s,
+                [(cell[(first, ref_key)], 1.0), (cell[(first, s)], -1.0), (cell[(last, ref_key)], -1.0),
+                 (cell[(last, s)], 1.0)], f["test_ids"])
+    places = list(claims.values())
+    adjusted = holm([holder[key].p for (_, holder, key), *_ in places])
+    for same, p in zip(places, adjusted):
+        for _, holder, key in same:
+            holder[key] = replace(holder[key], p_holm=p)
+    return [" = ".join(name for name, _, _ in same) for same in places]
 
 
 FRONT_COSTS = {"trainable_params": "trainable parameters", "train_flops": "training FLOPs (counted)",

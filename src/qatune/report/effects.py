@@ -102,7 +102,8 @@ def factorial(configs: list[Config], questions: list[str], scores: Scores,
         others = kinds[1:]
         two = len(models) == 2
         out.append({"volume": v, "models": models, "methods": kinds, "reference": ref, "cells": cell,
-                    "test_questions": len(test), "selection_questions": len(selection),
+                    "test_questions": len(test), "test_ids": test,
+                    "selection_questions": len(selection),
                     "method_effect": {m: {s: effect(((m, ref), 1.0), ((m, s), -1.0)) for s in others}
                                       for m in models},
                     "model_effect": {s: effect(((models[0], s), 1.0), ((models[-1], s), -1.0)) for s in kinds}
