@@ -447,6 +447,8 @@ def test_status_shows_candidates_as_tuned_and_the_final_runs(halving_study, caps
     assert out["runs"] == 11 and out["finished"] == 2 and out["winner"] == 1 and out["pruned"] == 8
     assert out["failed_configurations"] == []
     assert [r["status"] for r in out["per_run"]][-3:] == ["pruned", "finished", "finished"]  # finals after candidates
+    tuned = [r for r in out["per_run"] if r["status"] in ("pruned", "winner")]
+    assert tuned and all(r["step"] == r["rungs"][-1]["step"] > 0 for r in tuned)  # the step each one paused at
     assert main(["study", str(study.path), "--dir", str(study.directory), "--status"]) == 0
     text = capsys.readouterr().out
     assert "2 finished; tuned: 1 winner, 8 pruned" in text

@@ -27,8 +27,9 @@ def pause(db: sqlite3.Connection, rid: str, owner: Owner, step: int, score: floa
         row = db.execute("SELECT scores FROM runs WHERE id=? AND owner=?", (rid, str(owner))).fetchone()
         if row is None:
             return
-        db.execute("UPDATE runs SET status='pending', stage='paused', scores=?, owner=NULL, lease_until=NULL, "
-                   "error=NULL, attempts=MAX(attempts-1, 0) WHERE id=?", (json.dumps(_with_pause(row["scores"], step, score, end)), rid))
+        db.execute("UPDATE runs SET status='pending', stage='paused', scores=?, step=?, owner=NULL, lease_until=NULL, "
+                   "error=NULL, attempts=MAX(attempts-1, 0) WHERE id=?",
+                   (json.dumps(_with_pause(row["scores"], step, score, end)), step, rid))
 
 
 def restore_pauses(db: sqlite3.Connection, rid: str, pauses: dict[int, float], end: int | None = None) -> None:
@@ -39,7 +40,7 @@ def restore_pauses(db: sqlite3.Connection, rid: str, pauses: dict[int, float], e
         scores = row["scores"] if row else None
         for step, f1 in sorted(pauses.items()):
             scores = json.dumps(_with_pause(scores, step, f1, step == end))
-        db.execute("UPDATE runs SET scores=? WHERE id=?", (scores, rid))
+        db.execute("UPDATE runs SET scores=?, step=COALESCE(?, step) WHERE id=?", (scores, max(pauses, default=None), rid))
 
 
 def _with_pause(scores: str | None, step: int, f1: float, end: bool = False) -> list[dict]:
