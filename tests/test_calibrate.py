@@ -12,13 +12,14 @@ from qatune.config import TrainConfig
 from qatune.model.load import ModelConfigError, ModelError, model_from_config, parameter_counts
 from qatune.model.machine import resolve_precision
 from qatune.study.calibrate import (
-    EVAL_STEP_FRACTION,
     TYPICAL_PADDED_WIDTH,
     TYPICAL_PADDED_WIDTH_COMPILED,
     StepKey,
     calibrate,
+    calibrate_answers,
     makespan,
     project_run_seconds,
+    time_answer,
     time_step,
 )
 from tests.conftest import method_settings, save_tiny_model
@@ -74,13 +75,14 @@ def test_makespan_rejects_bad_input():
 
 # ---------------------------------------------------------------------------------------------- projection
 def test_project_run_seconds():
-    # 100 steps of 2 s, 300 eval windows at batch 30 (10 batch-equivalents of 1/3 step each), 5 s setup
-    assert project_run_seconds(100, 2.0, 300, 30, 5.0) == pytest.approx(5 + 200 + 300 * 2.0 / 30 / 3)
-    assert EVAL_STEP_FRACTION == pytest.approx(1 / 3)
-    assert project_run_seconds(100, 2.0, 0, 30, grad_accum=4) == pytest.approx(800)
-    assert project_run_seconds(0, 2.0, 0, 30) == 0
+    # 5 s setup, 100 steps of 2 s, 300 learning-curve windows at 0.01 s and 50 test windows at 0.04 s
+    assert project_run_seconds(100, 2.0, 300, 50, (0.01, 0.04), 5.0) == pytest.approx(5 + 200 + 3 + 2)
+    assert project_run_seconds(100, 2.0, 0, 0, (1.0, 1.0), grad_accum=4) == pytest.approx(800)
+    assert project_run_seconds(0, 2.0, 0, 0, (1.0, 1.0)) == 0
     with pytest.raises(ValueError):
-        project_run_seconds(10, 1.0, 10, 0)
+        project_run_seconds(10, 1.0, 10, 0, (0.1, 0.1), grad_accum=0)
+    with pytest.raises(ValueError):
+        project_run_seconds(10, 1.0, -1, 0, (0.1, 0.1))
 
 
 # ---------------------------------------------------------------------------------------------- keys
@@ -155,6 +157,30 @@ def test_time_step_positive_and_grows_with_batch(tiny_distilbert):
     assert torch.get_num_threads() == threads  # restored after the measurement
     big = time_step(_key(tiny_distilbert, 64), threads=1, steps=3)
     assert 0 < small < big
+
+
+def test_time_answer_is_per_window_and_cheaper_than_a_training_step(tiny_distilbert):
+    threads = torch.get_num_threads()
+    key = _key(tiny_distilbert, 8)
+    answer = time_answer(key, "fp32", threads=1, steps=3, windows=8)
+    assert torch.get_num_threads() == threads
+    assert 0 < answer < time_step(key, threads=1, steps=3) / 8  # a forward pass of one window, no backward
+    assert time_answer(_key(tiny_distilbert, 8, strategy="lora"), "fp32", threads=1, steps=1) > 0
+
+
+def test_calibrate_answers_times_each_shape_once_at_the_curve_and_test_precisions(tiny_distilbert, monkeypatch):
+    import qatune.study.calibrate as cal
+
+    timed = []
+    monkeypatch.setattr(cal, "time_answer", lambda key, precision, *a, **kw: timed.append((key, precision)) or
+                        {"fp32": 0.5, "bf16": 0.25}[precision])
+    fp32 = [_key(tiny_distilbert, b) for b in (2, 2)]
+    out = calibrate_answers(fp32, threads=1, progress=False)
+    assert len(timed) == 1 and out[fp32[0]] == (0.5, 0.5)  # training and inference at fp32: one measurement
+    timed.clear()
+    bf16 = _key(tiny_distilbert, 2, precision="bf16")
+    out = calibrate_answers([bf16], threads=1, progress=False)
+    assert [p for _, p in timed] == ["bf16", "fp32"] and out[bf16] == (0.25, 0.5)  # curves at bf16, the test fp32
 
 
 def test_time_step_lora_and_bad_precision(tiny_distilbert):

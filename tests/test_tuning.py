@@ -2,6 +2,7 @@
 seed of their own, the chosen values' fresh runs with every seed, and nothing chosen on the test data."""
 
 import json
+import math
 import sqlite3
 from pathlib import Path
 
@@ -375,6 +376,32 @@ def test_a_lost_store_is_rebuilt_with_the_same_choice_and_nothing_retrained(halv
         k: 1 for k, r in old.items() if r["grp"] is None}  # the final runs were not trained again
 
 
+def test_a_rebuild_without_the_winners_directory_keeps_the_final_runs_and_finds_them_again(halving_study, tmp_path,
+                                                                                             capsys):
+    import shutil
+
+    from qatune.cli import main
+
+    study, counts = halving_study
+    copy = tmp_path / "s"
+    shutil.copytree(study.directory, copy)
+    old = db_rows(study.directory)
+    winner = next(r for r in old.values() if r["stage"] == "winner")
+    finals = {k: (copy / "runs" / k / "run.json").stat().st_mtime_ns for k, r in old.items() if r["grp"] is None}
+    shutil.rmtree(copy / "runs" / winner["id"])  # its pauses are gone: the choice cannot be replayed
+    (copy / "study.sqlite").write_bytes(b"not a database")
+    for suffix in ("-wal", "-shm"):
+        (copy / f"study.sqlite{suffix}").unlink(missing_ok=True)
+    assert main(["study", str(study.path), "--dir", str(copy), "--rebuild-db", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["finished"] == 0 and result["tuned"] == 0 and result["awaiting_choice"] == len(finals) == 2
+    again = load_study(study.path, directory=copy)
+    assert run_study(again, LocalLauncher(workers=1, threads=1), poll_s=0.1, progress=False) == counts
+    new = db_rows(copy)
+    assert next(r for r in new.values() if r["stage"] == "winner")["id"] == winner["id"]  # trained again, same choice
+    assert {k: (copy / "runs" / k / "run.json").stat().st_mtime_ns for k in finals} == finals  # found, not retrained
+
+
 def test_the_choice_does_not_depend_on_the_test_data(tmp_path, tiny_models, train_file):
     """A grid: every candidate trains to the end (several are left at the last rung), the best validation F1 wins."""
     from dataclasses import replace
@@ -480,6 +507,7 @@ def test_the_projection_counts_the_halving_steps_and_the_final_seeds(tmp_path, t
     rates = "[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]"
     study = load_study(write(tmp_path, tiny_models["distilbert"], train_file, rates), directory=tmp_path / "s")
     monkeypatch.setattr(qatune.study.calibrate, "calibrate", lambda keys, **kw: dict.fromkeys(keys, 2.0))
+    monkeypatch.setattr(qatune.study.calibrate, "calibrate_answers", lambda keys, **kw: dict.fromkeys(keys, (0.1, 0.3)))
     proj = project(study, slots=1, threads=1, progress=False)
     cands, finals = [p for p in proj["per_run"] if not p.get("final")], [p for p in proj["per_run"] if p.get("final")]
     assert len(cands) == 9 and [f["point"]["seed"] for f in finals] == [1, 2]
@@ -490,7 +518,8 @@ def test_the_projection_counts_the_halving_steps_and_the_final_seeds(tmp_path, t
     curve = curve_windows(cfg)
     assert cfg.eval_subset is None and curve == pytest.approx(0.34 * 18)  # the short contexts fit one window
     assert curve == pytest.approx(0.34 * estimate_windows(str(train_file), "train", "1-3", None, 0, "train", 96, 32))
-    one = lambda steps, tested: RUN_OVERHEAD_S + steps * 2.0 + (tested + int(steps // 1) * curve) * 2.0 / 4 / 3  # noqa: E731
+    # a curve point every step and at the end: ceil(steps) points of `curve` windows at 0.1 s, the test at 0.3 s
+    one = lambda steps, tested: RUN_OVERHEAD_S + steps * 2.0 + math.ceil(steps) * curve * 0.1 + tested * 0.3  # noqa: E731
     assert proj["serial_hours"] * 3600 == pytest.approx(9 * one(15 / 9, 0) + 2 * one(9, test))
     plan = dry_run(study)
     assert plan["summary"]["total_pflop"] == pytest.approx(estimate(study.runs[0])["train_pflop"] * (15 + 18) / 9)

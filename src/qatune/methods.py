@@ -187,9 +187,13 @@ def apply_method(model, name: str, settings: dict | None = None):
         for n, p in model.named_parameters():
             p.requires_grad_(m.trains(n))
         return model
+    import warnings
+
     from peft import get_peft_model
 
-    return get_peft_model(model, m.peft(model, settings or {}))
+    with warnings.catch_warnings():  # PEFT asks transformers' deprecated is_gradient_checkpointing: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, m.peft(model, settings or {}))
 
 
 def to_save(model, name: str):

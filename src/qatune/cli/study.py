@@ -113,6 +113,9 @@ def _rebuild(loaded, as_json: bool) -> None:
                       f"{r['finished']} finished, {r['pending']} pending"
                       + (f", {r['tuned']} tuned configuration(s) decided again from their candidates' pauses"
                          if r.get("tuned") else "")
+                      + (f"; {r['awaiting_choice']} finished final run(s) of tuned configurations not decided yet "
+                         f"are kept: the next qatune study trains their candidates again and finds them once the "
+                         f"same values are chosen" if r.get("awaiting_choice") else "")
                       + (f" (the old file is {r['set_aside']})" if r["set_aside"] else "")])
 
 

@@ -34,8 +34,9 @@ TYPICAL_PADDED_WIDTH = 184
 # The same with ``compile``, which pads to multiples of 64 (qatune.train.recipe.COMPILE_PAD_MULTIPLE): 211-214.
 TYPICAL_PADDED_WIDTH_COMPILED = 216
 
-# A forward pass costs about a third of a training step (backward is about twice the forward).
-EVAL_STEP_FRACTION = 1 / 3
+# Windows per timed answering batch: enough for the per-window cost of a run's evaluation batches, few enough to
+# keep calibration short (the evaluation of a CPU run is in fp32, about 4x a bf16 step's matmul cost per FLOP).
+ANSWER_WINDOWS = 8
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,76 @@ def time_step(key: StepKey, threads: int | None = None, steps: int = 3, warmup: 
         torch.set_num_threads(old_threads)
 
 
+def time_answer(key: StepKey, precision: str, threads: int | None = None, steps: int = 2,
+                device: str | torch.device = "cpu", windows: int = ANSWER_WINDOWS) -> float:
+    """Seconds per window to answer with ``key``'s model as a run's evaluation does: eval mode, no gradients,
+    ``precision`` (a learning-curve point runs at the training precision, the test at the inference precision: fp32
+    on a CPU), the evaluation's attention kernel (SDPA where a CPU run trains with eager attention), LoRA unmerged.
+    Median of ``steps`` timed batches of ``windows`` windows at the key's width, after one untimed."""
+    import torch
+
+    from qatune.answer.inference import autocast_context
+    from qatune.model.load import set_attention
+
+    device = torch.device(device)
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    model = batch = None
+    try:
+        settings = {**method(key.strategy).settings(TrainConfig()), **{k: list(v) if isinstance(v, tuple) else v
+                                                                   for k, v in key.method}}
+        model = model_from_config(key.model, key.strategy, settings, num_layers=key.num_layers,
+                                  attention=attention_kernel(key.attention, device))
+        if attention_kernel(key.attention, device) == "eager" and key.attention == "auto":
+            set_attention(model, "sdpa")  # as the run evaluates (qatune.train.recipe: eval_attention)
+        model.to(device).eval()
+        batch = {k: v for k, v in random_batch(model, windows, key.width, device).items()
+                 if k not in ("start_positions", "end_positions")}
+        times = []
+        with torch.inference_mode():
+            for i in range(1 + steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                with autocast_context(device, precision):
+                    model(**batch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i:
+                    times.append(time.perf_counter() - t0)
+        return statistics.median(times) / windows
+    finally:
+        del model, batch
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch.set_num_threads(old_threads)
+
+
+def calibrate_answers(keys: Iterable[StepKey], threads: int | None = None, progress: bool = True,
+                      device: str | torch.device = "cpu") -> dict[StepKey, tuple[float, float]]:
+    """Per key, seconds per window of a learning-curve evaluation (at the training precision) and of the test
+    evaluation (at the inference precision), each distinct shape timed once."""
+    import torch
+
+    from qatune.model.machine import resolve_precision
+
+    keys = list(dict.fromkeys(keys))
+    canonical = {k: _canonical(k, device) for k in keys}
+    measured: dict[StepKey, tuple[float, float]] = {}
+    for n, shape in enumerate(dict.fromkeys(canonical.values()), 1):
+        if progress:
+            print(f"[answer {n}] {shape.describe()} ...", end="", file=sys.stderr, flush=True)
+        model_type = getattr(model_config(shape.model), "model_type", "")
+        test = resolve_precision("auto", torch.device(device), model_type, training=False)
+        curve = time_answer(shape, shape.precision, threads, device=device)
+        measured[shape] = (curve, curve if test == shape.precision else time_answer(shape, test, threads, device=device))
+        if progress:
+            print(f" {measured[shape][0] * 1e3:.1f} / {measured[shape][1] * 1e3:.1f} ms per window", file=sys.stderr,
+                  flush=True)
+    return {k: measured[canonical[k]] for k in keys}
+
+
 def _canonical(key: StepKey, device: str | torch.device) -> StepKey:
     """The key with its precision resolved on ``device`` ('auto' and 'bf16' are one shape on a bf16 CPU)."""
     import torch
@@ -175,21 +246,18 @@ def calibrate(keys: Iterable[StepKey], threads: int | None = None, steps: int = 
 
 
 # ---------------------------------------------------------------------------------------------- projection
-def project_run_seconds(total_steps: int, s_per_step: float, eval_windows: float, batch_size: int,
-                        setup_s: float = 0.0, grad_accum: int = 1) -> float:
-    """Projected wall time of one run: setup + training steps + evaluation.
+def project_run_seconds(total_steps: float, s_per_step: float, curve_windows: float, test_windows: float,
+                        s_per_window: tuple[float, float], setup_s: float = 0.0, grad_accum: int = 1) -> float:
+    """Projected wall time of one run: setup + training steps + its learning-curve evaluations + its test.
 
     Assumes an optimizer step of ``grad_accum`` micro-batches costs ``grad_accum`` measured steps (the
-    optimizer update is a small part of a step), and that evaluation costs ``EVAL_STEP_FRACTION`` (1/3)
-    of a training step per window: a forward pass without backward, with windows padded as tightly as in
-    training (evaluation sorts them by length). Decoding answers and saving the model are not counted.
-    ``batch_size`` is the windows per measured step, so ``s_per_step / batch_size`` is one window's cost.
-    """
-    if min(total_steps, eval_windows, setup_s) < 0 or s_per_step < 0 or batch_size < 1 or grad_accum < 1:
-        raise ValueError("steps, times and window counts must be >= 0, batch_size and grad_accum >= 1")
-    train_s = total_steps * grad_accum * s_per_step
-    eval_s = eval_windows * EVAL_STEP_FRACTION * s_per_step / batch_size
-    return setup_s + train_s + eval_s
+    optimizer update is a small part of a step); ``s_per_window`` is the measured cost of answering one window in a
+    learning-curve evaluation and in the test (:func:`calibrate_answers`). Decoding answers and saving the model
+    are not counted."""
+    if min(total_steps, curve_windows, test_windows, setup_s, s_per_step, *s_per_window) < 0 or grad_accum < 1:
+        raise ValueError("steps, times and window counts must be >= 0, grad_accum >= 1")
+    return (setup_s + total_steps * grad_accum * s_per_step + curve_windows * s_per_window[0]
+            + test_windows * s_per_window[1])
 
 
 def makespan(durations: list[float], slots: int, longest_first: bool = True) -> float:

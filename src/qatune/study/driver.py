@@ -314,7 +314,14 @@ def rebuild_store(study: Study) -> dict[str, int]:
     store.extend_grid(db, [r.id for r in finals])
     restore(finals)
     if study.groups:
-        counts["tuned"] = len(tuningstate.decisions(db))
+        decided = tuningstate.decisions(db)
+        counts["tuned"] = len(decided)
+        # final runs on disk whose configuration could not be decided again (e.g. its winner's directory is gone):
+        # found once the candidates train again and the same values are chosen
+        counts["awaiting_choice"] = sum(
+            RunDir(run.config.output_dir).finished_record(run.config)[0] is not None
+            for g in study.groups if g.id not in decided
+            for values, _ in g.candidates for run in (g.run(values, seed) for seed in g.seeds))
     db.close()
     return {**counts, "set_aside": str(aside) if aside else None}
 

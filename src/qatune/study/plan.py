@@ -7,6 +7,7 @@ run shape on this machine (`qatune.study.calibrate`) and projects the study's wa
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 
 from qatune.config import TrainConfig, model_name
@@ -46,10 +47,11 @@ def project(study: Study, slots: int, threads: int | None, runs_per_device: int 
     A tuned configuration's candidates are projected at their share of the halving's steps up to the deciding rung
     (which of them go on is not known before they run), without a test evaluation (no candidate has one), and its
     chosen values' runs at every seed follow as full runs (``per_run`` entries with ``"final": true``)."""
-    from qatune.study.calibrate import StepKey, calibrate, makespan
+    from qatune.study.calibrate import StepKey, calibrate, calibrate_answers, makespan
 
     keys = {r.id: StepKey.from_config(r.config) for r in study.runs}
     seconds = calibrate(keys.values(), threads=threads, progress=progress, device=device)
+    answers = calibrate_answers(keys.values(), threads=threads, progress=progress, device=device)
     group_of = {run.id: g for g in study.groups for _, run in g.candidates}
     per_run, finals = [], []
     for r in study.runs:
@@ -58,11 +60,13 @@ def project(study: Study, slots: int, threads: int | None, runs_per_device: int 
         tested = est["eval_windows"] if g is None else 0.0
         per_run.append({"id": r.id, "arm": r.arm, "point": r.point, "steps": steps, "s_per_step": s,
                         "train_pflop": est["train_pflop"] * steps / est["steps"],
-                        "projected_s": _seconds(r.config, steps, s, tested) * runs_per_device if steps else 0.0})
+                        "projected_s": _seconds(r.config, steps, s, answers[keys[r.id]], tested) * runs_per_device
+                        if steps else 0.0})
         if g is not None and r.id == g.candidates[-1][1].id:
             finals += [{"id": f"{g.id}/seed={seed}", "arm": g.arm, "point": {**g.point, "seed": seed},
                         "steps": est["steps"], "s_per_step": s, "train_pflop": est["train_pflop"], "final": True,
-                        "projected_s": _seconds(r.config, est["steps"], s, est["eval_windows"]) * runs_per_device}
+                        "projected_s": _seconds(r.config, est["steps"], s, answers[keys[r.id]],
+                                                est["eval_windows"]) * runs_per_device}
                        for seed in g.seeds]
     per_run += finals
     wall = makespan([p["projected_s"] for p in per_run], slots, longest_first=False)
@@ -72,14 +76,15 @@ def project(study: Study, slots: int, threads: int | None, runs_per_device: int 
             "per_run": per_run}
 
 
-def _seconds(cfg: TrainConfig, steps: float, s_per_step: float, test_windows: float) -> float:
-    """One run alone: start-up, its steps, the learning-curve evaluations (every eval_steps, on eval_subset
-    questions) and the test evaluation (``test_windows``: 0 for a tuning candidate)."""
+def _seconds(cfg: TrainConfig, steps: float, s_per_step: float, s_per_window: tuple[float, float],
+             test_windows: float) -> float:
+    """One run alone: start-up, its steps, the learning-curve evaluations (every eval_steps and at its end, on
+    eval_subset questions) and the test evaluation (``test_windows``: 0 for a tuning candidate)."""
     from qatune.study.calibrate import project_run_seconds
 
-    curve = int(steps // cfg.eval_steps) * curve_windows(cfg) if cfg.eval_steps else 0.0
-    return project_run_seconds(steps, s_per_step, test_windows + curve, cfg.batch_size, RUN_OVERHEAD_S,
-                               cfg.grad_accum)
+    points = math.ceil(steps / cfg.eval_steps) if cfg.eval_steps else 0
+    return project_run_seconds(steps, s_per_step, points * curve_windows(cfg) if points else 0.0, test_windows,
+                               s_per_window, RUN_OVERHEAD_S, cfg.grad_accum)
 
 
 def curve_windows(cfg: TrainConfig) -> float:
@@ -170,7 +175,7 @@ def dry_run(study: Study, calibrate_here: bool = False, slots: int = 1, threads:
         where = f"{gpus} GPU(s) x {runs_per_gpu} runs per GPU" if gpus else f"{slots} worker(s) x {threads} CPU thread(s)"
         notes.append(f"projected on this machine ({where}): {proj['projected_hours']:.2f} h for the whole study "
                      f"({proj['serial_hours']:.2f} h of runs; each run = {RUN_OVERHEAD_S:.0f} s start-up + steps x "
-                     f"measured s/step + learning-curve and test evaluation at 1/3 of a step per window)")
+                     f"measured s/step + learning-curve and test windows x measured s/window)")
         summary.update({k: proj[k] for k in ("projected_hours", "serial_hours", "slots", "threads",
                                              "runs_per_device", "device")})
         summary["per_run"] = [{"id": p["id"], "arm": p["arm"], "steps": p["steps"], "s_per_step": p["s_per_step"],
