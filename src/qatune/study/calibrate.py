@@ -15,13 +15,21 @@ import heapq
 import statistics
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qatune.config import TrainConfig
 from qatune.methods import method
-from qatune.model.load import attention_kernel, model_config, model_from_config, random_batch
+from qatune.model.load import (
+    attention_kernel,
+    eval_attention,
+    model_config,
+    model_from_config,
+    random_batch,
+    set_attention,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -88,6 +96,48 @@ class StepKey:
 
 
 # ---------------------------------------------------------------------------------------------- timing
+@contextmanager
+def _timing_model(key: StepKey, threads: int | None, device: torch.device) -> Iterator[torch.nn.Module]:
+    """``key``'s model with random weights on ``device`` (the method's cost options as keyed, the others, which only
+    scale values, at the method's defaults), torch's intra-op ``threads`` set for the measurement only (None: leave
+    them as they are); threads restored and GPU memory released after."""
+    import torch
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    model = None
+    try:
+        settings = {**method(key.strategy).settings(TrainConfig()), **{k: list(v) if isinstance(v, tuple) else v
+                                                                   for k, v in key.method}}
+        model = model_from_config(key.model, key.strategy, settings,
+                                  num_layers=key.num_layers, attention_dropout=key.attention_dropout,
+                                  attention=attention_kernel(key.attention, device))
+        yield model.to(device)
+    finally:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch.set_num_threads(old_threads)
+
+
+def _median_s(run: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
+    """The median seconds of ``steps`` calls of ``run`` after ``warmup`` untimed ones (GPU work synchronised)."""
+    import torch
+
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def time_step(key: StepKey, threads: int | None = None, steps: int = 3, warmup: int = 1,
               device: str | torch.device = "cpu") -> float:
     """Seconds per optimizer step of ``key``'s run shape: forward, backward, clipping and a fused AdamW step.
@@ -108,90 +158,51 @@ def time_step(key: StepKey, threads: int | None = None, steps: int = 3, warmup: 
     if key.compile:
         warmup = max(warmup, 1)
     device = torch.device(device)
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    model = forward = optimizer = batch = None
-    try:
-        # the cost options as keyed, the others (which only scale values) at the method's defaults
-        settings = {**method(key.strategy).settings(TrainConfig()), **{k: list(v) if isinstance(v, tuple) else v
-                                                                   for k, v in key.method}}
-        model = model_from_config(key.model, key.strategy, settings,
-                                  num_layers=key.num_layers, attention_dropout=key.attention_dropout,
-                                  attention=attention_kernel(key.attention, device))
+    with _timing_model(key, threads, device) as model:
         precision = resolve_precision(key.precision, device, model.config.model_type)
-        model.to(device).train()
+        model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
         batch = random_batch(model, key.batch_size, key.width, device)
         forward = torch.compile(model) if key.compile else model
-        times = []
-        for i in range(warmup + steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
+
+        def step() -> None:
             with autocast_context(device, precision):
                 loss = forward(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    finally:
-        del model, forward, optimizer, batch
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        torch.set_num_threads(old_threads)
+
+        seconds = _median_s(step, steps, warmup, device)
+    return seconds
 
 
 def time_answer(key: StepKey, precision: str, threads: int | None = None, steps: int = 2,
                 device: str | torch.device = "cpu", windows: int = ANSWER_WINDOWS) -> float:
     """Seconds per window to answer with ``key``'s model as a run's evaluation does: eval mode, no gradients,
     ``precision`` (a learning-curve point runs at the training precision, the test at the inference precision: fp32
-    on a CPU), the evaluation's attention kernel (SDPA where a CPU run trains with eager attention), LoRA unmerged.
+    on a CPU), the evaluation's attention kernel (:func:`qatune.model.load.eval_attention`), LoRA unmerged.
     Median of ``steps`` timed batches of ``windows`` windows at the key's width, after one untimed."""
     import torch
 
     from qatune.answer.inference import autocast_context
-    from qatune.model.load import set_attention
 
     device = torch.device(device)
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    model = batch = None
-    try:
-        settings = {**method(key.strategy).settings(TrainConfig()), **{k: list(v) if isinstance(v, tuple) else v
-                                                                   for k, v in key.method}}
-        model = model_from_config(key.model, key.strategy, settings, num_layers=key.num_layers,
-                                  attention=attention_kernel(key.attention, device))
-        if attention_kernel(key.attention, device) == "eager" and key.attention == "auto":
-            set_attention(model, "sdpa")  # as the run evaluates (qatune.train.recipe: eval_attention)
-        model.to(device).eval()
+    with _timing_model(key, threads, device) as model:
+        kernel = eval_attention(key.attention, model)
+        if kernel and kernel != getattr(model.config, "_attn_implementation", None):
+            set_attention(model, kernel)
+        model.eval()
         batch = {k: v for k, v in random_batch(model, windows, key.width, device).items()
                  if k not in ("start_positions", "end_positions")}
-        times = []
-        with torch.inference_mode():
-            for i in range(1 + steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                with autocast_context(device, precision):
-                    model(**batch)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if i:
-                    times.append(time.perf_counter() - t0)
-        return statistics.median(times) / windows
-    finally:
-        del model, batch
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        torch.set_num_threads(old_threads)
+
+        def answer() -> None:
+            with torch.inference_mode(), autocast_context(device, precision):
+                model(**batch)
+
+        seconds = _median_s(answer, steps, 1, device)
+    return seconds / windows
 
 
 def calibrate_answers(keys: Iterable[StepKey], threads: int | None = None, progress: bool = True,
